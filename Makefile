@@ -1,0 +1,46 @@
+# Every target installs what it needs into .venv first (from PyPI, pinned by constraints.txt).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+
+.PHONY: install test test-fast test-slow lint demo bench sandbox constraints clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check cliniko_provider dags_examples tests
+	$(BIN)/ruff format --check cliniko_provider dags_examples tests
+	$(BIN)/mypy cliniko_provider dags_examples
+
+## make test: lint, type-check, then the test suite (the slow fault scenarios run with test-slow)
+test: lint
+	$(BIN)/pytest -q
+
+test-slow: install
+	$(BIN)/pytest -q -m slow || [ $$? -eq 5 ]
+
+demo: install
+	$(BIN)/python -m dags_examples.demo
+
+bench: install
+	$(BIN)/python -m tests.bench
+
+sandbox: install
+	$(BIN)/cliniko-sandbox --api-key sandbox-key-au1
+
+## Re-pin: resolve the newest compatible set and write it to constraints.txt
+constraints: | $(BIN)/python
+	$(BIN)/python -m pip install -q uv
+	$(BIN)/uv pip compile -q --python $(BIN)/python --extra test -o constraints.txt pyproject.toml
+
+clean:
+	rm -rf $(VENV) .airflow .mypy_cache .ruff_cache .pytest_cache
