@@ -1,1 +1,73 @@
-def get_provider_info(): return {}
+"""Provider metadata read by Airflow's ProvidersManager (entry point ``apache_airflow_provider``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cliniko_provider import __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    """Return the provider's metadata: hooks, operators, sensors, triggers and the connection form."""
+    integration = "Cliniko"
+    return {
+        "package-name": "airflow-provider-cliniko",
+        "name": "Cliniko",
+        "description": "Upload patient attachments to `Cliniko <https://www.cliniko.com/>`__ "
+        "and wait until Cliniko has processed them.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": integration,
+                "external-doc-url": "https://docs.api.cliniko.com/",
+                "tags": ["service"],
+            }
+        ],
+        "hooks": [{"integration-name": integration, "python-modules": ["cliniko_provider.hooks.cliniko"]}],
+        "operators": [
+            {"integration-name": integration, "python-modules": ["cliniko_provider.operators.cliniko"]}
+        ],
+        "sensors": [{"integration-name": integration, "python-modules": ["cliniko_provider.sensors.cliniko"]}],
+        "triggers": [
+            {"integration-name": integration, "python-modules": ["cliniko_provider.triggers.cliniko"]}
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "cliniko_provider.hooks.cliniko.ClinikoHook",
+                "hook-name": "Cliniko",
+                "connection-type": "cliniko",
+                "conn-fields": {
+                    "user_agent": {
+                        "label": "User-Agent",
+                        "description": "Required by Cliniko: your app or company name and a contact "
+                        "email, e.g. 'Acme Reports (ops@acme.example)'.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "max_attempts": {
+                        "label": "Max attempts",
+                        "description": "Attempts per request on 5xx, 429 and connection errors.",
+                        "schema": {"type": ["integer", "null"], "default": 5, "minimum": 1},
+                    },
+                    "max_rate_limit_wait": {
+                        "label": "Max wait on 429 (seconds)",
+                        "description": "Longest single wait for Cliniko's rate limit to reset.",
+                        "schema": {"type": ["number", "null"], "default": 65},
+                    },
+                    "timeout": {
+                        "label": "Request timeout (seconds)",
+                        "schema": {"type": ["number", "null"], "default": 60},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["login", "schema", "port", "extra"],
+                    "relabeling": {"password": "API key", "host": "Base URL (optional)"},
+                    "placeholders": {
+                        "password": "Your Cliniko API key, e.g. MS0xLWFi...-au2 (Settings > Integrations)",
+                        "host": "Leave empty for real Cliniko (shard from the key); "
+                        "e.g. http://127.0.0.1:8765/v1 for the sandbox",
+                        "user_agent": "Acme Reports (ops@acme.example)",
+                    },
+                },
+            }
+        ],
+    }
