@@ -1,0 +1,141 @@
+"""Errors raised by the Cliniko provider.
+
+Errors that retrying cannot fix (bad configuration, bad input, Cliniko's 4xx answers) also derive
+from ``AirflowFailException`` so the task fails at once instead of burning its retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+
+class ClinikoError(AirflowException):
+    """Base class of every error raised by this provider."""
+
+
+class ClinikoConfigError(ClinikoError, AirflowFailException):
+    """The Cliniko connection is unusable (missing or malformed key, User-Agent or base URL)."""
+
+
+class ClinikoInputError(ClinikoError, AirflowFailException):
+    """An argument given to a hook, operator or sensor is invalid."""
+
+
+class ClinikoConnectionError(ClinikoError):
+    """Cliniko could not be reached (after retries)."""
+
+
+class ClinikoAPIError(ClinikoError):
+    """Cliniko answered with an error status.
+
+    :param status: the HTTP status code.
+    :param message: Cliniko's message (``message`` field or plain-text body).
+    :param errors: Cliniko's field errors (``{"field": "problem"}``), empty when none.
+    :param request: ``"METHOD /path"`` of the failed call (never includes credentials).
+    """
+
+    def __init__(
+        self, status: int, message: str, errors: Mapping[str, str] | None = None, request: str = ""
+    ) -> None:
+        self.status = status
+        self.message = message
+        self.errors = dict(errors or {})
+        self.request = request
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        text = f"Cliniko answered {self.status}"
+        if self.request:
+            text += f" to {self.request}"
+        text += f": {self.message}"
+        if self.errors:
+            text += " (" + "; ".join(f"{field} {problem}" for field, problem in self.errors.items()) + ")"
+        hint = self.hint()
+        return f"{text}. {hint}" if hint else text
+
+    def hint(self) -> str:
+        """Return what the user can do about this error (empty when nothing specific)."""
+        return ""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.status, self.message, self.errors, self.request))
+
+
+class ClinikoClientError(ClinikoAPIError, AirflowFailException):
+    """A 4xx answer other than 429: the request itself is wrong, so it is not retried."""
+
+
+class ClinikoAuthError(ClinikoClientError):
+    """401: the API key is wrong, revoked or belongs to another shard."""
+
+    def hint(self) -> str:
+        return (
+            "Check the API key in the connection's Password field (Cliniko: My Info > Manage API keys) "
+            "and that its shard suffix (e.g. -au1) matches the account"
+        )
+
+
+class ClinikoPermissionError(ClinikoClientError):
+    """403: the key's user may not do this."""
+
+    def hint(self) -> str:
+        return "The API key's Cliniko user lacks permission for this; use a key of a user who has it"
+
+
+class ClinikoNotFoundError(ClinikoClientError):
+    """404: no such record in this account."""
+
+    def hint(self) -> str:
+        return "Check the id, and that the API key belongs to the account holding the record"
+
+
+class ClinikoValidationError(ClinikoClientError):
+    """422: Cliniko rejected the request's fields."""
+
+
+class ClinikoStorageLimitError(ClinikoValidationError):
+    """The account's file storage is full (free-trial accounts have a cap)."""
+
+    def hint(self) -> str:
+        return "Free space in Cliniko (archive old files) or upgrade the account; retrying will not help"
+
+
+class ClinikoRateLimitError(ClinikoAPIError):
+    """429 answers went on past the retry budget."""
+
+    def hint(self) -> str:
+        return (
+            "Too many requests for this API key (Cliniko allows 200 a minute): run fewer uploads at "
+            "once, e.g. with an Airflow pool"
+        )
+
+
+class ClinikoServerError(ClinikoAPIError):
+    """5xx answers went on past the retry budget."""
+
+    def hint(self) -> str:
+        return "Cliniko had a server error; the task's own retries may succeed later"
+
+
+class S3UploadError(ClinikoError):
+    """S3 refused the file upload.
+
+    :param status: the HTTP status from S3 (0 when the connection broke).
+    :param code: S3's error ``Code`` (e.g. ``AccessDenied``).
+    :param message: S3's error ``Message``.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        super().__init__(f"S3 refused the upload ({status} {code}): {message}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.status, self.code, self.message))
+
+
+class S3UploadRejectedError(S3UploadError, AirflowFailException):
+    """S3 refused the upload for a reason a retry cannot fix (size, policy conditions, form)."""

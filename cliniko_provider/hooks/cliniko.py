@@ -1,0 +1,523 @@
+"""Hooks for Cliniko's REST API: ``ClinikoHook`` (requests) and ``ClinikoAsyncHook`` (httpx)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import cached_property
+from typing import Any
+
+import httpx
+import requests
+from airflow.sdk import BaseHook
+from airflow.sdk.log import mask_secret
+
+from cliniko_provider.exceptions import (
+    ClinikoAPIError,
+    ClinikoConnectionError,
+    ClinikoError,
+    ClinikoInputError,
+)
+from cliniko_provider.utils.retry import RateBudget, RetryPolicy, error_for_answer
+from cliniko_provider.utils.settings import ClinikoSettings, validate_id
+
+JsonDict = dict[str, Any]
+Params = Mapping[str, Any] | list[tuple[str, Any]] | None
+PER_PAGE = 100
+
+
+def equality_filters(*filters: str, **equals: object) -> list[str]:
+    """Combine raw ``q[]`` filters (``"email:=a@b.c"``) and equality keyword filters into one list.
+
+    :param filters: filters in Cliniko's ``field:<op>value`` form.
+    :param equals: ``field=value`` pairs, each meaning ``field:=value``.
+    """
+    return [*filters, *(f"{name}:={value}" for name, value in equals.items() if value is not None)]
+
+
+class _ClinikoBase(BaseHook):
+    """What the sync and async hooks share: connection, policy, budget and request bookkeeping."""
+
+    conn_name_attr = "cliniko_conn_id"
+    default_conn_name = "cliniko_default"
+    conn_type = "cliniko"
+    hook_name = "Cliniko"
+
+    def __init__(
+        self,
+        cliniko_conn_id: str = default_conn_name,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        super().__init__()
+        self.cliniko_conn_id = cliniko_conn_id
+        self._clock = clock
+        self._rand = rand
+        self._settings: ClinikoSettings | None = None
+
+    def _remember(self, settings: ClinikoSettings) -> ClinikoSettings:
+        mask_secret(settings.api_key)
+        mask_secret(settings.authorization.split(" ", 1)[1])
+        self._settings = settings
+        return settings
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy from the connection's settings."""
+        settings = self._require_settings()
+        return RetryPolicy(
+            max_attempts=settings.max_attempts, max_rate_limit_wait=settings.max_rate_limit_wait
+        )
+
+    @property
+    def budget(self) -> RateBudget:
+        """This process's request budget for the connection's API key."""
+        settings = self._require_settings()
+        key_id = hashlib.sha256(settings.api_key.encode()).hexdigest()[:16]
+        return RateBudget.for_key(key_id, settings.requests_per_minute)
+
+    def _require_settings(self) -> ClinikoSettings:
+        if self._settings is None:
+            raise ClinikoError("Connection settings not loaded yet")
+        return self._settings
+
+    def _after_answer(
+        self,
+        attempt: int,
+        status: int | None,
+        headers: Mapping[str, str],
+        body: str,
+        what: str,
+        *,
+        idempotent: bool = True,
+    ) -> float:
+        """Decide what follows a failed answer: return the wait before the next attempt, or raise.
+
+        A request that is not idempotent (a create) is retried only after a 429, which Cliniko answers
+        before doing anything; after a 5xx or a broken connection it may have been carried out.
+        """
+        now = self._clock()
+        policy = self.policy
+        wait = policy.delay(attempt, status, headers, now, self._rand)
+        if status == 429:
+            reset = policy.rate_limit_wait(headers, now)
+            if reset is not None:
+                self.budget.block_until(now + reset)
+        elif not idempotent:
+            wait = None
+        if wait is None:
+            if status is None:
+                raise ClinikoConnectionError(
+                    f"Could not reach Cliniko at {self._require_settings().base_url} for {what} after "
+                    f"{attempt} attempt(s): {body}. Check the host/network; the task's retries may succeed."
+                )
+            raise error_for_answer(status, body, what)
+        self.log.warning(
+            "Cliniko %s: %s on attempt %d of %d; retrying in %.1f s",
+            what,
+            status or "connection error",
+            attempt,
+            policy.max_attempts,
+            wait,
+        )
+        return wait
+
+    @staticmethod
+    def _next_link(page: JsonDict) -> str | None:
+        links = page.get("links") or {}
+        next_url = links.get("next") if isinstance(links, dict) else None
+        return str(next_url) if next_url else None
+
+    @staticmethod
+    def _page_params(filters: Iterable[str], extra: Mapping[str, Any] | None = None) -> list[tuple[str, Any]]:
+        params: list[tuple[str, Any]] = [("per_page", PER_PAGE)]
+        params += [("q[]", item) for item in filters]
+        params += list((extra or {}).items())
+        return params
+
+
+class ClinikoHook(_ClinikoBase):
+    """Calls Cliniko's REST API: auth, shard, User-Agent, retries, rate limit and pagination in one place.
+
+    The connection's password is the API key; its shard suffix (``-au1``, ``-uk2``...) picks the base URL
+    unless the host field overrides it (e.g. the sandbox). Extra field ``user_agent`` is required.
+
+    :param cliniko_conn_id: the Airflow connection id (type ``cliniko``).
+    :param sleep: how to wait between attempts (injectable for tests).
+    :param clock: the current UNIX time (injectable for tests).
+    :param rand: a source of jitter in [0, 1) (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        cliniko_conn_id: str = _ClinikoBase.default_conn_name,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        super().__init__(cliniko_conn_id, clock=clock, rand=rand)
+        self._sleep = sleep
+
+    @cached_property
+    def settings(self) -> ClinikoSettings:
+        """The validated connection settings."""
+        return self._remember(ClinikoSettings.from_connection(self.get_connection(self.cliniko_conn_id)))
+
+    @cached_property
+    def session(self) -> requests.Session:
+        """A ``requests`` session carrying auth, User-Agent and Accept."""
+        session = requests.Session()
+        session.headers.update(self.settings.headers)
+        return session
+
+    def get_conn(self) -> requests.Session:
+        """Return the configured ``requests`` session."""
+        return self.session
+
+    def wait_for_budget(self) -> None:
+        """Wait for this process's rate budget to allow one more request."""
+        self.settings  # noqa: B018 - loads and masks the settings
+        wait = self.budget.reserve(self._clock())
+        if wait > 0:
+            self.log.info("Pacing requests to stay under Cliniko's rate limit: waiting %.1f s", wait)
+            self._sleep(wait)
+
+    def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: Params = None,
+        json: JsonDict | None = None,
+        idempotent: bool = True,
+    ) -> requests.Response:
+        """Send one API request with the shared retry policy; return the successful answer.
+
+        :param method: HTTP method.
+        :param path_or_url: path under the base URL (``/patients/1``) or an absolute URL.
+        :param params: query parameters.
+        :param json: JSON body.
+        :param idempotent: False for requests that must not be repeated after a 5xx (creates).
+        """
+        url = self.settings.url(path_or_url)
+        what = self.settings.describe(method, url)
+        attempt = 0
+        while True:
+            attempt += 1
+            self.wait_for_budget()
+            try:
+                response = self.session.request(
+                    method, url, params=params, json=json, timeout=self.settings.timeout
+                )
+            except requests.RequestException as error:
+                text = network_reason(error)
+                self._sleep(self._after_answer(attempt, None, {}, text, what, idempotent=idempotent))
+                continue
+            self.log.debug("Cliniko %s -> %s", what, response.status_code)
+            if response.status_code < 400:
+                return response
+            self._sleep(
+                self._after_answer(
+                    attempt,
+                    response.status_code,
+                    response.headers,
+                    response.text,
+                    what,
+                    idempotent=idempotent,
+                )
+            )
+
+    def get_json(self, path_or_url: str, params: Params = None) -> JsonDict:
+        """GET and decode a JSON object.
+
+        :param path_or_url: path under the base URL or an absolute URL.
+        :param params: query parameters.
+        """
+        data = self.request("GET", path_or_url, params=params).json()
+        if not isinstance(data, dict):
+            raise ClinikoError(f"Cliniko answered {path_or_url} with JSON that is not an object")
+        return data
+
+    def paginate(self, path: str, resource: str, params: Params = None) -> Iterator[JsonDict]:
+        """Yield every item of a list endpoint, fetching pages lazily by following ``links.next``.
+
+        :param path: the list endpoint, e.g. ``/patients``.
+        :param resource: the list's key in the answer, e.g. ``patients``.
+        :param params: query parameters for the first page.
+        """
+        page = self.get_json(path, params)
+        while True:
+            yield from page.get(resource) or []
+            next_url = self._next_link(page)
+            if not next_url:
+                return
+            page = self.get_json(next_url)
+
+    # --- Patients -------------------------------------------------------------------------------------
+
+    def get_patient(self, patient_id: int | str) -> JsonDict:
+        """Return one patient.
+
+        :param patient_id: the Cliniko patient id.
+        """
+        return self.get_json(f"/patients/{validate_id('patient_id', patient_id)}")
+
+    def find_patients(
+        self, *filters: str, include_archived: bool = False, **equals: object
+    ) -> Iterator[JsonDict]:
+        """Yield the patients matching every filter.
+
+        ``find_patients(old_reference_id="A-17")`` or ``find_patients("email:=ann@example.com")``.
+
+        :param filters: raw filters in Cliniko's ``field:<op>value`` form.
+        :param include_archived: include archived patients.
+        :param equals: ``field=value`` equality filters.
+        """
+        q = equality_filters(*filters, **equals)
+        if include_archived:
+            q.append("archived_at:*")
+        return self.paginate("/patients", "patients", self._page_params(q))
+
+    def create_patient(self, first_name: str, last_name: str, **fields: object) -> JsonDict:
+        """Create a patient (used by demos and tests).
+
+        :param first_name: first name.
+        :param last_name: last name.
+        :param fields: other patient fields (``email``, ``old_reference_id``...).
+        """
+        body: JsonDict = {"first_name": first_name, "last_name": last_name, **fields}
+        return self._json_object(self.request("POST", "/patients", json=body))
+
+    # --- Attachments ----------------------------------------------------------------------------------
+
+    def get_presigned_post(self, patient_id: int | str) -> JsonDict:
+        """Return ``{"url": ..., "fields": {...}}`` for uploading one file of a patient to S3.
+
+        The fields hold a signed policy: never log them.
+
+        :param patient_id: the Cliniko patient id.
+        """
+        presign = self.get_json(
+            f"/patients/{validate_id('patient_id', patient_id)}/attachment_presigned_post"
+        )
+        fields = presign.get("fields")
+        if not isinstance(presign.get("url"), str) or not isinstance(fields, dict):
+            raise ClinikoError("Cliniko's presigned post has no 'url' or 'fields'")
+        for secret_field in ("policy", "x-amz-signature"):
+            if fields.get(secret_field):
+                mask_secret(str(fields[secret_field]))
+        return presign
+
+    def create_attachment(
+        self, patient_id: int | str, upload_url: str, description: str | None = None
+    ) -> JsonDict:
+        """Create the attachment record for a file already uploaded to the presigned location.
+
+        :param patient_id: the Cliniko patient id.
+        :param upload_url: the presign ``url`` + S3's ``Key``.
+        :param description: shown in Cliniko (at most 255 characters).
+        """
+        body: JsonDict = {"patient_id": validate_id("patient_id", patient_id), "upload_url": upload_url}
+        if description:
+            body["description"] = check_description(description)
+        return self._json_object(self.request("POST", "/patient_attachments", json=body, idempotent=False))
+
+    def get_attachment(self, attachment_id: int | str) -> JsonDict:
+        """Return one attachment record.
+
+        :param attachment_id: the attachment id.
+        """
+        return self.get_json(f"/patient_attachments/{validate_id('attachment_id', attachment_id)}")
+
+    def list_attachments(
+        self, *filters: str, patient_id: int | str | None = None, include_archived: bool = False
+    ) -> Iterator[JsonDict]:
+        """Yield attachment records matching the filters, of one patient or of the account.
+
+        :param filters: raw filters such as ``"description:~nightly"`` or ``"id:=1,2,3"``.
+        :param patient_id: only this patient's attachments.
+        :param include_archived: include archived records.
+        """
+        q = list(filters)
+        if include_archived:
+            q.append("archived_at:*")
+        path = "/patient_attachments"
+        if patient_id is not None:
+            path = f"/patients/{validate_id('patient_id', patient_id)}/patient_attachments"
+        return self.paginate(path, "patient_attachments", self._page_params(q))
+
+    def archive_attachment(self, attachment_id: int | str) -> None:
+        """Archive an attachment record.
+
+        :param attachment_id: the attachment id.
+        """
+        self.request("POST", f"/patient_attachments/{validate_id('attachment_id', attachment_id)}/archive")
+
+    # --- Connection test ------------------------------------------------------------------------------
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the key, User-Agent and host with one call to ``GET /user``; return (ok, one-line reason)."""
+        try:
+            user = self._json_object(self.request("GET", "/user", idempotent=False))
+        except ClinikoError as error:
+            return False, _one_line(str(error))
+        name = " ".join(str(user.get(part) or "") for part in ("first_name", "last_name")).strip()
+        return True, f"Connected to Cliniko at {self.settings.base_url} as {name or 'the key user'}."
+
+    @staticmethod
+    def _json_object(response: requests.Response) -> JsonDict:
+        data = response.json()
+        if not isinstance(data, dict):
+            raise ClinikoError("Cliniko answered with JSON that is not an object")
+        return data
+
+
+def check_description(description: str) -> str:
+    """Return the description if Cliniko will take it (at most 255 characters), else raise.
+
+    :param description: the attachment description.
+    """
+    if len(description) > 255:
+        raise ClinikoInputError(
+            f"description is {len(description)} characters long; Cliniko takes at most 255. Shorten it."
+        )
+    return description
+
+
+def network_reason(error: BaseException) -> str:
+    """Return the innermost cause of a network error as one short line (no URL queries, no headers).
+
+    :param error: a ``requests`` or ``httpx`` exception.
+    """
+    reason: BaseException = error
+    for _ in range(5):
+        inner = getattr(reason, "reason", None)
+        if not isinstance(inner, BaseException) and reason.args and isinstance(reason.args[0], BaseException):
+            inner = reason.args[0]
+        if not isinstance(inner, BaseException) or inner is reason:
+            break
+        reason = inner
+    return _one_line(f"{type(reason).__name__}: {reason}")[:300]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class ClinikoAsyncHook(_ClinikoBase):
+    """The async twin of :class:`ClinikoHook` (httpx), for triggers: same settings, retries and budget.
+
+    :param cliniko_conn_id: the Airflow connection id (type ``cliniko``).
+    :param asleep: how to wait between attempts (injectable for tests).
+    :param clock: the current UNIX time (injectable for tests).
+    :param rand: a source of jitter in [0, 1) (injectable for tests).
+    :param transport: an httpx transport (tests use ``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self,
+        cliniko_conn_id: str = _ClinikoBase.default_conn_name,
+        *,
+        asleep: Callable[[float], Any] = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(cliniko_conn_id, clock=clock, rand=rand)
+        self._asleep = asleep
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    async def aget_settings(self) -> ClinikoSettings:
+        """Load (once) and return the validated connection settings, the Airflow 3 async way."""
+        if self._settings is None:
+            conn = await self.aget_connection(self.cliniko_conn_id)
+            self._remember(ClinikoSettings.from_connection(conn))
+        return self._require_settings()
+
+    async def aclient(self) -> httpx.AsyncClient:
+        """Return the (lazily created) httpx client carrying auth, User-Agent and Accept."""
+        settings = await self.aget_settings()
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                headers=settings.headers, timeout=settings.timeout, transport=self._transport
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the httpx client."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def arequest(
+        self, method: str, path_or_url: str, *, params: Params = None, json: JsonDict | None = None
+    ) -> httpx.Response:
+        """Send one API request with the shared retry policy; return the successful answer.
+
+        :param method: HTTP method.
+        :param path_or_url: path under the base URL or an absolute URL.
+        :param params: query parameters.
+        :param json: JSON body.
+        """
+        client = await self.aclient()
+        settings = self._require_settings()
+        url = settings.url(path_or_url)
+        what = settings.describe(method, url)
+        attempt = 0
+        while True:
+            attempt += 1
+            wait = self.budget.reserve(self._clock())
+            if wait > 0:
+                await self._asleep(wait)
+            try:
+                response = await client.request(method, url, params=params, json=json)
+            except httpx.HTTPError as error:
+                text = network_reason(error)
+                await self._asleep(self._after_answer(attempt, None, {}, text, what))
+                continue
+            if response.status_code < 400:
+                return response
+            await self._asleep(
+                self._after_answer(attempt, response.status_code, response.headers, response.text, what)
+            )
+
+    async def aget_json(self, path_or_url: str, params: Params = None) -> JsonDict:
+        """GET and decode a JSON object.
+
+        :param path_or_url: path under the base URL or an absolute URL.
+        :param params: query parameters.
+        """
+        data = (await self.arequest("GET", path_or_url, params=params)).json()
+        if not isinstance(data, dict):
+            raise ClinikoError(f"Cliniko answered {path_or_url} with JSON that is not an object")
+        return data
+
+    async def aget_attachment(self, attachment_id: int | str) -> JsonDict:
+        """Return one attachment record.
+
+        :param attachment_id: the attachment id.
+        """
+        return await self.aget_json(f"/patient_attachments/{validate_id('attachment_id', attachment_id)}")
+
+    async def aget_attachments(self, attachment_ids: Iterable[str]) -> dict[str, JsonDict]:
+        """Return the records of up to 100 attachments in one request (archived ones included).
+
+        :param attachment_ids: attachment ids; ids missing from the answer do not exist (or were deleted).
+        """
+        ids = sorted({validate_id("attachment_id", item) for item in attachment_ids}, key=int)
+        if not ids:
+            return {}
+        if len(ids) > PER_PAGE:
+            raise ClinikoInputError(f"At most {PER_PAGE} attachments per request, got {len(ids)}")
+        params = self._page_params([f"id:={','.join(ids)}", "archived_at:*"])
+        page = await self.aget_json("/patient_attachments", params)
+        return {str(item["id"]): item for item in page.get("patient_attachments") or []}
+
+
+__all__ = ["ClinikoAPIError", "ClinikoAsyncHook", "ClinikoHook", "equality_filters"]

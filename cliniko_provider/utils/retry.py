@@ -1,0 +1,213 @@
+"""The one retry and rate-limit policy shared by the sync hook, the async hook and the S3 upload."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from cliniko_provider.exceptions import (
+    ClinikoAPIError,
+    ClinikoAuthError,
+    ClinikoClientError,
+    ClinikoNotFoundError,
+    ClinikoPermissionError,
+    ClinikoRateLimitError,
+    ClinikoServerError,
+    ClinikoStorageLimitError,
+    ClinikoValidationError,
+)
+
+RATE_LIMIT_MARGIN = 0.5  # seconds added to X-RateLimit-Reset, which has one-second resolution
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try a request again, and how long to wait first.
+
+    :param max_attempts: attempts in all, the first included.
+    :param backoff_base: first backoff in seconds; doubles each attempt.
+    :param backoff_max: ceiling of one backoff.
+    :param max_rate_limit_wait: longest wait for a 429 to clear; a later reset is an error.
+    """
+
+    max_attempts: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    max_rate_limit_wait: float = 65.0
+
+    def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Exponential backoff with jitter: half fixed, half random.
+
+        :param attempt: the attempt that just failed (1 for the first).
+        :param rand: a source of floats in [0, 1).
+        """
+        ceiling = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+        return float(ceiling / 2 + ceiling / 2 * rand())
+
+    def rate_limit_wait(self, headers: Mapping[str, str], now: float) -> float | None:
+        """Seconds until the rate limit resets, from ``X-RateLimit-Reset`` or ``Retry-After``.
+
+        :param headers: the 429 answer's headers (case-insensitive mapping).
+        :param now: the current UNIX time.
+        """
+        reset = headers.get("X-RateLimit-Reset") or headers.get("x-ratelimit-reset")
+        if reset:
+            try:
+                return max(0.0, float(reset) - now) + RATE_LIMIT_MARGIN
+            except ValueError:
+                pass
+        retry_after = headers.get("Retry-After") or headers.get("retry-after")
+        if retry_after:
+            try:
+                return max(0.0, float(retry_after))
+            except ValueError:
+                try:
+                    return max(0.0, parsedate_to_datetime(retry_after).timestamp() - now)
+                except (TypeError, ValueError):
+                    pass
+        return None
+
+    def delay(
+        self,
+        attempt: int,
+        status: int | None,
+        headers: Mapping[str, str],
+        now: float,
+        rand: Callable[[], float] = random.random,
+    ) -> float | None:
+        """Seconds to wait before trying again, or ``None`` when the failure is final.
+
+        :param attempt: the attempt that just failed (1 for the first).
+        :param status: the HTTP status, or ``None`` for a connection error or timeout.
+        :param headers: the answer's headers (empty for a connection error).
+        :param now: the current UNIX time.
+        :param rand: a source of floats in [0, 1).
+        """
+        if attempt >= self.max_attempts or not is_retryable(status):
+            return None
+        if status == 429:
+            wait = self.rate_limit_wait(headers, now)
+            if wait is None:
+                return self.backoff(attempt, rand)
+            return wait if wait <= self.max_rate_limit_wait else None
+        return self.backoff(attempt, rand)
+
+
+def is_retryable(status: int | None) -> bool:
+    """True for connection errors (``None``), 429 and 5xx.
+
+    :param status: the HTTP status, or ``None`` when no answer came.
+    """
+    return status is None or status == 429 or status >= 500
+
+
+_CLIENT_ERRORS: dict[int, type[ClinikoClientError]] = {
+    401: ClinikoAuthError,
+    403: ClinikoPermissionError,
+    404: ClinikoNotFoundError,
+    422: ClinikoValidationError,
+}
+
+
+def error_for_answer(status: int, body: str, request: str) -> ClinikoAPIError:
+    """Build the typed error for a failed answer, carrying Cliniko's message and field errors.
+
+    :param status: the HTTP status.
+    :param body: the answer's text (JSON or plain text).
+    :param request: ``"METHOD /path"`` of the call.
+    """
+    message, errors = parse_error_body(body)
+    if not message:
+        message = {401: "unauthorised", 404: "not found", 429: "rate limit exceeded"}.get(status, "error")
+    if status == 429:
+        return ClinikoRateLimitError(status, message, errors, request)
+    if status >= 500:
+        return ClinikoServerError(status, message, errors, request)
+    if status == 422 and any("storage" in str(problem).lower() for problem in errors.values()):
+        return ClinikoStorageLimitError(status, message, errors, request)
+    error_type = _CLIENT_ERRORS.get(status, ClinikoClientError)
+    return error_type(status, message, errors, request)
+
+
+def parse_error_body(body: str) -> tuple[str, dict[str, str]]:
+    """Return Cliniko's message and field errors from an error body (JSON or plain text).
+
+    :param body: the answer's text.
+    """
+    import json
+
+    text = body.strip()
+    try:
+        data = json.loads(text) if text.startswith("{") else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return text[:300], {}
+    raw_errors = data.get("errors") or {}
+    errors: dict[str, str] = {}
+    if isinstance(raw_errors, dict):
+        for field_name, problem in raw_errors.items():
+            errors[str(field_name)] = (
+                ", ".join(map(str, problem)) if isinstance(problem, list) else str(problem)
+            )
+    return str(data.get("message") or data.get("error") or "")[:300], errors
+
+
+class RateBudget:
+    """A sliding-window request budget for one API key, shared by all hooks in this process.
+
+    Keeps this process under Cliniko's 200 requests a minute per key, and makes every user of the key
+    wait after a 429 instead of each one hitting the limit again.
+
+    :param per_minute: requests allowed in any 60-second window.
+    """
+
+    _registry: dict[str, RateBudget] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, per_minute: float) -> None:
+        self.per_minute = per_minute
+        self._sent: deque[float] = deque()
+        self._blocked_until = 0.0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_key(cls, key_id: str, per_minute: float) -> RateBudget:
+        """Return the process-wide budget of one key.
+
+        :param key_id: an identifier of the key (a hash, never the key itself).
+        :param per_minute: requests a minute, used when the budget is first made.
+        """
+        with cls._registry_lock:
+            budget = cls._registry.get(key_id)
+            if budget is None or budget.per_minute != per_minute:
+                budget = cls._registry[key_id] = RateBudget(per_minute)
+            return budget
+
+    def reserve(self, now: float | None = None) -> float:
+        """Reserve a slot for one request; return how long to wait before sending it.
+
+        :param now: the current monotonic-comparable time (``time.time()`` by default).
+        """
+        now = time.time() if now is None else now
+        with self._lock:
+            while self._sent and self._sent[0] <= now - 60.0:
+                self._sent.popleft()
+            start = max(now, self._blocked_until)
+            if len(self._sent) >= self.per_minute:
+                start = max(start, self._sent[-int(self.per_minute)] + 60.0)
+            self._sent.append(start)
+            return start - now
+
+    def block_until(self, until: float) -> None:
+        """Hold every request on this key until ``until`` (after a 429).
+
+        :param until: UNIX time when Cliniko accepts requests again.
+        """
+        with self._lock:
+            self._blocked_until = max(self._blocked_until, until)

@@ -1,0 +1,218 @@
+"""Turn an Airflow connection into the settings every Cliniko call uses (sync and async alike)."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from cliniko_provider.exceptions import ClinikoConfigError, ClinikoInputError
+
+KNOWN_SHARDS = frozenset({"au1", "au2", "au3", "au4", "ca1", "uk1", "uk2", "uk3", "eu1", "us1"})
+SHARD_PATTERN = re.compile(r"^[a-z]{2}\d{1,2}$")
+DEFAULT_SHARD = "au1"
+# Cliniko asks for "<App or vendor name> (<contact email>)".
+USER_AGENT_PATTERN = re.compile(r"^.*\S.*\(\s*[^\s@()]+@[^\s@()]+\.[^\s@()]+\s*\)\s*$")
+USER_AGENT_EXAMPLE = "Acme Reports (ops@acme.example)"
+
+
+class ConnectionLike(Protocol):
+    """The parts of an Airflow ``Connection`` that the settings read."""
+
+    conn_id: str
+    host: str | None
+    password: str | None
+
+    @property
+    def extra_dejson(self) -> dict[str, Any]: ...
+
+
+def shard_from_api_key(api_key: str) -> str:
+    """Return the shard an API key belongs to: the suffix after its last ``-`` (``au1`` when none).
+
+    :param api_key: the Cliniko API key.
+    """
+    if "-" not in api_key:
+        return DEFAULT_SHARD
+    suffix = api_key.rsplit("-", 1)[1]
+    if not SHARD_PATTERN.match(suffix):
+        raise ClinikoConfigError(
+            "The Cliniko API key's shard suffix is malformed: a key ends with '-' and a shard such as "
+            "'-au1' or '-uk2'. Copy the whole key from Cliniko (My Info > Manage API keys)."
+        )
+    if suffix not in KNOWN_SHARDS:
+        raise ClinikoConfigError(
+            f"The Cliniko API key names an unknown shard {suffix!r} "
+            f"(known: {', '.join(sorted(KNOWN_SHARDS))}). "
+            f"Check the key; if Cliniko has opened a new shard, set the connection's host to "
+            f"https://api.{suffix}.cliniko.com/v1."
+        )
+    return suffix
+
+
+def base_url_for_shard(shard: str) -> str:
+    """Return the API base URL of a shard.
+
+    :param shard: a shard name such as ``au1``.
+    """
+    return f"https://api.{shard}.cliniko.com/v1"
+
+
+def _is_loopback(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def normalise_base_url(host: str) -> str:
+    """Validate a base URL override and add ``/v1`` when it has no path.
+
+    :param host: the connection's host field, e.g. ``http://127.0.0.1:8765/v1``.
+    """
+    url = host.strip()
+    if "://" not in url:
+        url = "https://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ClinikoConfigError(
+            f"The Cliniko connection's host {host!r} is not an http(s) URL; leave it empty for real "
+            "Cliniko or give a base URL such as http://127.0.0.1:8765/v1 (the sandbox)."
+        )
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ClinikoConfigError(
+            f"Plain http:// is refused for the non-loopback host {parts.hostname!r}: Cliniko requires TLS. "
+            "Use https://, or leave the host empty to reach Cliniko directly."
+        )
+    path = parts.path.rstrip("/") or "/v1"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def _number(extra: dict[str, Any], name: str, default: float, minimum: float) -> float:
+    value = extra.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ClinikoConfigError(
+            f"The Cliniko connection's extra field {name!r} must be a number, got {value!r}."
+        ) from None
+    if number < minimum:
+        raise ClinikoConfigError(f"The Cliniko connection's extra field {name!r} must be >= {minimum}.")
+    return number
+
+
+@dataclass(frozen=True)
+class ClinikoSettings:
+    """Everything needed to call Cliniko, read once from the connection.
+
+    :param conn_id: the Airflow connection id (for messages).
+    :param api_key: the API key (never shown in ``repr``).
+    :param base_url: API base URL ending in ``/v1`` (no trailing slash).
+    :param user_agent: the ``User-Agent`` Cliniko requires.
+    :param max_attempts: attempts per request on 5xx, 429 and connection errors.
+    :param max_rate_limit_wait: longest single wait for a 429 to clear, in seconds.
+    :param timeout: per-request timeout in seconds.
+    :param requests_per_minute: this process's own request budget for the key.
+    """
+
+    conn_id: str
+    api_key: str = field(repr=False)
+    base_url: str
+    user_agent: str
+    max_attempts: int = 5
+    max_rate_limit_wait: float = 65.0
+    timeout: float = 60.0
+    requests_per_minute: float = 200.0
+
+    @classmethod
+    def from_connection(cls, conn: ConnectionLike) -> ClinikoSettings:
+        """Validate a connection and build the settings from it.
+
+        :param conn: an Airflow connection of type ``cliniko``.
+        """
+        api_key = (conn.password or "").strip()
+        if not api_key:
+            raise ClinikoConfigError(
+                f"The Cliniko connection {conn.conn_id!r} has no API key: put it in the Password field "
+                "(Cliniko: My Info > Manage API keys)."
+            )
+        extra = conn.extra_dejson
+        if isinstance(extra, str):  # some secrets backends hand extra over as a JSON string
+            extra = json.loads(extra)
+        shard = shard_from_api_key(api_key)
+        base_url = normalise_base_url(conn.host) if conn.host else base_url_for_shard(shard)
+        user_agent = str(extra.get("user_agent") or "").strip()
+        if not user_agent:
+            raise ClinikoConfigError(
+                f"The Cliniko connection {conn.conn_id!r} has no User-Agent: Cliniko requires one. Set the "
+                f"extra field 'user_agent' to your app name and a contact email, e.g. {USER_AGENT_EXAMPLE!r}."
+            )
+        if not USER_AGENT_PATTERN.match(user_agent):
+            raise ClinikoConfigError(
+                f"The Cliniko connection {conn.conn_id!r} has the User-Agent {user_agent!r}, but Cliniko "
+                f"asks for an app name and a contact email, e.g. {USER_AGENT_EXAMPLE!r}."
+            )
+        return cls(
+            conn_id=conn.conn_id,
+            api_key=api_key,
+            base_url=base_url,
+            user_agent=user_agent,
+            max_attempts=int(_number(extra, "max_attempts", 5, 1)),
+            max_rate_limit_wait=_number(extra, "max_rate_limit_wait", 65.0, 0),
+            timeout=_number(extra, "timeout", 60.0, 1),
+            requests_per_minute=_number(extra, "requests_per_minute", 200.0, 1),
+        )
+
+    @property
+    def authorization(self) -> str:
+        """The ``Authorization`` header value: Basic auth, key as user name, empty password."""
+        return "Basic " + base64.b64encode(f"{self.api_key}:".encode()).decode()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers sent with every API request."""
+        return {
+            "Authorization": self.authorization,
+            "User-Agent": self.user_agent,
+            "Accept": "application/json",
+        }
+
+    def url(self, path_or_url: str) -> str:
+        """Return an absolute URL: ``path_or_url`` as is when absolute, else joined to the base URL.
+
+        :param path_or_url: ``/patients/1`` or a full URL (e.g. a ``links.next``).
+        """
+        if "://" in path_or_url:
+            return path_or_url
+        return self.base_url + "/" + path_or_url.lstrip("/")
+
+    def describe(self, method: str, url: str) -> str:
+        """Return ``"METHOD /path"`` for messages: the URL without host or query (no secrets there)."""
+        path = urlsplit(url).path
+        base_path = urlsplit(self.base_url).path
+        if path.startswith(base_path):
+            path = path[len(base_path) :] or "/"
+        return f"{method} {path}"
+
+
+def validate_id(name: str, value: object) -> str:
+    """Return a Cliniko id as the string Cliniko uses, or raise a clear error.
+
+    :param name: the argument's name, for the message (e.g. ``patient_id``).
+    :param value: an int or a string of digits.
+    """
+    text = str(value).strip() if value is not None else ""
+    if isinstance(value, bool) or not text.isdigit() or not text.isascii() or int(text) <= 0:
+        raise ClinikoInputError(
+            f"{name} must be a Cliniko numeric id such as '1234567890', got {value!r}. "
+            "Look the record up first (e.g. ClinikoHook.find_patients) and pass its 'id'."
+        )
+    return str(int(text))

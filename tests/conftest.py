@@ -1,0 +1,63 @@
+"""Shared test set-up: an isolated AIRFLOW_HOME, and the sandbox as a real process on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Airflow reads AIRFLOW_HOME when first imported, so isolate it before anything imports airflow.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="cliniko-tests-airflow-"))
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SANDBOX_KEY = "sandbox-test-key-au1"
+USER_AGENT = "Cliniko Provider Tests (tests@cliniko-provider.example)"
+
+
+def connection_json(api_key: str, host: str | None = None, **extra: Any) -> str:
+    """Return an ``AIRFLOW_CONN_*`` value for a Cliniko connection.
+
+    :param api_key: the API key.
+    :param host: the base URL override (e.g. the sandbox).
+    :param extra: extra fields; ``user_agent`` defaults to the tests' agent.
+    """
+    conn: dict[str, Any] = {
+        "conn_type": "cliniko",
+        "password": api_key,
+        "extra": {"user_agent": USER_AGENT, **extra},
+    }
+    if host:
+        conn["host"] = host
+    return json.dumps(conn)
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Any]:
+    """One sandbox process for the session (fast processing, generous rate limit)."""
+    from cliniko_provider.sandbox.process import SandboxProcess
+
+    with SandboxProcess(
+        "--api-key",
+        SANDBOX_KEY,
+        "--processing-delay",
+        "0.2",
+        "--rate-limit",
+        "100000/60",
+    ) as process:
+        yield process
+
+
+@pytest.fixture
+def sandbox_conn(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point ``cliniko_default`` at the session sandbox; return the connection id."""
+    monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(SANDBOX_KEY, sandbox.base_url))
+    return "cliniko_default"
