@@ -27,7 +27,9 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {"integration-name": integration, "python-modules": ["cliniko_provider.operators.cliniko"]}
         ],
-        "sensors": [{"integration-name": integration, "python-modules": ["cliniko_provider.sensors.cliniko"]}],
+        "sensors": [
+            {"integration-name": integration, "python-modules": ["cliniko_provider.sensors.cliniko"]}
+        ],
         "triggers": [
             {"integration-name": integration, "python-modules": ["cliniko_provider.triggers.cliniko"]}
         ],
