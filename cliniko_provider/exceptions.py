@@ -139,3 +139,41 @@ class S3UploadError(ClinikoError):
 
 class S3UploadRejectedError(S3UploadError, AirflowFailException):
     """S3 refused the upload for a reason a retry cannot fix (size, policy conditions, form)."""
+
+
+class ClinikoAttachmentGoneError(ClinikoError, AirflowFailException):
+    """The attachment waited on is archived, deleted or never existed, so it will never be processed.
+
+    :param attachment_id: the attachment id.
+    :param reason: ``"archived"`` or ``"not_found"`` (deleted, or never existed in this account).
+    :param archived_at: when it was archived (for ``"archived"``).
+    :param message: the full message, when already written (e.g. carried by a trigger event).
+    """
+
+    def __init__(
+        self,
+        attachment_id: str,
+        reason: str,
+        archived_at: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        self.attachment_id = attachment_id
+        self.reason = reason
+        self.archived_at = archived_at
+        if message:
+            text = message
+        elif reason == "archived":
+            text = (
+                f"Cliniko attachment {attachment_id} was archived at {archived_at}, so it will never finish "
+                "processing. Restore it in Cliniko or upload the file again, then clear this task"
+            )
+        else:
+            text = (
+                f"Cliniko attachment {attachment_id} does not exist: it was deleted, or never existed in "
+                "the account of this connection's API key. Check the attachment id (e.g. the upload "
+                "task's XCom) and that the connection's key belongs to the account holding it"
+            )
+        super().__init__(text)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.attachment_id, self.reason, self.archived_at, str(self)))
