@@ -15,7 +15,6 @@ import pytest
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="cliniko-tests-airflow-"))
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -1,0 +1,143 @@
+"""Connection settings: shards, base URLs, User-Agent and the connection's extra fields."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from cliniko_provider.exceptions import ClinikoConfigError, ClinikoInputError
+from cliniko_provider.utils.settings import (
+    KNOWN_SHARDS,
+    ClinikoSettings,
+    normalise_base_url,
+    shard_from_api_key,
+    validate_id,
+)
+
+UA = "Acme Reports (ops@acme.example)"
+
+
+@dataclass
+class Conn:
+    password: str | None
+    host: str | None = None
+    extra_dejson: dict[str, Any] = field(default_factory=lambda: {"user_agent": UA})
+    conn_id: str = "cliniko_default"
+
+
+@pytest.mark.parametrize("shard", sorted(KNOWN_SHARDS))
+def test_every_known_shard_gives_its_base_url(shard: str) -> None:
+    settings = ClinikoSettings.from_connection(Conn(password=f"MS0xLWFiY2RlZmc-{shard}"))
+    assert settings.base_url == f"https://api.{shard}.cliniko.com/v1"
+
+
+def test_key_without_suffix_is_au1() -> None:
+    assert shard_from_api_key("MS0xLWFiY2RlZmdoaWprbG1ub3A") == "au1"
+
+
+@pytest.mark.parametrize("key", ["abc-AU1", "abc-au", "abc-a1", "abc-", "abc-au123", "abc-1au"])
+def test_malformed_suffix_is_a_clear_error(key: str) -> None:
+    with pytest.raises(ClinikoConfigError, match="shard suffix is malformed") as error:
+        shard_from_api_key(key)
+    assert key not in str(error.value)
+
+
+def test_unknown_shard_names_the_shard_and_the_fix() -> None:
+    with pytest.raises(ClinikoConfigError, match=r"unknown shard 'zz9'.*https://api\.zz9\.cliniko\.com/v1"):
+        shard_from_api_key("secretkey-zz9")
+
+
+@pytest.mark.parametrize("password", [None, "", "   "])
+def test_missing_key_names_the_password_field(password: str | None) -> None:
+    with pytest.raises(ClinikoConfigError, match="no API key: put it in the Password field"):
+        ClinikoSettings.from_connection(Conn(password=password))
+
+
+@pytest.mark.parametrize("extra", [{}, {"user_agent": ""}, {"user_agent": "  "}])
+def test_missing_user_agent_names_the_field(extra: dict[str, Any]) -> None:
+    with pytest.raises(ClinikoConfigError, match=r"no User-Agent.*'user_agent'"):
+        ClinikoSettings.from_connection(Conn(password="k-au1", extra_dejson=extra))
+
+
+@pytest.mark.parametrize("agent", ["python-requests/2.3", "Acme Reports", "Acme (not-an-email)", "(a@b.cd)"])
+def test_user_agent_without_name_and_email_is_refused(agent: str) -> None:
+    with pytest.raises(ClinikoConfigError, match="app name and a contact email"):
+        ClinikoSettings.from_connection(Conn(password="k-au1", extra_dejson={"user_agent": agent}))
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("http://127.0.0.1:8765/v1", "http://127.0.0.1:8765/v1"),
+        ("http://localhost:8765", "http://localhost:8765/v1"),
+        ("http://[::1]:8765/v1/", "http://[::1]:8765/v1"),
+        ("http://127.9.9.9/v1", "http://127.9.9.9/v1"),
+        ("https://proxy.example.com/cliniko/v1", "https://proxy.example.com/cliniko/v1"),
+        ("proxy.example.com", "https://proxy.example.com/v1"),
+    ],
+)
+def test_host_override(host: str, expected: str) -> None:
+    assert normalise_base_url(host) == expected
+    settings = ClinikoSettings.from_connection(Conn(password="k-uk1", host=host))
+    assert settings.base_url == expected
+
+
+@pytest.mark.parametrize(
+    "host", ["http://api.au1.cliniko.com/v1", "http://10.0.0.5:8765", "http://example.com"]
+)
+def test_plain_http_to_a_remote_host_is_refused(host: str) -> None:
+    with pytest.raises(ClinikoConfigError, match=r"Plain http:// is refused.*Use https://"):
+        normalise_base_url(host)
+
+
+def test_non_http_scheme_is_refused() -> None:
+    with pytest.raises(ClinikoConfigError, match="not an http"):
+        normalise_base_url("ftp://example.com")
+
+
+def test_extra_numbers_are_read_and_checked() -> None:
+    conn = Conn(password="k-au1", extra_dejson={"user_agent": UA, "max_attempts": "3", "timeout": 5})
+    settings = ClinikoSettings.from_connection(conn)
+    assert (settings.max_attempts, settings.timeout) == (3, 5.0)
+    with pytest.raises(ClinikoConfigError, match="'max_attempts' must be a number"):
+        ClinikoSettings.from_connection(
+            Conn(password="k-au1", extra_dejson={"user_agent": UA, "max_attempts": "x"})
+        )
+    with pytest.raises(ClinikoConfigError, match="'max_attempts' must be >= 1"):
+        ClinikoSettings.from_connection(
+            Conn(password="k-au1", extra_dejson={"user_agent": UA, "max_attempts": 0})
+        )
+
+
+def test_headers_and_repr_keep_the_key_out_of_sight() -> None:
+    settings = ClinikoSettings.from_connection(Conn(password="SeCrEtKeY-au2"))
+    user, _, password = base64.b64decode(settings.headers["Authorization"].removeprefix("Basic ")).partition(
+        b":"
+    )
+    assert (user, password) == (b"SeCrEtKeY-au2", b"")
+    assert settings.headers["User-Agent"] == UA
+    assert settings.headers["Accept"] == "application/json"
+    assert "SeCrEtKeY" not in repr(settings)
+
+
+def test_url_and_describe() -> None:
+    settings = ClinikoSettings.from_connection(Conn(password="k-au1", host="http://127.0.0.1:1/v1"))
+    assert settings.url("/patients/1") == "http://127.0.0.1:1/v1/patients/1"
+    assert settings.url("http://other/x?page=2") == "http://other/x?page=2"
+    assert settings.describe("GET", "http://127.0.0.1:1/v1/patients/1?q[]=x") == "GET /patients/1"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(12, "12"), ("0012", "12"), (" 7 ", "7"), ("1234567890123", "1234567890123")]
+)
+def test_validate_id_accepts_numbers(value: object, expected: str) -> None:
+    assert validate_id("patient_id", value) == expected
+
+
+@pytest.mark.parametrize("value", [None, "", "abc", "12a", -3, 0, "1.5", True, "١٢"])
+def test_validate_id_refuses_the_rest(value: object) -> None:
+    with pytest.raises(ClinikoInputError, match="patient_id must be a Cliniko numeric id"):
+        validate_id("patient_id", value)
