@@ -1,0 +1,30 @@
+"""A local Cliniko for development and tests: the attachment and patient API plus a strict S3.
+
+Start it with `cliniko-sandbox` (or `python -m cliniko_provider.sandbox`); it prints
+`Cliniko sandbox ready: http://127.0.0.1:PORT/v1`, the base URL to put in the Airflow
+connection's host. From Python tests, use `cliniko_provider.sandbox.process.SandboxProcess`.
+
+Answers chosen where Cliniko's own behaviour is not publicly confirmed:
+
+- Missing or empty `User-Agent`: 400, plain text `Requires a user agent`.
+- Bad or missing key (or a non-empty password): 401, plain text `HTTP Basic: Access denied.`
+  with `WWW-Authenticate: Basic realm="Application"` (Rails' answer). Keys are accepted with
+  or without their shard suffix, as Cliniko documents.
+- Rate limit (sliding window per key): 429, plain text `Retry later`, headers
+  `X-RateLimit-Reset` (epoch seconds when a request is allowed again) and `Retry-After`.
+- Unknown or non-numeric ids: 404 `{"message": "Not found"}`. Creating an attachment for an
+  unknown patient also answers 404 (the patient is looked up first, as for the presign).
+- Storage limit (`--storage-limit`, per account, counting every attachment, archived or
+  not): the presign answers 422 `{"message": "Validation Failed", "errors": {"base": "File
+  storage limit reached for this account: ..."}}` once nothing is left, and otherwise caps
+  the policy's `content-length-range` at what is left; creating an attachment whose upload
+  would pass the limit answers the same 422.
+- `upload_url` must be exactly the presign `url` + the uploaded `Key`, for an object in
+  this account's bucket under that patient's temp prefix, not yet used for an attachment;
+  otherwise 422 `{"message": "Validation Failed", "errors": {"temp_attachment_url": "is invalid"}}`.
+- `GET /patient_attachments/{id}/content` serves the bytes (200) once processed, 404 before.
+- Unknown `q[]` fields or operators, and malformed values: 422 with an `errors.q` message.
+- Injected faults (`--fail-rate`, `--throttle-rate`) carry the header `X-Sandbox-Fault`;
+  injected throttling answers 429 on S3 too (real S3 says 503 SlowDown), so that one retry
+  rule covers both.
+"""

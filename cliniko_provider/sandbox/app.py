@@ -1,0 +1,565 @@
+"""HTTP routes: the Cliniko API under `/v1`, the S3 bucket under `/s3`, controls under `/_sandbox`.
+
+Every `/v1` request passes, in order: injected faults, the User-Agent check, HTTP Basic
+auth, the per-key rate limit. See the package docstring for the answers chosen where
+Cliniko's own behaviour is unconfirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import date
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from cliniko_provider.sandbox import s3
+from cliniko_provider.sandbox.config import bucket_of, parse_rate_limit
+from cliniko_provider.sandbox.core import Sandbox, StorageLimitReached
+from cliniko_provider.sandbox.listing import FieldKind, ListingError, filter_records, paginate, sort_records
+from cliniko_provider.sandbox.s3_policy import S3Error
+from cliniko_provider.sandbox.store import Account, Attachment, Patient, utc_now_iso
+from cliniko_provider.sandbox.traffic import Stats, mask_key
+
+PATIENT_FIELDS: dict[str, FieldKind] = {
+    "id": "int",
+    "first_name": "string",
+    "last_name": "string",
+    "email": "string",
+    "old_reference_id": "string",
+    "date_of_birth": "date",
+    "created_at": "datetime",
+    "updated_at": "datetime",
+    "archived_at": "datetime",
+}
+ATTACHMENT_FIELDS: dict[str, FieldKind] = {
+    "id": "int",
+    "patient_id": "int",
+    "user_id": "int",
+    "size": "int",
+    "description": "string",
+    "filename": "string",
+    "content_type": "string",
+    "created_at": "datetime",
+    "updated_at": "datetime",
+    "processed_at": "datetime",
+    "archived_at": "datetime",
+}
+# Cliniko's schema pattern for e-mail addresses, read case-insensitively.
+EMAIL_PATTERN = re.compile(r"^[A-Z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Z0-9.-]+\.[A-Z]{2,63}$", re.IGNORECASE)
+MAX_ID = 2**63 - 1
+MAX_TEXT = 255
+STORAGE_LIMIT_MESSAGE = "File storage limit reached for this account: no more files can be uploaded"
+ACCESS_DENIED = "HTTP Basic: Access denied.\n"
+NO_USER_AGENT = "Requires a user agent"
+
+Handler = Callable[[Request, Account], Awaitable[Response]]
+
+
+def not_found() -> Response:
+    return JSONResponse({"message": "Not found"}, status_code=404)
+
+
+def validation_failed(errors: dict[str, str]) -> Response:
+    return JSONResponse({"message": "Validation Failed", "errors": errors}, status_code=422)
+
+
+def throttled(reset_at: int, body: str = "Retry later\n", media_type: str = "text/plain") -> Response:
+    headers = {"X-RateLimit-Reset": str(reset_at), "Retry-After": str(max(1, reset_at - int(time.time())))}
+    return Response(body, status_code=429, headers=headers, media_type=media_type)
+
+
+def parse_id(text: object) -> int | None:
+    """A record id from a path or body: digits only (as a string or a JSON integer), in 64 bits."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str) or not re.fullmatch(r"\d{1,19}", text) or int(text) > MAX_ID:
+        return None
+    return int(text)
+
+
+def basic_auth_user(request: Request) -> str | None:
+    """The user name of a Basic authorization with an empty password."""
+    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, colon, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user if colon and not password and user else None
+
+
+async def read_json_object(request: Request) -> dict[str, Any] | None:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def text_error(value: object, required: bool = False) -> str | None:
+    """Rails-style validation message for an optional (or required) short text field."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "can't be blank" if required else None
+    if not isinstance(value, str):
+        return "is invalid"
+    return "is too long (maximum is 255 characters)" if len(value) > MAX_TEXT else None
+
+
+class Api:
+    """The `/v1` handlers; each gets the request and the caller's account."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.store = sandbox.store
+
+    # -- shared ----------------------------------------------------------------------------
+
+    def injected_fault(self, for_s3: bool) -> Response | None:
+        sandbox = self.sandbox
+        fault = sandbox.faults.draw(sandbox.settings.fail_rate, sandbox.settings.throttle_rate)
+        headers = {"X-Sandbox-Fault": fault or ""}
+        if fault == "throttle":
+            sandbox.stats.injected_throttles += 1
+            slow_down = S3Error(429, "SlowDown", "Please reduce your request rate.")
+            response = (
+                throttled(int(time.time()) + 1, slow_down.xml(), s3.XML)
+                if for_s3
+                else throttled(int(time.time()) + 1)
+            )
+            response.headers.update(headers)
+            return response
+        if fault == "fail":
+            sandbox.stats.injected_failures += 1
+            status = sandbox.faults.failure_status()
+            if for_s3:
+                error = S3Error(
+                    status, "InternalError", "We encountered an internal error. Please try again."
+                )
+                return s3.xml_error(error, headers)
+            return PlainTextResponse(
+                f"Sandbox injected failure ({status})", status_code=status, headers=headers
+            )
+        return None
+
+    def route(self, methods: list[str], path: str, handler: Handler) -> Route:
+        label = f"{'/'.join(methods)} {path}"
+
+        async def endpoint(request: Request) -> Response:
+            sandbox = self.sandbox
+            sandbox.stats.requests_by_route[label] += 1
+            fault = self.injected_fault(for_s3=False)
+            if fault is not None:
+                return fault
+            if not request.headers.get("user-agent", "").strip():
+                return PlainTextResponse(NO_USER_AGENT, status_code=400)
+            api_key = basic_auth_user(request)
+            account = sandbox.account_for_key(api_key) if api_key else None
+            if api_key is None or account is None:
+                return PlainTextResponse(
+                    ACCESS_DENIED, status_code=401, headers={"WWW-Authenticate": 'Basic realm="Application"'}
+                )
+            sandbox.stats.requests_by_key[mask_key(api_key)] += 1
+            reset_at = sandbox.limiter.admit(account.key_digest, time.time())
+            if reset_at is not None:
+                sandbox.stats.rate_limited += 1
+                return throttled(reset_at)
+            try:
+                return await handler(request, account)
+            except ListingError as error:
+                return validation_failed({"q": str(error)})
+
+        return Route(path, endpoint, methods=methods)
+
+    def api_url(self, request: Request, path: str) -> str:
+        return f"{request.base_url}v1/{path}"
+
+    def links(self, request: Request, path: str) -> dict[str, dict[str, str]]:
+        return {"links": {"self": self.api_url(request, path)}}
+
+    def listing(
+        self,
+        request: Request,
+        records: Iterable[Any],
+        fields: dict[str, FieldKind],
+        name: str,
+        render: Callable[[Request, Any], dict[str, Any]],
+    ) -> Response:
+        params = request.query_params
+        chosen = filter_records(records, params.getlist("q[]"), fields)
+        ordered = sort_records(chosen, params.get("sort"), params.get("order"), fields)
+        page = paginate(ordered, request.url, params.get("page"), params.get("per_page"))
+        body = {name: [render(request, r) for r in page.items], "total_entries": page.total_entries}
+        return JSONResponse({**body, "links": page.links})
+
+    def patient_of(self, account: Account, raw_id: object) -> Patient | None:
+        patient_id = parse_id(raw_id)
+        return self.store.owned(self.store.patients, patient_id, account) if patient_id is not None else None
+
+    def attachment_of(self, request: Request, account: Account) -> Attachment | None:
+        attachment_id = parse_id(request.path_params["id"])
+        if attachment_id is None:
+            return None
+        return self.store.owned(self.store.attachments, attachment_id, account)
+
+    # -- renderers -------------------------------------------------------------------------
+
+    def render_user(self, request: Request, account: Account) -> dict[str, Any]:
+        return {
+            "id": str(account.user_id),
+            "first_name": "Sandbox",
+            "last_name": "User",
+            "email": f"sandbox.user+{account.id}@example.com",
+            "title": None,
+            "role": "administrator",
+            "active": True,
+            "user_active": True,
+            "time_zone": "Melbourne",
+            "time_zone_identifier": "Australia/Melbourne",
+            "phone_numbers": [],
+            "created_at": account.created_at,
+            "updated_at": account.created_at,
+            **self.links(request, f"users/{account.user_id}"),
+        }
+
+    def render_patient(self, request: Request, patient: Patient) -> dict[str, Any]:
+        path = f"patients/{patient.id}"
+        return {
+            "id": str(patient.id),
+            "first_name": patient.first_name,
+            "last_name": patient.last_name,
+            "label": f"{patient.first_name} {patient.last_name}",
+            "email": patient.email,
+            "date_of_birth": patient.date_of_birth,
+            "old_reference_id": patient.old_reference_id,
+            "title": None,
+            "preferred_first_name": None,
+            "sex": None,
+            "gender_identity": None,
+            "notes": None,
+            "time_zone": None,
+            "patient_phone_numbers": [],
+            "created_at": patient.created_at,
+            "updated_at": patient.updated_at,
+            "archived_at": patient.archived_at,
+            "deleted_at": None,
+            "patient_attachments": self.links(request, f"{path}/patient_attachments"),
+            "appointments": self.links(request, f"{path}/appointments"),
+            "invoices": self.links(request, f"{path}/invoices"),
+            **self.links(request, path),
+        }
+
+    def render_attachment(self, request: Request, attachment: Attachment) -> dict[str, Any]:
+        path = f"patient_attachments/{attachment.id}"
+        return {
+            "id": str(attachment.id),
+            "description": attachment.description,
+            "filename": attachment.filename,
+            "content_type": attachment.content_type,
+            "size": attachment.size,
+            "processing_completed": attachment.processing_completed,
+            "processed_at": attachment.processed_at,
+            "pinned_at": None,
+            "archived_at": attachment.archived_at,
+            "created_at": attachment.created_at,
+            "updated_at": attachment.updated_at,
+            "content": self.links(request, f"{path}/content"),
+            "patient": self.links(request, f"patients/{attachment.patient_id}"),
+            "user": self.links(request, f"users/{attachment.user_id}"),
+            **self.links(request, path),
+        }
+
+    # -- user --------------------------------------------------------------------------------
+
+    async def get_user(self, request: Request, account: Account) -> Response:
+        return JSONResponse(self.render_user(request, account))
+
+    async def get_user_by_id(self, request: Request, account: Account) -> Response:
+        if parse_id(request.path_params["id"]) != account.user_id:
+            return not_found()
+        return JSONResponse(self.render_user(request, account))
+
+    # -- patients ----------------------------------------------------------------------------
+
+    async def list_patients(self, request: Request, account: Account) -> Response:
+        patients = self.store.account_patients(account)
+        return self.listing(request, patients, PATIENT_FIELDS, "patients", self.render_patient)
+
+    async def create_patient(self, request: Request, account: Account) -> Response:
+        body = await read_json_object(request)
+        if body is None:
+            return JSONResponse({"message": "The request body must be a JSON object"}, status_code=400)
+        errors = {
+            name: error
+            for name in ("first_name", "last_name", "email", "old_reference_id")
+            if (error := text_error(body.get(name), required=name.endswith("_name")))
+        }
+        email = body.get("email")
+        if "email" not in errors and email and not EMAIL_PATTERN.match(email):
+            errors["email"] = "is invalid"
+        birth = body.get("date_of_birth")
+        if birth is not None:
+            try:
+                date.fromisoformat(birth if isinstance(birth, str) and len(birth) == 10 else "")
+            except ValueError:
+                errors["date_of_birth"] = "is invalid"
+        if errors:
+            return validation_failed(errors)
+        fields = {name: body.get(name) or None for name in ("email", "date_of_birth", "old_reference_id")}
+        patient = self.store.add_patient(
+            account, {"first_name": body["first_name"], "last_name": body["last_name"], **fields}
+        )
+        rendered = self.render_patient(request, patient)
+        return JSONResponse(rendered, status_code=201, headers={"Location": rendered["links"]["self"]})
+
+    async def get_patient(self, request: Request, account: Account) -> Response:
+        patient = self.patient_of(account, request.path_params["id"])
+        return JSONResponse(self.render_patient(request, patient)) if patient else not_found()
+
+    async def archive_patient(self, request: Request, account: Account) -> Response:
+        patient = self.patient_of(account, request.path_params["id"])
+        if patient is None:
+            return not_found()
+        patient.archived_at = patient.archived_at or utc_now_iso()
+        patient.updated_at = utc_now_iso()
+        self.store.save()
+        return Response(status_code=204)
+
+    async def presigned_post(self, request: Request, account: Account) -> Response:
+        patient = self.patient_of(account, request.path_params["id"])
+        if patient is None:
+            return not_found()
+        try:
+            post = self.sandbox.presigned_post(
+                account, patient, s3.bucket_url(request, bucket_of(account.shard))
+            )
+        except StorageLimitReached:
+            return validation_failed({"base": STORAGE_LIMIT_MESSAGE})
+        return JSONResponse(post)
+
+    # -- attachments -------------------------------------------------------------------------
+
+    async def list_attachments(self, request: Request, account: Account) -> Response:
+        attachments = self.store.account_attachments(account)
+        return self.listing(
+            request, attachments, ATTACHMENT_FIELDS, "patient_attachments", self.render_attachment
+        )
+
+    async def list_patient_attachments(self, request: Request, account: Account) -> Response:
+        patient = self.patient_of(account, request.path_params["id"])
+        if patient is None:
+            return not_found()
+        attachments = (a for a in self.store.account_attachments(account) if a.patient_id == patient.id)
+        return self.listing(
+            request, attachments, ATTACHMENT_FIELDS, "patient_attachments", self.render_attachment
+        )
+
+    def temp_object_key(
+        self, request: Request, account: Account, patient: Patient, upload_url: object
+    ) -> str | None:
+        """The key named by `upload_url` (presign `url` + `Key`), if it is a fresh upload for this patient."""
+        bucket = bucket_of(account.shard)
+        prefix = s3.bucket_url(request, bucket)
+        if not isinstance(upload_url, str) or not upload_url.startswith(prefix):
+            return None
+        key = upload_url[len(prefix) :]
+        obj = self.store.objects.get((bucket, key))
+        temp_prefix = f"{account.id}/patients/{patient.id}/attachments/temp/"
+        if obj is None or obj.claimed_by is not None or not key.startswith(temp_prefix) or key.endswith("/"):
+            return None
+        return key
+
+    async def create_attachment(self, request: Request, account: Account) -> Response:
+        body = await read_json_object(request)
+        if body is None:
+            return JSONResponse({"message": "The request body must be a JSON object"}, status_code=400)
+        if body.get("patient_id") in (None, ""):
+            return validation_failed({"patient_id": "can't be blank"})
+        patient = self.patient_of(account, body["patient_id"])
+        if patient is None:
+            return not_found()
+        description = body.get("description")
+        error = text_error(description)
+        if error:
+            return validation_failed({"description": error})
+        key = self.temp_object_key(request, account, patient, body.get("upload_url"))
+        if key is None:
+            return validation_failed({"temp_attachment_url": "is invalid"})
+        try:
+            attachment = self.sandbox.create_attachment(
+                account, patient, bucket_of(account.shard), key, description
+            )
+        except StorageLimitReached:
+            return validation_failed({"base": STORAGE_LIMIT_MESSAGE})
+        rendered = self.render_attachment(request, attachment)
+        return JSONResponse(rendered, status_code=201, headers={"Location": rendered["links"]["self"]})
+
+    async def get_attachment(self, request: Request, account: Account) -> Response:
+        attachment = self.attachment_of(request, account)
+        return JSONResponse(self.render_attachment(request, attachment)) if attachment else not_found()
+
+    async def archive_attachment(self, request: Request, account: Account) -> Response:
+        """`POST .../archive`, and the deprecated `DELETE`, which archives too."""
+        attachment = self.attachment_of(request, account)
+        if attachment is None:
+            return not_found()
+        attachment.archived_at = attachment.archived_at or utc_now_iso()
+        attachment.updated_at = utc_now_iso()
+        self.store.save()
+        return Response(status_code=204)
+
+    async def attachment_content(self, request: Request, account: Account) -> Response:
+        attachment = self.attachment_of(request, account)
+        if attachment is None or attachment.content_path is None:
+            return not_found()
+        return FileResponse(
+            self.store.data_dir / attachment.content_path,
+            media_type=attachment.content_type,
+            filename=attachment.filename,
+        )
+
+    async def unknown(self, request: Request, account: Account) -> Response:
+        return not_found()
+
+    def routes(self) -> list[Route]:
+        return [
+            self.route(["GET"], "/v1/user", self.get_user),
+            self.route(["GET"], "/v1/users/{id}", self.get_user_by_id),
+            self.route(["GET"], "/v1/patients", self.list_patients),
+            self.route(["POST"], "/v1/patients", self.create_patient),
+            self.route(["GET"], "/v1/patients/{id}", self.get_patient),
+            self.route(["POST"], "/v1/patients/{id}/archive", self.archive_patient),
+            self.route(["GET"], "/v1/patients/{id}/attachment_presigned_post", self.presigned_post),
+            self.route(["GET"], "/v1/patients/{id}/patient_attachments", self.list_patient_attachments),
+            self.route(["GET"], "/v1/patient_attachments", self.list_attachments),
+            self.route(["POST"], "/v1/patient_attachments", self.create_attachment),
+            self.route(["GET"], "/v1/patient_attachments/{id}", self.get_attachment),
+            self.route(["DELETE"], "/v1/patient_attachments/{id}", self.archive_attachment),
+            self.route(["POST"], "/v1/patient_attachments/{id}/archive", self.archive_attachment),
+            self.route(["GET"], "/v1/patient_attachments/{id}/content", self.attachment_content),
+            self.route(["GET", "POST", "PUT", "PATCH", "DELETE"], "/v1/{path:path}", self.unknown),
+        ]
+
+
+class Controls:
+    """Unauthenticated test and benchmark controls under `/_sandbox/`."""
+
+    RUNTIME_SETTINGS = (
+        "fail_rate",
+        "throttle_rate",
+        "processing_delay",
+        "processing_delay_per_mb",
+        "presign_ttl",
+        "s3_reset_after_bytes",
+        "rate_limit",
+    )
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+
+    def current(self) -> dict[str, Any]:
+        settings = self.sandbox.settings
+        limiter = self.sandbox.limiter
+        values = {name: getattr(settings, name) for name in self.RUNTIME_SETTINGS if name != "rate_limit"}
+        return {**values, "rate_limit": f"{limiter.limit}/{limiter.window:g}"}
+
+    async def stats(self, request: Request) -> Response:
+        store = self.sandbox.store
+        attachments = list(store.attachments.values())
+        return JSONResponse(
+            {
+                **self.sandbox.stats.as_json(),
+                "patients": len(store.patients),
+                "attachments": len(attachments),
+                "attachments_processing": sum(not a.processing_completed for a in attachments),
+                "temp_objects": len(store.objects),
+            }
+        )
+
+    async def reset_stats(self, request: Request) -> Response:
+        self.sandbox.stats = Stats()
+        return Response(status_code=204)
+
+    async def get_faults(self, request: Request) -> Response:
+        return JSONResponse(self.current())
+
+    async def set_faults(self, request: Request) -> Response:
+        body = await read_json_object(request)
+        if body is None or not set(body) <= set(self.RUNTIME_SETTINGS):
+            unknown = sorted(set(body or {}) - set(self.RUNTIME_SETTINGS))
+            return JSONResponse(
+                {"message": f"Expected a JSON object of {self.RUNTIME_SETTINGS}; not {unknown}"}, 400
+            )
+        try:
+            self.apply(body)
+        except (TypeError, ValueError) as error:
+            return JSONResponse({"message": str(error)}, status_code=400)
+        return JSONResponse(self.current())
+
+    def apply(self, changes: dict[str, Any]) -> None:
+        settings = self.sandbox.settings
+        merged = {**self.current(), **changes}
+        for rate in ("fail_rate", "throttle_rate"):
+            if not 0 <= float(merged[rate]) <= 1:
+                raise ValueError(f"{rate} must be between 0 and 1")
+        if float(merged["fail_rate"]) + float(merged["throttle_rate"]) > 1:
+            raise ValueError("fail_rate + throttle_rate must not exceed 1")
+        for name in ("processing_delay", "processing_delay_per_mb", "presign_ttl"):
+            if float(merged[name]) < 0:
+                raise ValueError(f"{name} must not be negative")
+        reset_after = merged["s3_reset_after_bytes"]
+        if reset_after is not None and int(reset_after) < 0:
+            raise ValueError("s3_reset_after_bytes must not be negative")
+        limit, window = parse_rate_limit(str(merged["rate_limit"]))
+        settings.fail_rate = float(merged["fail_rate"])
+        settings.throttle_rate = float(merged["throttle_rate"])
+        settings.processing_delay = float(merged["processing_delay"])
+        settings.processing_delay_per_mb = float(merged["processing_delay_per_mb"])
+        settings.presign_ttl = int(merged["presign_ttl"])
+        settings.s3_reset_after_bytes = None if reset_after is None else int(reset_after)
+        self.sandbox.limiter.limit, self.sandbox.limiter.window = limit, window
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/_sandbox/stats", self.stats, methods=["GET"]),
+            Route("/_sandbox/stats/reset", self.reset_stats, methods=["POST"]),
+            Route("/_sandbox/faults", self.get_faults, methods=["GET"]),
+            Route("/_sandbox/faults", self.set_faults, methods=["POST"]),
+        ]
+
+
+def create_app(sandbox: Sandbox) -> Starlette:
+    api = Api(sandbox)
+
+    async def s3_post(request: Request) -> Response:
+        sandbox.stats.requests_by_route["POST /s3/{bucket}/"] += 1
+        return api.injected_fault(for_s3=True) or await s3.post_object(sandbox, request)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        processor = asyncio.create_task(sandbox.process_forever())
+        try:
+            yield
+        finally:
+            processor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await processor
+
+    routes = [
+        *api.routes(),
+        Route("/s3/{bucket}/", s3_post, methods=["POST"]),
+        Route("/s3/{bucket}", s3_post, methods=["POST"]),
+        *Controls(sandbox).routes(),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

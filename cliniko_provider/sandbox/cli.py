@@ -1,0 +1,110 @@
+"""`cliniko-sandbox` / `python -m cliniko_provider.sandbox`: a local Cliniko with a strict S3."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+
+from cliniko_provider.sandbox.config import DEFAULT_API_KEY, SandboxSettings, parse_rate_limit
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cliniko-sandbox",
+        description="A local Cliniko API (attachments, patients) with a strict S3 POST endpoint.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=8765, help="port; 0 picks a free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help=f"an accepted API key, one account each; repeatable; the suffix after the last '-' names the"
+        f" shard (default: {DEFAULT_API_KEY})",
+    )
+    parser.add_argument("--data-dir", type=Path, help="where state and files live (default: a temporary dir)")
+    parser.add_argument(
+        "--processing-delay",
+        type=_non_negative,
+        default=2.0,
+        metavar="SECONDS",
+        help="(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--processing-delay-per-mb",
+        type=_non_negative,
+        default=0.01,
+        metavar="SECONDS",
+        help="extra processing time per MiB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=parse_rate_limit,
+        default=(200, 60.0),
+        metavar="N/SECONDS",
+        help="per key (default: 200/60)",
+    )
+    parser.add_argument("--storage-limit", type=int, metavar="BYTES", help="per account (default: unlimited)")
+    parser.add_argument(
+        "--presign-ttl", type=int, default=900, metavar="SECONDS", help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fail-rate", type=_fraction, default=0.0, help="fraction answered with a random 5xx"
+    )
+    parser.add_argument("--throttle-rate", type=_fraction, default=0.0, help="fraction answered 429")
+    parser.add_argument("--seed", type=int, help="seed for reproducible fault injection")
+    parser.add_argument(
+        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.fail_rate + args.throttle_rate > 1:
+        build_parser().error("--fail-rate plus --throttle-rate must not exceed 1")
+    temporary = args.data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="cliniko-sandbox-")) if temporary else args.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    limit, window = args.rate_limit
+    settings = SandboxSettings(
+        data_dir=data_dir,
+        api_keys=args.api_keys or [DEFAULT_API_KEY],
+        processing_delay=args.processing_delay,
+        processing_delay_per_mb=args.processing_delay_per_mb,
+        rate_limit=limit,
+        rate_window=window,
+        storage_limit=args.storage_limit,
+        presign_ttl=args.presign_ttl,
+        fail_rate=args.fail_rate,
+        throttle_rate=args.throttle_rate,
+        seed=args.seed,
+    )
+    from cliniko_provider.sandbox.server import serve  # the heavy imports, after argument errors
+
+    try:
+        asyncio.run(serve(settings, args.host, args.port, args.log_level))
+    finally:
+        if temporary:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    return 0

@@ -1,0 +1,179 @@
+"""The running sandbox: settings, state, traffic rules, presigning and the processing loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mimetypes
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from cliniko_provider.sandbox.config import (
+    MAX_OBJECT_SIZE,
+    S3_ACCESS_KEY_ID,
+    SandboxSettings,
+    bucket_of,
+    region_of,
+)
+from cliniko_provider.sandbox.store import Account, Attachment, Patient, Store, utc_now_iso
+from cliniko_provider.sandbox.traffic import FaultInjector, RateLimiter, Stats
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger("cliniko_provider.sandbox")
+
+_PRESIGNED_FIELD_ORDER = (
+    "key",
+    "policy",
+    "x-amz-credential",
+    "x-amz-signature",
+    "x-amz-algorithm",
+    "x-amz-date",
+    "success_action_status",
+    "acl",
+)
+_MB = 1024 * 1024
+
+
+class StorageLimitReached(Exception):
+    """The account has no file storage left (see the package docstring for the answer chosen)."""
+
+
+class Sandbox:
+    """Holds everything one server needs; the HTTP layers call into it."""
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        self.settings = settings
+        self.store = Store(settings.data_dir)
+        self.accounts_by_key = {key: self.store.ensure_account(key) for key in settings.api_keys}
+        self.stats = Stats()
+        self.faults = FaultInjector(settings.seed)
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_window)
+        self.buckets = {bucket_of(account.shard): account.shard for account in self.accounts_by_key.values()}
+        self._s3_clients: dict[str, S3Client] = {}
+        self._wake_processor = asyncio.Event()
+        # Open connections by client address, so the S3 endpoint can cut one (test support).
+        self.transports: dict[tuple[str, int], asyncio.Transport] = {}
+
+    def account_for_key(self, api_key: str) -> Account | None:
+        account = self.store.account_for_key(api_key)
+        return account if account in self.accounts_by_key.values() else None
+
+    # -- storage limit -------------------------------------------------------------------
+
+    def storage_left(self, account: Account) -> int:
+        if self.settings.storage_limit is None:
+            return MAX_OBJECT_SIZE
+        return min(MAX_OBJECT_SIZE, self.settings.storage_limit - self.store.storage_used(account))
+
+    # -- presigned posts -----------------------------------------------------------------
+
+    def _s3_client(self, shard: str) -> S3Client:
+        client = self._s3_clients.get(shard)
+        if client is None:
+            import boto3  # imported late: it takes a second, and only presigning needs it
+            from botocore.config import Config
+
+            client = boto3.client(
+                "s3",
+                region_name=region_of(shard),
+                aws_access_key_id=S3_ACCESS_KEY_ID,
+                aws_secret_access_key=self.store.s3_secret_key,
+                config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+            )
+            self._s3_clients[shard] = client
+        return client
+
+    def presigned_post(self, account: Account, patient: Patient, bucket_url: str) -> dict[str, Any]:
+        """What `GET /patients/{id}/attachment_presigned_post` answers."""
+        size_left = self.storage_left(account)
+        if size_left <= 0:
+            raise StorageLimitReached
+        key = f"{account.id}/patients/{patient.id}/attachments/temp/{uuid.uuid4()}/${{filename}}"
+        post = self._s3_client(account.shard).generate_presigned_post(
+            bucket_of(account.shard),
+            key,
+            Fields={"success_action_status": "201", "acl": "private"},
+            Conditions=[
+                {"acl": "private"},
+                {"success_action_status": "201"},
+                ["content-length-range", 0, size_left],
+            ],
+            ExpiresIn=self.settings.presign_ttl,
+        )
+        fields = post["fields"]
+        return {"url": bucket_url, "fields": {name: fields[name] for name in _PRESIGNED_FIELD_ORDER}}
+
+    # -- attachments and their processing --------------------------------------------------
+
+    def create_attachment(
+        self, account: Account, patient: Patient, bucket: str, key: str, description: str | None
+    ) -> Attachment:
+        obj = self.store.objects[(bucket, key)]
+        if self.settings.storage_limit is not None and obj.size > self.storage_left(account):
+            raise StorageLimitReached
+        now = utc_now_iso()
+        delay = self.settings.processing_delay + self.settings.processing_delay_per_mb * obj.size / _MB
+        attachment = Attachment(
+            id=self.store.new_id(),
+            account_id=account.id,
+            patient_id=patient.id,
+            user_id=account.user_id,
+            description=description,
+            upload_size=obj.size,
+            upload_filename=key.rsplit("/", 1)[-1],
+            source_bucket=bucket,
+            source_key=key,
+            source_path=obj.path,
+            process_after=time.time() + delay,
+            created_at=now,
+            updated_at=now,
+        )
+        obj.claimed_by = attachment.id
+        self.store.attachments[attachment.id] = attachment
+        self.store.save()
+        self._wake_processor.set()
+        return attachment
+
+    def _finish_processing(self, attachment: Attachment) -> None:
+        """Move the upload out of temp into the attachment's own place and fill in the record."""
+        source = self.store.data_dir / attachment.source_path
+        target = self.store.attachments_dir / str(attachment.id)
+        if source.exists():
+            os.replace(source, target)
+        elif not target.exists():
+            log.warning("attachment %s: uploaded object is missing; left unprocessed", attachment.id)
+            attachment.process_after = float("inf")
+            return
+        self.store.drop_object(attachment.source_bucket, attachment.source_key, attachment.source_path)
+        now = utc_now_iso()
+        attachment.content_path = str(target.relative_to(self.store.data_dir))
+        attachment.filename = attachment.upload_filename
+        attachment.content_type = (
+            mimetypes.guess_type(attachment.upload_filename)[0] or "application/octet-stream"
+        )
+        attachment.size = target.stat().st_size
+        attachment.processed_at = now
+        attachment.updated_at = now
+        attachment.processing_completed = True
+
+    async def process_forever(self) -> None:
+        """Finish attachments as they fall due; runs for the server's lifetime, resumes after restarts."""
+        while True:
+            now = time.time()
+            pending = [a for a in self.store.attachments.values() if not a.processing_completed]
+            due = [a for a in pending if a.process_after <= now]
+            for attachment in due:
+                self._finish_processing(attachment)
+            if due:
+                self.store.save()
+            next_due = min((a.process_after for a in pending if a.process_after > now), default=now + 60)
+            self._wake_processor.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    self._wake_processor.wait(), timeout=min(60.0, max(0.01, next_due - now))
+                )
