@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import mimetypes
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from functools import cached_property
-from typing import Any
+from dataclasses import dataclass
+from functools import cached_property, partial
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import httpx
 import requests
-from airflow.sdk import BaseHook
+from airflow.sdk import BaseHook, ObjectStoragePath
 from airflow.sdk.log import mask_secret
 
 from cliniko_provider.exceptions import (
@@ -20,7 +24,12 @@ from cliniko_provider.exceptions import (
     ClinikoConnectionError,
     ClinikoError,
     ClinikoInputError,
+    ClinikoNotFoundError,
+    ClinikoServerError,
+    S3UploadError,
+    S3UploadRejectedError,
 )
+from cliniko_provider.utils.multipart import MultipartBody, Opener, Progress, parse_s3_xml
 from cliniko_provider.utils.retry import RateBudget, RetryPolicy, error_for_answer
 from cliniko_provider.utils.settings import ClinikoSettings, validate_id
 
@@ -250,13 +259,7 @@ class ClinikoHook(_ClinikoBase):
         :param resource: the list's key in the answer, e.g. ``patients``.
         :param params: query parameters for the first page.
         """
-        page = self.get_json(path, params)
-        while True:
-            yield from page.get(resource) or []
-            next_url = self._next_link(page)
-            if not next_url:
-                return
-            page = self.get_json(next_url)
+        yield from self._pages_from(self.get_json(path, params), resource)
 
     # --- Patients -------------------------------------------------------------------------------------
 
@@ -292,6 +295,47 @@ class ClinikoHook(_ClinikoBase):
         """
         body: JsonDict = {"first_name": first_name, "last_name": last_name, **fields}
         return self._json_object(self.request("POST", "/patients", json=body))
+
+    def match_patients(self, references: Iterable[str], emails: Iterable[str] = ()) -> dict[str, JsonDict]:
+        """Find patients by ``old_reference_id`` and by email, in as few requests as possible.
+
+        Reads the account's patient list when that takes fewer pages than one query per value would,
+        else queries each value. Returns ``{value: patient}`` for every reference and email that matched
+        (references first: an email never overrides a reference match).
+
+        :param references: ``old_reference_id`` values (your own patient ids).
+        :param emails: email addresses, the fallback.
+        """
+        wanted_refs = {str(value) for value in references if value}
+        wanted_emails = {str(value).lower() for value in emails if value}
+        if not wanted_refs and not wanted_emails:
+            return {}
+        first_page = self.get_json("/patients", self._page_params([]))
+        pages = -(-int(first_page.get("total_entries") or 0) // PER_PAGE)
+        found: dict[str, JsonDict] = {}
+        if pages <= len(wanted_refs) + len(wanted_emails):
+            everyone = self._pages_from(first_page, "patients")
+            for patient in everyone:
+                email = str(patient.get("email") or "").lower()
+                if email in wanted_emails:
+                    found.setdefault(email, patient)
+                ref = str(patient.get("old_reference_id") or "")
+                if ref in wanted_refs:
+                    found[ref] = patient
+            return found
+        for ref in wanted_refs:
+            found.update((ref, patient) for patient in self.find_patients(old_reference_id=ref))
+        for email in wanted_emails:
+            found.update((email, patient) for patient in self.find_patients(email=email))
+        return found
+
+    def _pages_from(self, page: JsonDict, resource: str) -> Iterator[JsonDict]:
+        while True:
+            yield from page.get(resource) or []
+            next_url = self._next_link(page)
+            if not next_url:
+                return
+            page = self.get_json(next_url)
 
     # --- Attachments ----------------------------------------------------------------------------------
 
@@ -376,6 +420,213 @@ class ClinikoHook(_ClinikoBase):
             raise ClinikoError("Cliniko answered with JSON that is not an object")
         return data
 
+    # === Upload (issue #4): the S3 step and the three-step flow of the upload guide ====================
+    # Everything below up to "end of upload" belongs to ClinikoAttachmentUploadOperator's flow.
+
+    @cached_property
+    def s3_session(self) -> requests.Session:
+        """A plain session for S3: User-Agent only, never Cliniko's Authorization header."""
+        session = requests.Session()
+        session.headers["User-Agent"] = self.settings.user_agent
+        return session
+
+    def upload_file(
+        self,
+        presign: JsonDict,
+        opener: Opener,
+        size: int,
+        filename: str,
+        *,
+        progress: Progress | None = None,
+    ) -> str:
+        """POST one file to S3 with a presign's fields (streamed, exact Content-Length); return S3's ``Key``.
+
+        S3 5xx answers and broken connections are retried with the shared :class:`RetryPolicy`. Any
+        other S3 error raises :class:`S3UploadRejectedError` with S3's Code and Message (a 403 usually
+        means the presign expired: :meth:`upload_to_patient` then fetches a fresh one).
+
+        :param presign: ``{"url": ..., "fields": {...}}`` from :meth:`get_presigned_post` (never logged).
+        :param opener: opens the file for binary reading; called once per attempt.
+        :param size: the file's exact size in bytes.
+        :param filename: the file part's name; S3 puts it in place of ``${filename}`` in the key.
+        :param progress: called with the bytes sent so far; by default large files log progress lines.
+        """
+        url = str(presign["url"])
+        fields = [(str(name), str(value)) for name, value in dict(presign["fields"]).items()]
+        attempt = 0
+        while True:
+            attempt += 1
+            reporter = progress or UploadProgress(size, self.log.info, self._clock)
+            body = MultipartBody(
+                fields, opener, size, filename, content_type=guess_content_type(filename), progress=reporter
+            )
+            started = self._clock()
+            try:
+                response = self.s3_session.post(
+                    url,
+                    data=body,
+                    headers={"Content-Type": body.content_type},
+                    timeout=self.settings.timeout,
+                )
+            except requests.RequestException as error:
+                failure = S3UploadError(0, "ConnectionError", network_reason(error))
+                headers: Mapping[str, str] = {}
+            else:
+                answer = parse_s3_xml(response.content)
+                if response.status_code < 300:
+                    key = answer.get("Key") or expected_key(fields, filename)
+                    elapsed = max(self._clock() - started, 1e-6)
+                    self.log.info(
+                        "Uploaded %s to S3 in %.1f s (%s/s)",
+                        format_bytes(size),
+                        elapsed,
+                        format_bytes(size / elapsed),
+                    )
+                    return key
+                failure = s3_error(response.status_code, answer, response.text)
+                headers = response.headers
+            wait = None
+            if failure.status != 403:
+                status = failure.status or None
+                wait = self.policy.delay(attempt, status, headers, self._clock(), self._rand)
+            if wait is None:
+                raise failure
+            self.log.warning(
+                "S3 upload attempt %d of %d failed (%s %s: %s); retrying in %.1f s",
+                attempt,
+                self.policy.max_attempts,
+                failure.status or "connection",
+                failure.code,
+                failure.message,
+                wait,
+            )
+            self._sleep(wait)
+
+    def upload_to_patient(
+        self, patient_id: int | str, source: UploadSource, filename: str, *, progress: Progress | None = None
+    ) -> str:
+        """Presign and upload one file of a patient; return the ``upload_url`` for the attachment record.
+
+        A 403 from S3 (expired or refused presign) fetches a fresh presign, at most ``PRESIGN_REFRESHES``
+        times. The URL is the presign ``url`` + S3's ``Key`` (never S3's ``Location``).
+
+        :param patient_id: the Cliniko patient id.
+        :param source: the file to upload (see :func:`resolve_source`).
+        :param filename: the name Cliniko shows.
+        :param progress: see :meth:`upload_file`.
+        """
+        refreshes = 0
+        while True:
+            presign = self._patient_call(patient_id, self.get_presigned_post)
+            try:
+                key = self.upload_file(presign, source.opener, source.size, filename, progress=progress)
+            except S3UploadRejectedError as error:
+                if error.status != 403 or refreshes >= PRESIGN_REFRESHES:
+                    raise
+                refreshes += 1
+                self.log.warning(
+                    "S3 refused the presigned upload (%s: %s); fetching a fresh presign (%d of %d)",
+                    error.code,
+                    error.message,
+                    refreshes,
+                    PRESIGN_REFRESHES,
+                )
+                continue
+            return join_upload_url(str(presign["url"]), key)
+
+    def find_attachment_by_marker(self, patient_id: int | str, marker: str) -> JsonDict | None:
+        """Return the patient's oldest non-archived attachment whose description holds ``marker``, if any.
+
+        :param patient_id: the Cliniko patient id.
+        :param marker: an idempotency marker from :func:`idempotency_marker`.
+        """
+        token = marker_token(marker)
+        matches = [
+            record
+            for record in self._patient_call(
+                patient_id, lambda pid: list(self.list_attachments(f"description:~{token}", patient_id=pid))
+            )
+            if marker in str(record.get("description") or "")
+        ]
+        return min(matches, key=lambda record: int(record.get("id") or 0), default=None)
+
+    def upload_attachment(
+        self,
+        patient_id: int | str,
+        source: UploadSource,
+        *,
+        filename: str | None = None,
+        description: str | None = None,
+        marker: str | None = None,
+        progress: Progress | None = None,
+    ) -> JsonDict:
+        """Upload one file into a patient's record (presign, S3, create); return the attachment record.
+
+        With a ``marker`` (see :func:`idempotency_marker`) the flow is idempotent: the marker goes into
+        the description; an attachment of the patient already holding it is returned instead of uploading
+        again; and a create that failed with a 5xx or a broken connection is looked up before it is retried.
+
+        :param patient_id: the Cliniko patient id.
+        :param source: the file (see :func:`resolve_source`).
+        :param filename: the name Cliniko shows; default the source's name.
+        :param description: the description (at most 255 characters, the marker included).
+        :param marker: the idempotency marker, or None for no idempotency.
+        :param progress: see :meth:`upload_file`.
+        """
+        pid = validate_id("patient_id", patient_id)
+        name = check_upload_filename(filename or source.name)
+        full_description = describe_with_marker(description, marker)
+        if marker:
+            existing = self.find_attachment_by_marker(pid, marker)
+            if existing is not None:
+                self.log.info(
+                    "Attachment %s of patient %s already holds this upload (%s); not uploading again",
+                    existing.get("id"),
+                    pid,
+                    marker,
+                )
+                return existing
+        self.log.info("Uploading %s (%s) for patient %s", name, format_bytes(source.size), pid)
+        upload_url = self.upload_to_patient(pid, source, name, progress=progress)
+        return self._create_once(pid, upload_url, full_description, marker)
+
+    def _create_once(
+        self, patient_id: str, upload_url: str, description: str | None, marker: str | None
+    ) -> JsonDict:
+        """Create the record; after a 5xx or a broken connection, look it up before trying again."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self.create_attachment(patient_id, upload_url, description)
+            except (ClinikoServerError, ClinikoConnectionError) as error:
+                if not marker:
+                    raise
+                found = self.find_attachment_by_marker(patient_id, marker)
+                if found is not None:
+                    self.log.info("The create failed (%s), but attachment %s exists", error, found.get("id"))
+                    return found
+                status = getattr(error, "status", None)
+                wait = self.policy.delay(attempt, status, {}, self._clock(), self._rand)
+                if wait is None:
+                    raise
+                self.log.warning("The create failed and no record was made; retrying in %.1f s", wait)
+                self._sleep(wait)
+
+    def _patient_call(self, patient_id: int | str, call: Callable[[str], T]) -> T:
+        """Run a patient-scoped call, turning Cliniko's 404 into a clear input error."""
+        pid = validate_id("patient_id", patient_id)
+        try:
+            return call(pid)
+        except ClinikoNotFoundError as error:
+            raise ClinikoInputError(
+                f"patient_id {pid}: Cliniko has no such patient in this account ({error.request} answered "
+                "404). Check the id (ClinikoHook.find_patients looks patients up) and that the connection's "
+                "API key belongs to the patient's Cliniko account."
+            ) from None
+
+    # === end of upload ===================================================================================
+
 
 def check_description(description: str) -> str:
     """Return the description if Cliniko will take it (at most 255 characters), else raise.
@@ -407,6 +658,249 @@ def network_reason(error: BaseException) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+# === Upload helpers (issue #4) ==========================================================================
+
+MAX_UPLOAD_BYTES = 5 * 1024**3  # S3's limit for one POST
+PRESIGN_REFRESHES = 2  # fresh presigns fetched after S3 answers 403, per upload
+DESCRIPTION_LIMIT = 255
+MARKER_HEX = 12
+PROGRESS_MIN_BYTES = 16 * 1024 * 1024  # smaller files log one line when done, no progress lines
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class UploadSource:
+    """One file to upload: where it is (for messages), its name and size, and how to open it.
+
+    :param uri: the path or URI, as given.
+    :param name: the file's base name.
+    :param size: its size in bytes.
+    :param opener: opens it for binary reading.
+    """
+
+    uri: str
+    name: str
+    size: int
+    opener: Opener
+
+
+def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
+    """Check a local path or ObjectStoragePath URI and describe the file; raise a clear error if unusable.
+
+    Refused, before anything is sent: a missing file, a directory, an empty file (Cliniko has nothing to
+    process in it) and a file over S3's 5 GiB limit for one upload.
+
+    :param file_path: a local path, or a URI such as ``file:///data/a.pdf`` or ``s3://bucket/a.pdf``.
+    """
+    text = os.fspath(file_path).strip()
+    if not text:
+        raise ClinikoInputError("file_path is empty: give the path or URI of the file to upload.")
+    path: Path | ObjectStoragePath
+    if "://" in text:
+        try:
+            path = ObjectStoragePath(text)
+            exists, is_dir = path.exists(), path.is_dir()
+        except (ValueError, ImportError) as error:
+            raise ClinikoInputError(
+                f"file_path {text!r} cannot be read: {error}. Install the Airflow provider for that "
+                "storage (e.g. apache-airflow-providers-amazon for s3://) or use a local path."
+            ) from None
+    else:
+        path = Path(text).expanduser()
+        exists, is_dir = path.exists(), path.is_dir()
+    if not exists:
+        raise ClinikoInputError(
+            f"file_path {text!r}: no such file. Check the path (and that the step writing it ran first); "
+            f"a relative path is taken from the worker's working directory {os.getcwd()!r}."
+        )
+    if is_dir:
+        raise ClinikoInputError(
+            f"file_path {text!r} is a directory: give one file (use .expand(file_path=[...]) for many)."
+        )
+    size = int(path.stat().st_size)
+    if size == 0:
+        raise ClinikoInputError(
+            f"file_path {text!r} is empty (0 bytes): Cliniko has nothing to process in an empty file, so it "
+            "is not uploaded. Check the step that wrote it."
+        )
+    if size > MAX_UPLOAD_BYTES:
+        raise ClinikoInputError(
+            f"file_path {text!r} is {size} bytes ({format_bytes(size)}); S3 takes at most 5 GiB "
+            f"({MAX_UPLOAD_BYTES} bytes) in one upload. Split or compress the file."
+        )
+    return UploadSource(uri=text, name=path.name, size=size, opener=partial(_open_binary, path))
+
+
+def _open_binary(path: Path | ObjectStoragePath) -> IO[bytes]:
+    opened: IO[bytes] = path.open("rb")
+    return opened
+
+
+def check_upload_filename(filename: str) -> str:
+    """Return the name Cliniko will show for the file, or raise if S3 could not carry it intact.
+
+    :param filename: the file name; S3 keeps only what follows the last ``/`` or ``\\``.
+    """
+    problem = ""
+    if not filename.strip():
+        problem = "is empty"
+    elif any(char in filename for char in "/\\"):
+        problem = "contains '/' or '\\', after which S3 would cut the name"
+    elif any(ord(char) < 32 or ord(char) == 127 for char in filename):
+        problem = "contains control characters (line breaks, tabs, NUL)"
+    elif len(filename.encode("utf-8")) > 255:
+        problem = f"is {len(filename.encode('utf-8'))} bytes long in UTF-8 (at most 255)"
+    if problem:
+        raise ClinikoInputError(
+            f"filename {filename!r} {problem}. Pass a plain file name such as 'report.pdf'."
+        )
+    return filename
+
+
+def idempotency_marker(key: str) -> str:
+    """Return the short marker (``[ref:<12 hex>]``) that an upload with this idempotency key leaves.
+
+    :param key: any string identifying one upload (hashed, so it may hold anything).
+    """
+    return f"[ref:{hashlib.sha256(key.encode('utf-8')).hexdigest()[:MARKER_HEX]}]"
+
+
+def marker_token(marker: str) -> str:
+    """Return the hex part of a marker: what the description filter searches for.
+
+    :param marker: a marker from :func:`idempotency_marker`.
+    """
+    return marker.removeprefix("[ref:").removesuffix("]")
+
+
+def describe_with_marker(description: str | None, marker: str | None) -> str | None:
+    """Return the description to send: the user's text, then the marker; at most 255 characters in all.
+
+    :param description: the user's description (may be empty).
+    :param marker: the idempotency marker, or None.
+    """
+    text = (description or "").strip()
+    if not marker:
+        return check_description(text) if text else None
+    full = f"{text} {marker}" if text else marker
+    if len(full) > DESCRIPTION_LIMIT:
+        room = DESCRIPTION_LIMIT - len(marker) - 1
+        raise ClinikoInputError(
+            f"description is {len(text)} characters long; Cliniko takes at most {DESCRIPTION_LIMIT}, and the "
+            f"upload adds a {len(marker) + 1}-character idempotency marker (' {marker}'), which leaves "
+            f"{room}. Shorten the description to {room} characters or fewer."
+        )
+    return full
+
+
+def join_upload_url(url: str, key: str) -> str:
+    """Return presign ``url`` + S3 ``Key``, with exactly one ``/`` between them.
+
+    :param url: the presign's ``url`` (normally ending in ``/``).
+    :param key: the ``Key`` from S3's answer.
+    """
+    return url.rstrip("/") + "/" + key.lstrip("/")
+
+
+def expected_key(fields: Iterable[tuple[str, str]], filename: str) -> str:
+    """Return the key S3 stores the file under: the ``key`` field with ``${filename}`` replaced.
+
+    Used only when S3 answers success without a body (``success_action_status`` other than 201).
+
+    :param fields: the presign fields.
+    :param filename: the file part's name.
+    """
+    key = next((value for name, value in fields if name.lower() == "key"), "")
+    return key.replace("${filename}", filename)
+
+
+def s3_error(status: int, answer: Mapping[str, str], text: str) -> S3UploadError:
+    """Build the error for a failed S3 answer: retryable for 5xx, final otherwise.
+
+    :param status: the HTTP status.
+    :param answer: the parsed XML (see :func:`parse_s3_xml`).
+    :param text: the raw body, used when it is not S3's XML.
+    """
+    code = answer.get("Code") or f"HTTP{status}"
+    message = answer.get("Message") or _one_line(text)[:200] or "no message"
+    if code == "EntityTooLarge":
+        message += (
+            " (the presign caps the size at S3's 5 GiB, or at the storage the Cliniko account has left:"
+            " free space in Cliniko or upgrade the account)"
+        )
+    error_type = S3UploadError if status >= 500 or status == 429 else S3UploadRejectedError
+    return error_type(status, code, message)
+
+
+def guess_content_type(filename: str) -> str:
+    """Return the file part's ``Content-Type``, guessed from the name as ``curl -F`` does.
+
+    :param filename: the file name.
+    """
+    return mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+
+def format_bytes(count: float) -> str:
+    """Return a byte count for people: ``12.0 MiB``.
+
+    :param count: bytes.
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"  # pragma: no cover - the loop always returns
+
+
+class UploadProgress:
+    """Logs upload progress of a large file: a line per 10% or per 30 s, whichever comes first.
+
+    :param total: the file's size in bytes; below ``PROGRESS_MIN_BYTES`` nothing is logged.
+    :param emit: a logging method such as ``log.info``.
+    :param clock: the current time in seconds.
+    :param step: the fraction of the file between lines.
+    :param interval: the longest time between lines, in seconds.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        emit: Callable[..., None],
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        step: float = 0.1,
+        interval: float = 30.0,
+    ) -> None:
+        self.total = total
+        self._emit = emit
+        self._clock = clock
+        self._step = max(1, int(total * step))
+        self._interval = interval
+        self._start = self._last_time = clock()
+        self._next = self._step
+        self.enabled = total >= PROGRESS_MIN_BYTES
+
+    def __call__(self, sent: int) -> None:
+        if not self.enabled:
+            return
+        now = self._clock()
+        if sent < self._next and now - self._last_time < self._interval:
+            return
+        self._last_time = now
+        self._next = (sent // self._step + 1) * self._step
+        rate = sent / max(now - self._start, 1e-6)
+        self._emit(
+            "Upload progress: %s of %s (%d%%) at %s/s",
+            format_bytes(sent),
+            format_bytes(self.total),
+            sent * 100 // self.total,
+            format_bytes(rate),
+        )
+
+
+# === end of upload helpers ===============================================================================
 
 
 class ClinikoAsyncHook(_ClinikoBase):

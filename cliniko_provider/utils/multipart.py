@@ -1,0 +1,149 @@
+"""A streamed ``multipart/form-data`` body for S3's browser-style POST upload, and S3's XML answers.
+
+``requests`` holds a ``files=`` body wholly in memory. :class:`MultipartBody` instead has ``__len__`` (the
+exact total, so ``requests`` sends ``Content-Length``, never chunked) and ``__iter__`` (the form fields,
+then the file in chunks read on demand, then the closing boundary), so memory stays flat whatever the
+file size. Iterating again re-opens the source, so one body serves every attempt of a retried upload.
+
+File names follow RFC 7578 section 4.2: the name goes in the ``filename`` parameter as a quoted string,
+UTF-8 as is, with ``"`` and ``\\`` backslash-escaped. No ``filename*`` parameter: RFC 7578 forbids it in
+form data, and S3 substitutes ``${filename}`` from ``filename`` alone.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO
+from xml.etree import ElementTree
+
+from cliniko_provider.exceptions import ClinikoError
+
+CHUNK_SIZE = 1024 * 1024
+CRLF = b"\r\n"
+
+Opener = Callable[[], IO[bytes]]
+Progress = Callable[[int], None]
+
+
+def quote_parameter(value: str) -> str:
+    """Return a header parameter value as an RFC 7578 quoted string (``"`` and ``\\`` escaped).
+
+    :param value: a field name or file name; it must not hold CR, LF or NUL.
+    :raises ValueError: the value holds CR, LF or NUL, which no escaping carries safely.
+    """
+    if any(char in value for char in "\r\n\0"):
+        raise ValueError("a multipart name may not contain line breaks or NUL characters")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def content_disposition(name: str, filename: str | None = None) -> bytes:
+    """Return one part's ``Content-Disposition`` header line (without CRLF), UTF-8 encoded.
+
+    :param name: the form field's name.
+    :param filename: the file part's name, or None for an ordinary field.
+    """
+    header = f"Content-Disposition: form-data; name={quote_parameter(name)}"
+    if filename is not None:
+        header += f"; filename={quote_parameter(filename)}"
+    return header.encode("utf-8")
+
+
+class SourceChangedError(ClinikoError):
+    """The file's size changed between measuring it and sending it.
+
+    Not an ``OSError``: urllib3 would take that for a broken connection and hide it.
+    """
+
+
+class MultipartBody:
+    """A re-iterable multipart body: ``fields`` in order, then the file part last.
+
+    :param fields: form fields, sent unchanged and in this order.
+    :param opener: opens the file for binary reading (called once per iteration).
+    :param size: the file's exact size in bytes; a source that yields more or fewer bytes is an error.
+    :param filename: the file part's ``filename``.
+    :param file_field: the file part's field name.
+    :param content_type: the file part's ``Content-Type``.
+    :param chunk_size: bytes read from the file at a time.
+    :param progress: called with the file bytes produced so far, after each chunk.
+    :param boundary: the multipart boundary (random unless given).
+    """
+
+    def __init__(
+        self,
+        fields: Iterable[tuple[str, str]],
+        opener: Opener,
+        size: int,
+        filename: str,
+        *,
+        file_field: str = "file",
+        content_type: str = "application/octet-stream",
+        chunk_size: int = CHUNK_SIZE,
+        progress: Progress | None = None,
+        boundary: str | None = None,
+    ) -> None:
+        if size < 0 or chunk_size < 1:
+            raise ValueError("size must be >= 0 and chunk_size >= 1")
+        self.boundary = boundary or f"----ClinikoProviderBoundary{secrets.token_hex(16)}"
+        self.size = size
+        self.chunk_size = chunk_size
+        self._opener = opener
+        self._progress = progress
+        delimiter = b"--" + self.boundary.encode("ascii") + CRLF
+        head = bytearray()
+        for name, value in fields:
+            head += delimiter + content_disposition(name) + CRLF + CRLF + value.encode("utf-8") + CRLF
+        head += delimiter + content_disposition(file_field, filename) + CRLF
+        head += b"Content-Type: " + content_type.encode("ascii") + CRLF + CRLF
+        self._head = bytes(head)
+        self._tail = CRLF + b"--" + self.boundary.encode("ascii") + b"--" + CRLF
+
+    @property
+    def content_type(self) -> str:
+        """The request's ``Content-Type`` header value."""
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return len(self._head) + self.size + len(self._tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._head
+        sent = 0
+        with self._opener() as source:
+            while True:
+                chunk = source.read(min(self.chunk_size, self.size - sent + 1))
+                if not chunk:
+                    break
+                sent += len(chunk)
+                if sent > self.size:
+                    raise SourceChangedError(
+                        f"the file grew while it was being sent (beyond {self.size} bytes)"
+                    )
+                yield chunk
+                if self._progress is not None:
+                    self._progress(sent)
+        if sent != self.size:
+            raise SourceChangedError(f"the file shrank while it was being sent ({sent} of {self.size} bytes)")
+        yield self._tail
+
+
+def parse_s3_xml(body: bytes | str) -> dict[str, str]:
+    """Return the text of each child of S3's XML answer (``PostResponse`` or ``Error``), by tag.
+
+    The root's tag is under ``"_root"``. Namespaces are dropped. A body that is not XML gives ``{}``.
+
+    :param body: the answer's body.
+    """
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return {}
+    parsed = {"_root": _local_name(root.tag)}
+    for child in root:
+        parsed.setdefault(_local_name(child.tag), (child.text or "").strip())
+    return parsed
+
+
+def _local_name(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
