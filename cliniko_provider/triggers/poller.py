@@ -1,0 +1,352 @@
+"""One shared poller per Cliniko connection and event loop, so that N waiting triggers cost ~N/100 requests.
+
+Every :class:`~cliniko_provider.triggers.cliniko.ProcessingCompletedTrigger` of a connection running in
+one triggerer process registers its attachment id with the same :class:`AttachmentPoller` and awaits a
+future. The poller runs rounds; each round asks Cliniko about every waiting id, up to 100 ids per
+request (``ClinikoAsyncHook.aget_attachments``), through the hook's retry policy and the process-wide
+rate budget of the key. So 1000 waiting attachments cost 10 requests a round instead of 1000.
+
+Rules:
+
+- A round runs every *smallest poll interval among the current waiters*; a waiter that joins with a
+  shorter interval or an earlier deadline wakes the poller to re-plan. A new waiter is first asked about
+  at the next round (the sensor and operator check once themselves before they defer). The first round
+  waits ``first_round_delay`` so that triggers created together share it.
+- Processed → success; archived → ``archived``; missing from the answer (deleted, never existed, or
+  another account) → ``not_found``; deadline passed → ``timeout``.
+- Retryable failures (5xx, 429, connection errors, after the hook's own retries) are retried at the next
+  round, until the waiter's deadline or until ``max_failed_rounds`` rounds in a row failed for it, when
+  it gets ``api_error``. Other failures (401, 403, other 4xx, a broken connection definition) are
+  ``api_error`` at once.
+- The registry is keyed by connection id and checks the running loop: a poller belongs to the loop it
+  was made in, and a new loop (a new test, a restarted triggerer) gets a new poller. A poller leaves the
+  registry and closes its HTTP client when its last waiter leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cliniko_provider.exceptions import (
+    ClinikoAttachmentGoneError,
+    ClinikoConnectionError,
+    ClinikoRateLimitError,
+    ClinikoServerError,
+)
+from cliniko_provider.hooks.cliniko import PER_PAGE, ClinikoAsyncHook
+from cliniko_provider.utils.processing import (
+    REASON_API_ERROR,
+    REASON_NOT_FOUND,
+    REASON_TIMEOUT,
+    check_processed,
+    error_event,
+    success_event,
+)
+
+JsonDict = dict[str, Any]
+RETRYABLE_ERRORS = (ClinikoServerError, ClinikoRateLimitError, ClinikoConnectionError)
+MIN_ROUND_INTERVAL = 0.1
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One trigger waiting for one attachment.
+
+    :param attachment_id: the normalised attachment id.
+    :param poll_interval: how often the trigger wants the attachment checked, in seconds.
+    :param deadline: UNIX time after which the trigger gives up, or None.
+    :param future: resolved with the trigger event's payload.
+    """
+
+    attachment_id: str
+    poll_interval: float
+    deadline: float | None
+    future: asyncio.Future[JsonDict]
+    failures: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class PollerStats:
+    """What a poller did (for logs, tests and the benchmark)."""
+
+    rounds: int = 0
+    requests: int = 0
+    requests_per_round: list[int] = field(default_factory=list)
+
+
+def batched(items: list[str], size: int) -> Iterator[list[str]]:
+    """Yield ``items`` in lists of at most ``size``.
+
+    :param items: the items.
+    :param size: the largest batch.
+    """
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class AttachmentPoller:
+    """Polls Cliniko for every attachment its waiters wait on, 100 ids per request.
+
+    Must be created inside the running event loop it will serve.
+
+    :param conn_id: the Cliniko connection id.
+    :param hook_factory: makes the async hook from the connection id (tests inject a fake transport).
+    :param clock: the current UNIX time (deadlines are UNIX timestamps).
+    :param asleep: how to wait between rounds.
+    :param first_round_delay: wait before the first round, so triggers created together share it.
+    :param max_failed_rounds: rounds in a row with retryable failures before a waiter gets ``api_error``.
+    :param on_close: called (synchronously) when the poller stops taking waiters.
+    """
+
+    def __init__(
+        self,
+        conn_id: str,
+        *,
+        hook_factory: Callable[[str], ClinikoAsyncHook] = ClinikoAsyncHook,
+        clock: Callable[[], float] = time.time,
+        asleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        first_round_delay: float = 0.5,
+        max_failed_rounds: int = 20,
+        on_close: Callable[[AttachmentPoller], None] | None = None,
+    ) -> None:
+        self.conn_id = conn_id
+        self.loop = asyncio.get_running_loop()
+        self.stats = PollerStats()
+        self.closed = False
+        self.on_close = on_close
+        self._hook_factory = hook_factory
+        self._clock = clock
+        self._asleep = asleep
+        self._first_round_delay = first_round_delay
+        self._max_failed_rounds = max_failed_rounds
+        self._waiters: dict[str, list[Waiter]] = {}
+        self._wake = asyncio.Event()
+        self._planned_wake = math.inf
+        self._task: asyncio.Task[None] | None = None
+        self._secrets: tuple[str, ...] = ()
+
+    @property
+    def waiting(self) -> int:
+        """How many waiters are registered."""
+        return sum(len(waiters) for waiters in self._waiters.values())
+
+    async def wait(self, attachment_id: str, poll_interval: float, deadline: float | None) -> JsonDict:
+        """Register a waiter and return its event payload once the attachment is done (or failed).
+
+        :param attachment_id: the normalised attachment id.
+        :param poll_interval: seconds between checks wanted by this waiter.
+        :param deadline: UNIX time to give up at, or None.
+        """
+        if self.closed:
+            raise RuntimeError("This Cliniko poller is closed; get a new one from the registry")
+        if deadline is not None and deadline <= self._clock():
+            return error_event(attachment_id, REASON_TIMEOUT, self._timeout_message(attachment_id, deadline))
+        waiter = Waiter(
+            attachment_id, max(poll_interval, MIN_ROUND_INTERVAL), deadline, self.loop.create_future()
+        )
+        self._waiters.setdefault(attachment_id, []).append(waiter)
+        if self._task is None:
+            self._task = self.loop.create_task(self._run(), name=f"cliniko-poller-{self.conn_id}")
+        elif min(deadline or math.inf, self._clock() + waiter.poll_interval) < self._planned_wake:
+            self._wake.set()
+        try:
+            return await waiter.future
+        finally:
+            self._remove(waiter)
+
+    def _remove(self, waiter: Waiter) -> None:
+        waiters = self._waiters.get(waiter.attachment_id)
+        if waiters and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiters[waiter.attachment_id]
+        if not self._waiters:
+            self._wake.set()
+
+    def _resolve(self, waiter: Waiter, payload: JsonDict) -> None:
+        if not waiter.future.done():
+            waiter.future.set_result(payload)
+        self._remove(waiter)
+
+    async def _run(self) -> None:
+        hook: ClinikoAsyncHook | None = None
+        try:
+            hook = self._hook_factory(self.conn_id)
+            self._planned_wake = self._clock() + self._first_round_delay
+            await self._pause(self._first_round_delay)
+            last_round = -math.inf
+            while self._waiters:
+                if self._clock() >= last_round + self._interval():
+                    last_round = self._clock()
+                    await self._round(hook)
+                self._expire(self._clock())
+                if not self._waiters:
+                    break
+                deadlines = [w.deadline for w in self._all_waiters() if w.deadline is not None]
+                self._planned_wake = min([last_round + self._interval(), *deadlines])
+                await self._pause(self._planned_wake - self._clock())
+        except asyncio.CancelledError:
+            for waiter in self._all_waiters():
+                waiter.future.cancel()
+            raise
+        except Exception as error:  # a bug must not leave triggers hanging: fail them clearly instead
+            log.exception("The Cliniko poller of connection %r failed", self.conn_id)
+            self._fail(self._all_waiters(), f"The Cliniko poller failed: {self._describe(error)}")
+        finally:
+            self.closed = True
+            if self.on_close is not None:
+                self.on_close(self)
+            if hook is not None:
+                await hook.aclose()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when a waiter joins that needs an earlier round, or all left."""
+        self._wake.clear()
+        if seconds <= 0:
+            return
+        sleeper = asyncio.ensure_future(self._asleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    async def _round(self, hook: ClinikoAsyncHook) -> None:
+        self.stats.rounds += 1
+        requests = 0
+        try:
+            settings = await hook.aget_settings()
+        except Exception as error:  # missing or invalid connection: nothing to retry
+            self._fail(self._all_waiters(), f"Cannot use the Cliniko connection {self.conn_id!r}: {error}")
+            return
+        self._secrets = (settings.api_key, settings.authorization.split(" ", 1)[1])
+        for ids in batched(list(self._waiters), PER_PAGE):
+            requests += 1
+            try:
+                records = await hook.aget_attachments(ids)
+            except RETRYABLE_ERRORS as error:
+                self._failed(ids, error)
+                continue
+            except Exception as error:
+                waiters = [w for item in ids for w in self._waiters.get(item, [])]
+                self._fail(waiters, f"Cliniko refused the status check: {self._describe(error)}")
+                continue
+            for attachment_id in ids:
+                self._settle(attachment_id, records.get(attachment_id))
+        self.stats.requests += requests
+        self.stats.requests_per_round.append(requests)
+        log.debug("Cliniko poller %r: round with %d request(s)", self.conn_id, requests)
+
+    def _settle(self, attachment_id: str, record: JsonDict | None) -> None:
+        waiters = list(self._waiters.get(attachment_id, []))
+        if record is None:
+            gone = ClinikoAttachmentGoneError(attachment_id, REASON_NOT_FOUND)
+            for waiter in waiters:
+                self._resolve(waiter, error_event(attachment_id, REASON_NOT_FOUND, str(gone)))
+            return
+        try:
+            processed = check_processed(record)
+        except ClinikoAttachmentGoneError as error:
+            for waiter in waiters:
+                self._resolve(waiter, error_event(attachment_id, error.reason, str(error)))
+            return
+        for waiter in waiters:
+            if processed:
+                self._resolve(waiter, success_event(attachment_id, record))
+            else:
+                waiter.failures = 0
+
+    def _failed(self, ids: Iterable[str], error: Exception) -> None:
+        """Count a retryable failure against each waiter of a batch; fail those over the limit."""
+        text = self._describe(error)
+        log.warning("Cliniko poller %r: status check failed, retrying next round: %s", self.conn_id, text)
+        for attachment_id in ids:
+            for waiter in list(self._waiters.get(attachment_id, [])):
+                waiter.failures += 1
+                waiter.last_error = text
+                if waiter.failures >= self._max_failed_rounds:
+                    message = f"Cliniko kept failing for {waiter.failures} rounds: {text}"
+                    self._resolve(waiter, error_event(attachment_id, REASON_API_ERROR, message))
+
+    def _fail(self, waiters: Iterable[Waiter], message: str) -> None:
+        for waiter in list(waiters):
+            self._resolve(
+                waiter,
+                error_event(
+                    waiter.attachment_id, REASON_API_ERROR, f"{message} (attachment {waiter.attachment_id})"
+                ),
+            )
+
+    def _expire(self, now: float) -> None:
+        for waiter in self._all_waiters():
+            if waiter.deadline is not None and waiter.deadline <= now:
+                message = self._timeout_message(waiter.attachment_id, waiter.deadline, waiter.last_error)
+                self._resolve(waiter, error_event(waiter.attachment_id, REASON_TIMEOUT, message))
+
+    def _interval(self) -> float:
+        """Seconds between rounds: the smallest poll interval among the waiters."""
+        return min((w.poll_interval for w in self._all_waiters()), default=math.inf)
+
+    def _all_waiters(self) -> list[Waiter]:
+        return [waiter for waiters in self._waiters.values() for waiter in waiters]
+
+    @staticmethod
+    def _timeout_message(attachment_id: str, deadline: float, last_error: str = "") -> str:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline))
+        text = (
+            f"Cliniko had not finished processing attachment {attachment_id} by the deadline {when}. "
+            "Large files take longer: raise the sensor's timeout, or check the attachment in Cliniko"
+        )
+        return f"{text}. Last error: {last_error}" if last_error else text
+
+    def _describe(self, error: BaseException) -> str:
+        """One line about an error, with any secret of the connection blanked out."""
+        text = " ".join(str(error).split()) or type(error).__name__
+        for secret in self._secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text[:500]
+
+
+class PollerRegistry:
+    """The pollers of this process, one per connection id, each tied to the event loop it runs in.
+
+    :param factory: makes a poller for a connection id (tests inject fakes through it).
+    """
+
+    def __init__(self, factory: Callable[..., AttachmentPoller] = AttachmentPoller) -> None:
+        self.factory = factory
+        self._pollers: dict[str, AttachmentPoller] = {}
+
+    def get(self, conn_id: str) -> AttachmentPoller:
+        """Return the running loop's poller of a connection, creating it when needed.
+
+        :param conn_id: the Cliniko connection id.
+        """
+        loop = asyncio.get_running_loop()
+        poller = self._pollers.get(conn_id)
+        if poller is None or poller.closed or poller.loop is not loop:
+            poller = self.factory(conn_id, on_close=self._discard)
+            self._pollers[conn_id] = poller
+        return poller
+
+    def _discard(self, poller: AttachmentPoller) -> None:
+        if self._pollers.get(poller.conn_id) is poller:
+            del self._pollers[poller.conn_id]
+
+    def active(self) -> dict[str, AttachmentPoller]:
+        """The pollers currently registered, by connection id."""
+        return dict(self._pollers)
+
+
+REGISTRY = PollerRegistry()

@@ -1,0 +1,445 @@
+"""ProcessingCompletedTrigger and its shared poller, against a fake Cliniko (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import uuid
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+
+from cliniko_provider.hooks.cliniko import ClinikoAsyncHook
+from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
+from cliniko_provider.triggers.poller import REGISTRY, AttachmentPoller
+from cliniko_provider.utils.retry import RateBudget
+from tests.conftest import SANDBOX_KEY, connection_json
+
+START = 1_700_000_000.0
+
+
+class FakeTime:
+    """A UNIX clock that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = START
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def asleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+class FakeCliniko:
+    """Answers ``GET /patient_attachments?q[]=id:=...`` like Cliniko, counting requests.
+
+    ``done_at[id]`` is when an attachment finishes processing (fake time); ``archived`` ids are
+    archived; ids in neither do not exist. ``script`` holds answers served before the normal ones.
+    """
+
+    def __init__(self, time: FakeTime) -> None:
+        self.time = time
+        self.done_at: dict[str, float] = {}
+        self.archived: set[str] = set()
+        self.script: list[httpx.Response] = []
+        self.requests: list[httpx.Request] = []
+        self.pollers: list[AttachmentPoller] = []
+        self.times: list[float] = []  # when each request came, in seconds after START
+
+    def record(self, attachment_id: str) -> dict[str, Any]:
+        done = self.time() >= self.done_at[attachment_id]
+        return {
+            "id": attachment_id,
+            "archived_at": "2025-01-02T03:04:05Z" if attachment_id in self.archived else None,
+            "processing_completed": done,
+            "filename": "report.pdf" if done else None,
+        }
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        self.times.append(self.time() - START)
+        if self.script:
+            return self.script.pop(0)
+        filters = request.url.params.get_list("q[]")
+        ids = next(item for item in filters if item.startswith("id:="))[4:].split(",")
+        assert "archived_at:*" in filters
+        assert len(ids) <= 100
+        found = [self.record(i) for i in ids if i in self.done_at or i in self.archived]
+        return httpx.Response(200, json={"patient_attachments": found, "links": {}})
+
+    def add(self, attachment_id: str, done_after: float = math.inf) -> None:
+        self.done_at[attachment_id] = self.time() + done_after
+
+
+@pytest.fixture
+def api_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh key per test (its own rate budget), set on ``cliniko_default``."""
+    key = f"TrIgGeRsEcReT{uuid.uuid4().hex[:8]}-au2"
+    monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(key))
+    yield key
+    RateBudget._registry.clear()
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch, api_key: str) -> FakeCliniko:
+    """A fake Cliniko behind every poller made in this test, on fake time."""
+    time = FakeTime()
+    cliniko = FakeCliniko(time)
+    hook_factory: Callable[[str], ClinikoAsyncHook] = partial(
+        make_hook, transport=httpx.MockTransport(cliniko.handler), time=time
+    )
+
+    def factory(conn_id: str, **kwargs: Any) -> AttachmentPoller:
+        kwargs = {"hook_factory": hook_factory, "clock": time, "asleep": time.asleep, **kwargs}
+        poller = AttachmentPoller(conn_id, **kwargs)
+        cliniko.pollers.append(poller)
+        return poller
+
+    monkeypatch.setattr(REGISTRY, "factory", factory)
+    return cliniko
+
+
+def make_hook(conn_id: str, *, transport: httpx.MockTransport, time: FakeTime) -> ClinikoAsyncHook:
+    return ClinikoAsyncHook(conn_id, asleep=time.asleep, clock=time, rand=lambda: 0.0, transport=transport)
+
+
+async def fire(trigger: ProcessingCompletedTrigger) -> list[dict[str, Any]]:
+    """Run a trigger to its end; return the payloads of its events."""
+    events = [event.payload async for event in trigger.run()]
+    return events
+
+
+async def fire_all(triggers: list[ProcessingCompletedTrigger]) -> list[dict[str, Any]]:
+    results = await asyncio.wait_for(asyncio.gather(*(fire(t) for t in triggers)), timeout=30)
+    assert all(len(events) == 1 for events in results), "each trigger yields exactly one event"
+    return [events[0] for events in results]
+
+
+def trigger(
+    attachment_id: str, deadline_in: float | None = 3600, **kwargs: Any
+) -> ProcessingCompletedTrigger:
+    deadline = None if deadline_in is None else START + deadline_in
+    return ProcessingCompletedTrigger(attachment_id, deadline=deadline, **kwargs)
+
+
+# --- serialisation -------------------------------------------------------------------------------------
+
+
+def test_serialises_only_ids_intervals_and_deadline(api_key: str) -> None:
+    classpath, kwargs = ProcessingCompletedTrigger(
+        "42", "my_conn", poll_interval=15, deadline=123.5
+    ).serialize()
+    assert classpath == "cliniko_provider.triggers.cliniko.ProcessingCompletedTrigger"
+    assert kwargs == {
+        "attachment_id": "42",
+        "cliniko_conn_id": "my_conn",
+        "poll_interval": 15.0,
+        "deadline": 123.5,
+    }
+    text = json.dumps(kwargs)
+    token = base64.b64encode(f"{api_key}:".encode()).decode()
+    assert api_key not in text
+    assert token not in text
+    assert SANDBOX_KEY not in text
+
+
+def test_round_trips_through_airflows_serialisation() -> None:
+    from airflow.serialization.serialized_objects import BaseSerialization
+
+    classpath, kwargs = ProcessingCompletedTrigger("42", poll_interval=5, deadline=START).serialize()
+    restored = BaseSerialization.deserialize(BaseSerialization.serialize(kwargs))
+    again = ProcessingCompletedTrigger(**restored)
+    assert again.serialize() == (classpath, kwargs)
+
+
+async def test_recreated_from_its_serialised_form_carries_on(fake: FakeCliniko) -> None:
+    fake.add("42", done_after=95)
+    _, kwargs = trigger("42", poll_interval=30).serialize()
+    [event] = await fire_all([ProcessingCompletedTrigger(**kwargs)])
+    assert event["status"] == "success"
+    assert event["attachment"]["filename"] == "report.pdf"
+
+
+# --- one trigger, every outcome ------------------------------------------------------------------------
+
+
+async def test_success_event_carries_the_processed_record(fake: FakeCliniko) -> None:
+    fake.add("42", done_after=65)
+    [event] = await fire_all([trigger("42", poll_interval=30)])
+    assert event == {
+        "status": "success",
+        "attachment_id": "42",
+        "attachment": {
+            "id": "42",
+            "archived_at": None,
+            "processing_completed": True,
+            "filename": "report.pdf",
+        },
+    }
+    # first round after 0.5 s, then every 30 s: pending at 0.5 and 30.5, done at 60.5, seen at 90.5
+    assert fake.times == [0.5, 30.5, 60.5, 90.5]  # done at 65, seen at the round after
+
+
+async def test_archived_attachment_fails_with_when_and_fix(fake: FakeCliniko) -> None:
+    fake.add("42")
+    fake.archived.add("42")
+    [event] = await fire_all([trigger("42")])
+    assert event["status"] == "error"
+    assert event["reason"] == "archived"
+    assert "attachment 42 was archived at 2025-01-02T03:04:05Z" in event["message"]
+    assert "Restore it" in event["message"]
+
+
+async def test_missing_attachment_is_not_found(fake: FakeCliniko) -> None:
+    [event] = await fire_all([trigger("404404")])
+    assert event["reason"] == "not_found"
+    assert "attachment 404404 does not exist" in event["message"]
+    assert len(fake.requests) == 1
+
+
+async def test_malformed_id_is_not_found_without_any_request(fake: FakeCliniko) -> None:
+    [event] = await fire_all([trigger("abc")])
+    assert (event["status"], event["reason"], event["attachment_id"]) == ("error", "not_found", "abc")
+    assert "numeric id" in event["message"]
+    assert fake.requests == []
+
+
+async def test_deadline_passing_fires_a_timeout_at_the_deadline(fake: FakeCliniko) -> None:
+    fake.add("42")
+    [event] = await fire_all([trigger("42", deadline_in=100, poll_interval=30)])
+    assert event["reason"] == "timeout"
+    assert "attachment 42 by the deadline 2023-11-14T22:15:00Z" in event["message"]
+    assert fake.time() == START + 100  # woke for the deadline, not the next round at 120.5
+    assert fake.times == [0.5, 30.5, 60.5, 90.5]
+
+
+async def test_deadline_already_passed_times_out_without_a_request(fake: FakeCliniko) -> None:
+    fake.add("42")
+    [event] = await fire_all([trigger("42", deadline_in=-1)])
+    assert event["reason"] == "timeout"
+    assert fake.requests == []
+
+
+async def test_client_error_is_an_api_error_at_once(fake: FakeCliniko, api_key: str) -> None:
+    fake.add("42")
+    fake.script = [httpx.Response(401, text="HTTP Basic: Access denied")]
+    [event] = await fire_all([trigger("42")])
+    assert event["reason"] == "api_error"
+    assert "401" in event["message"]
+    assert "Access denied" in event["message"]
+    assert api_key not in event["message"]
+    assert len(fake.requests) == 1  # 4xx is never retried
+
+
+async def test_5xx_is_retried_by_the_hook_then_across_rounds(fake: FakeCliniko) -> None:
+    fake.add("42", done_after=0)
+    # the hook's 5 attempts all fail in the first round; the next round succeeds
+    fake.script = [httpx.Response(503, text="busy")] * 5
+    [event] = await fire_all([trigger("42", poll_interval=30)])
+    assert event["status"] == "success"
+    assert len(fake.requests) == 6
+
+
+async def test_5xx_for_too_many_rounds_is_an_api_error(
+    fake: FakeCliniko, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.add("42", done_after=0)
+    fake.script = [httpx.Response(500, json={"message": "Kaputt"})] * 10
+    factory = REGISTRY.factory
+    monkeypatch.setattr(REGISTRY, "factory", partial(factory, max_failed_rounds=2))
+    [event] = await fire_all([trigger("42")])
+    assert event["reason"] == "api_error"
+    assert "Cliniko kept failing for 2 rounds" in event["message"]
+    assert "500" in event["message"]
+    assert "Kaputt" in event["message"]
+
+
+async def test_timeout_after_failures_names_the_last_error(fake: FakeCliniko) -> None:
+    fake.add("42")
+    fake.script = [httpx.Response(502, text="bad gateway")] * 100
+    [event] = await fire_all([trigger("42", deadline_in=60)])
+    assert event["reason"] == "timeout"
+    assert "Last error: Cliniko answered 502" in event["message"]
+
+
+async def test_429_waits_for_the_reset_header_through_the_shared_policy(fake: FakeCliniko) -> None:
+    fake.add("42", done_after=0)
+    reset = START + 40  # the poller's first round is at START + 0.5
+    fake.script = [httpx.Response(429, headers={"X-RateLimit-Reset": str(int(reset))}, text="")]
+    [event] = await fire_all([trigger("42")])
+    assert event["status"] == "success"
+    assert len(fake.requests) == 2
+    assert pytest.approx(40 - 0.5 + 0.5) in fake.time.sleeps  # until the reset, plus the policy's margin
+
+
+async def test_missing_connection_is_an_api_error(fake: FakeCliniko) -> None:
+    [event] = await fire_all([trigger("42", cliniko_conn_id="no_such_conn")])
+    assert event["reason"] == "api_error"
+    assert "no_such_conn" in event["message"]
+    assert fake.requests == []
+
+
+async def test_invalid_connection_is_an_api_error(fake: FakeCliniko, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_BAD", json.dumps({"conn_type": "cliniko", "password": "k-au1"}))
+    [event] = await fire_all([trigger("42", cliniko_conn_id="cliniko_bad")])
+    assert event["reason"] == "api_error"
+    assert "User-Agent" in event["message"]
+
+
+async def test_unexpected_answer_is_an_api_error_not_a_hang(fake: FakeCliniko) -> None:
+    fake.add("42")
+    fake.script = [httpx.Response(200, text="<html>proxy</html>")]
+    [event] = await fire_all([trigger("42")])
+    assert event["reason"] == "api_error"
+
+
+async def test_a_poller_crash_fails_its_waiters_instead_of_hanging(
+    fake: FakeCliniko, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: Any) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(AttachmentPoller, "_expire", broken)
+    fake.add("42")
+    [event] = await fire_all([trigger("42")])
+    assert event["reason"] == "api_error"
+    assert "poller failed: bug" in event["message"]
+    assert REGISTRY.active() == {}
+
+
+async def test_no_secret_in_events_or_logs(
+    fake: FakeCliniko, api_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = base64.b64encode(f"{api_key}:".encode()).decode()
+    fake.add("1", done_after=0)
+    fake.add("2")
+    fake.archived.add("2")
+    fake.script = [httpx.Response(503, text=f"echo {api_key} {token}")] * 5
+    events = await fire_all([trigger("1"), trigger("2"), trigger("3"), trigger("4", deadline_in=0)])
+    assert {e["status"] for e in events} == {"success", "error"}
+    text = json.dumps(events) + caplog.text
+    assert "echo" in caplog.text  # the echoed body was logged, blanked
+    assert api_key not in text
+    assert token not in text
+
+
+# --- coalescing -----------------------------------------------------------------------------------------
+
+
+async def test_250_triggers_cost_3_requests_a_round(fake: FakeCliniko) -> None:
+    for i in range(1, 251):
+        fake.add(str(i), done_after=70 if i % 2 else 100)
+    events = await fire_all([trigger(str(i), poll_interval=30) for i in range(1, 251)])
+    assert {e["status"] for e in events} == {"success"}
+    assert [e["attachment_id"] for e in events] == [str(i) for i in range(1, 251)]
+    # rounds at 0.5, 30.5, 60.5 (none done), 90.5 (odd ones done), 120.5 (the rest)
+    assert len(fake.requests) == 3 * 4 + 2
+    [poller] = fake.pollers
+    assert poller.stats.requests_per_round == [3, 3, 3, 3, 2]
+
+
+async def test_mixed_outcomes_in_one_batch(fake: FakeCliniko) -> None:
+    fake.add("1", done_after=0)
+    fake.add("2")
+    fake.archived.add("2")
+    fake.add("3", done_after=math.inf)
+    events = await fire_all([trigger("1"), trigger("2"), trigger("3", deadline_in=45), trigger("4")])
+    assert [(e["status"], e.get("reason")) for e in events] == [
+        ("success", None),
+        ("error", "archived"),
+        ("error", "timeout"),
+        ("error", "not_found"),
+    ]
+    assert fake.times == [0.5, 30.5]  # the first round settles three; one more before the deadline
+
+
+async def test_two_triggers_on_one_attachment_both_fire(fake: FakeCliniko) -> None:
+    fake.add("42", done_after=10)
+    events = await fire_all([trigger("42"), trigger("042")])
+    assert [e["status"] for e in events] == ["success", "success"]
+    assert [e["attachment_id"] for e in events] == ["42", "042"]  # each keeps the id it was given
+    ids = [r.url.params.get_list("q[]")[0] for r in fake.requests]
+    assert ids == ["id:=42", "id:=42"]
+
+
+async def test_rounds_follow_the_smallest_poll_interval(fake: FakeCliniko) -> None:
+    fake.add("1", done_after=50)
+    fake.add("2", done_after=50)
+    events = await fire_all([trigger("1", poll_interval=60), trigger("2", poll_interval=20)])
+    assert [e["status"] for e in events] == ["success", "success"]
+    assert fake.times == [0.5, 20.5, 40.5, 60.5]
+
+
+async def test_a_joining_waiter_with_a_shorter_interval_wakes_the_poller(
+    fake: FakeCliniko, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.add("1")
+    fake.add("2", done_after=0)
+
+    async def asleep(seconds: float) -> None:  # a long sleep only ends when interrupted
+        if seconds > 100:
+            await asyncio.Event().wait()
+        await fake.time.asleep(seconds)
+
+    factory = REGISTRY.factory
+    monkeypatch.setattr(REGISTRY, "factory", partial(factory, asleep=asleep))
+    slow = asyncio.ensure_future(fire(trigger("1", poll_interval=600, deadline_in=10_000)))
+    while len(fake.requests) < 1:  # the poller is now in its 600 s sleep, which never ends by itself
+        await asyncio.sleep(0)
+    [event] = await fire_all([trigger("2", poll_interval=5)])
+    assert event["status"] == "success"
+    assert fake.times == [0.5, 5.5]
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+
+
+async def test_cancelled_triggers_leave_and_the_last_one_closes_the_poller(fake: FakeCliniko) -> None:
+    fake.add("1")
+    tasks = [asyncio.ensure_future(fire(trigger("1", deadline_in=None))) for _ in range(3)]
+    while not fake.requests:
+        await asyncio.sleep(0)
+    poller = REGISTRY.get("cliniko_default")
+    assert poller.waiting == 3
+    tasks[0].cancel()
+    await asyncio.sleep(0)
+    assert poller.waiting == 2
+    for task in tasks[1:]:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert poller.closed
+    assert REGISTRY.active() == {}
+
+
+async def test_registry_gives_one_poller_per_connection_and_loop(fake: FakeCliniko) -> None:
+    first = REGISTRY.get("cliniko_default")
+    assert REGISTRY.get("cliniko_default") is first
+    assert REGISTRY.get("other") is not first
+
+    stale = first
+    new_loop_poller: list[AttachmentPoller] = []
+
+    def in_new_loop() -> None:
+        async def get() -> None:
+            new_loop_poller.append(REGISTRY.get("cliniko_default"))
+
+        asyncio.run(get())
+
+    await asyncio.to_thread(in_new_loop)
+    assert new_loop_poller[0] is not stale
+    assert new_loop_poller[0].loop is not asyncio.get_running_loop()
+    # back in this loop, the other loop's poller is not reused
+    assert REGISTRY.get("cliniko_default") is not new_loop_poller[0]
