@@ -49,7 +49,8 @@ def _parse_headers(block: bytes) -> PartHeaders:
     if kind.strip().lower() != "form-data":
         raise MultipartError("part without Content-Disposition: form-data")
     values = {
-        key.lower(): (re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw.strip())
+        # Browsers send backslashes (Windows paths) unescaped: only `\"` is an escape here.
+        key.lower(): (raw[1:-1].replace('\\"', '"') if raw.startswith('"') else raw.strip())
         for key, raw in _PARAM.findall(";" + params)
     }
     if "name" not in values:
