@@ -135,12 +135,6 @@ def test_attachment_filters(api: Client, patient: dict[str, Any]) -> None:
     a = api.attach(patient["id"], b"a", "alpha.pdf", description="Report 2024-01 for Alpha")
     b = api.attach(patient["id"], b"bb", "beta.csv", description="Invoice batch")
     c = api.attach(patient["id"], b"ccc", "gamma.pdf", description="report 2024-02")
-    assert [
-        r["id"]
-        for r in api.get("/patient_attachments", params={"q[]": "processed_at:!?"}).json()[
-            "patient_attachments"
-        ]
-    ][-3:] == [a["id"], b["id"], c["id"]]
     for record in (a, b, c):
         api.wait_processed(record["id"])
 
