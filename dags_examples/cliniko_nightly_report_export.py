@@ -104,9 +104,12 @@ def cliniko_nightly_report_export() -> None:
             reports.append({**patient, "file_path": str(path), "size": str(size)})
         return reports
 
-    @task(multiple_outputs=True)
-    def resolve_patients(reports: list[dict[str, str]], ds: str) -> dict[str, list[dict[str, Any]]]:
-        """Map reports to Cliniko patient ids; skip unknown patients and reports already attached."""
+    @task
+    def resolve_patients(reports: list[dict[str, str]], ds: str, ti: Any = None) -> list[dict[str, Any]]:
+        """Map reports to Cliniko patient ids; skip unknown patients and reports already attached.
+
+        Returns one set of upload arguments per report to upload; the skipped ones go to XCom ``skipped``.
+        """
         hook = ClinikoHook(CLINIKO_CONN_ID)
         patients = hook.match_patients(
             [report["reference"] for report in reports], [report["email"] for report in reports]
@@ -133,20 +136,17 @@ def cliniko_nightly_report_export() -> None:
                     "description": description,
                 }
             )
-        return {"uploads": uploads, "skipped": skipped}
+        ti.xcom_push(key="skipped", value=skipped)
+        return uploads
 
     @task(trigger_rule="all_done")
-    def summarize(
-        reports: list[dict[str, str]], skipped: list[dict[str, Any]], ti: Any = None
-    ) -> dict[str, Any]:
+    def summarize(reports: list[dict[str, str]], ti: Any = None) -> dict[str, Any]:
         """Report what was uploaded, skipped and failed, with reasons."""
-        planned = ti.xcom_pull(task_ids="resolve_patients", key="uploads") or []
+        planned = ti.xcom_pull(task_ids="resolve_patients") or []
+        skipped = ti.xcom_pull(task_ids="resolve_patients", key="skipped") or []
         results = ti.xcom_pull(task_ids="upload_report", map_indexes=list(range(len(planned)))) or []
-        errors = ti.xcom_pull(
-            task_ids="upload_report", key="cliniko_error", map_indexes=list(range(len(planned)))
-        )
         if len(planned) == 1:  # a single map index comes back as a bare value
-            results, errors = [results], [errors]
+            results = [results]
         uploaded, failed = [], []
         for index, upload in enumerate(planned):
             record = results[index] if index < len(results) else None
@@ -161,9 +161,8 @@ def cliniko_nightly_report_export() -> None:
                     }
                 )
             else:
-                reason = (
-                    errors[index] if errors and index < len(errors) else None
-                ) or "task failed; see its log"
+                error = ti.xcom_pull(task_ids="upload_report", key="cliniko_error", map_indexes=index)
+                reason = error or "the upload task failed; see its log"
                 failed.append(
                     {"patient_id": upload["patient_id"], "file_path": upload["file_path"], "reason": reason}
                 )
@@ -191,8 +190,8 @@ def cliniko_nightly_report_export() -> None:
         poll_interval=15,
         timeout=3600,
         retries=2,
-    ).expand_kwargs(resolved["uploads"])
-    uploaded >> summarize(reports, resolved["skipped"])
+    ).expand_kwargs(resolved)
+    uploaded >> summarize(reports)
 
 
 cliniko_nightly_report_export()

@@ -89,7 +89,7 @@ def main() -> int:
             return 1
 
         print("4. Attached in Cliniko (sandbox):")
-        header = f"   {'patient':<22} {'filename':<34} {'size':>6}  processed_at"
+        header = f"   {'patient':<38} {'filename':<32} {'size':>6}  processed_at"
         print(header)
         print("   " + "-" * (len(header) - 3))
         for patient in created:
