@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import unquote
 
 import httpx
 import requests
@@ -702,6 +703,11 @@ def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
         try:
             path = ObjectStoragePath(text)
             exists, is_dir = path.exists(), path.is_dir()
+            if not exists and path.protocol in ("file", "local") and unquote(text) != text:
+                # RFC 8089 file URIs are percent-encoded (Path.as_uri() writes 'a%20b.pdf'), but
+                # ObjectStoragePath takes them literally: fall back to the decoded name.
+                path = ObjectStoragePath(unquote(text))
+                exists, is_dir = path.exists(), path.is_dir()
         except (ValueError, ImportError) as error:
             raise ClinikoInputError(
                 f"file_path {text!r} cannot be read: {error}. Install the Airflow provider for that "

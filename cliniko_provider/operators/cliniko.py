@@ -35,7 +35,8 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
     attachment record. Optionally waits until Cliniko has processed the file.
 
     **Idempotency.** Every upload has an idempotency key; its hash goes into the description as a
-    marker, ``"<description> [ref:<12 hex>]"`` (18 characters that count toward Cliniko's 255). Before
+    marker, ``"<description> [ref:<12 hex>]"`` (19 characters with the space, counted in Cliniko's 255, so a
+    description may have at most 236). Before
     uploading, the operator looks for a non-archived attachment of the patient whose description holds
     the marker and returns it instead of uploading again; after a create that failed with a 5xx or a
     broken connection it looks again before retrying. So a retry of the task after a crash at any point

@@ -1,0 +1,89 @@
+"""Test helpers shared by the provider's test modules (upload, sensor...). Add to it; do not rewrite."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+
+# --- Upload tests ------------------------------------------------------------------------------------
+
+TRICKY_NAMES = (
+    "report with spaces.pdf",
+    "ünïcödé résumé 報告.txt",
+    "hash#1.csv",
+    "100% done.txt",
+    "a+b=c.txt",
+    "this & that.txt",
+    'it\'s "quoted".txt',
+)
+
+
+def write_file(directory: Path, name: str = "report.pdf", size: int = 1000, seed: int = 7) -> Path:
+    """Write a file of ``size`` bytes (a repeating, seed-dependent pattern) and return its path."""
+    path = directory / name
+    pattern = bytes((seed + index) % 251 for index in range(4096))
+    with path.open("wb") as handle:
+        remaining = size
+        while remaining > 0:
+            handle.write(pattern[: min(remaining, len(pattern))])
+            remaining -= len(pattern)
+    return path
+
+
+def sandbox_control(sandbox: Any, what: str, **changes: Any) -> dict[str, Any]:
+    """GET ``/_sandbox/<what>``, or POST the changes to it; return the JSON answer."""
+    url = f"{sandbox.base_url.removesuffix('/v1')}/_sandbox/{what}"
+    response = requests.post(url, json=changes, timeout=10) if changes else requests.get(url, timeout=10)
+    response.raise_for_status()
+    return dict(response.json())
+
+
+@contextmanager
+def sandbox_faults(sandbox: Any, **faults: Any) -> Iterator[dict[str, Any]]:
+    """Set sandbox faults (``fail_rate``, ``presign_ttl``...) for a block, restoring them after it."""
+    before = sandbox_control(sandbox, "faults")
+    try:
+        yield sandbox_control(sandbox, "faults", **faults)
+    finally:
+        sandbox_control(sandbox, "faults", **{name: before[name] for name in faults})
+
+
+def env_with(**values: str) -> dict[str, str]:
+    """Return ``os.environ`` plus the given variables (for subprocesses)."""
+    return {**os.environ, **values}
+
+
+# --- Sensor and trigger tests ----------------------------------------------------------------------------
+
+S3_KEY_PATTERN = re.compile(r"<Key>(.*?)</Key>", re.S)
+
+
+def create_attachment_via_api(
+    hook: Any, patient_id: str, data: bytes = b"%PDF-1.4 test\n", filename: str = "report.pdf"
+) -> dict[str, Any]:
+    """Create one attachment through the real API: presign, POST the file to S3, create the record.
+
+    The form sends every presign field unchanged and in order, then ``file`` last; the record's
+    ``upload_url`` is the presign ``url`` + S3's ``Key``.
+
+    :param hook: a ``ClinikoHook``.
+    :param patient_id: the patient to attach the file to.
+    :param data: the file's content.
+    :param filename: the file's name.
+    """
+    presign = hook.get_presigned_post(patient_id)
+    form = [(name, (None, str(value))) for name, value in presign["fields"].items()]
+    form.append(("file", (filename, data, "application/octet-stream")))
+    answer = requests.post(presign["url"], files=form, timeout=30)
+    assert answer.status_code == 201, answer.text
+    match = S3_KEY_PATTERN.search(answer.text)
+    assert match, answer.text
+    key = html.unescape(match.group(1))
+    return dict(hook.create_attachment(patient_id, presign["url"] + key))

@@ -1,0 +1,185 @@
+"""The streamed multipart body and S3's XML answers: bytes, order, names, chunks, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from cliniko_provider.sandbox.multipart import MultipartReader, boundary_of
+from cliniko_provider.utils.multipart import (
+    MultipartBody,
+    SourceChangedError,
+    content_disposition,
+    parse_s3_xml,
+    quote_parameter,
+)
+from tests.helpers import TRICKY_NAMES
+
+FIELDS = [
+    ("key", "1/patients/2/attachments/temp/abc/${filename}"),
+    ("policy", "eyJleHBpcmF0aW9uIjoi"),
+    ("x-amz-credential", "AKIA/20260101/ap-southeast-2/s3/aws4_request"),
+    ("x-amz-signature", "5ig"),
+    ("x-amz-algorithm", "AWS4-HMAC-SHA256"),
+    ("x-amz-date", "20260101T000000Z"),
+    ("success_action_status", "201"),
+    ("acl", "private"),
+]
+
+
+class CountingOpener:
+    """Opens an in-memory file, counting how often it was opened."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.opened = 0
+
+    def __call__(self) -> io.BytesIO:
+        self.opened += 1
+        return io.BytesIO(self.data)
+
+
+def make_body(data: bytes, filename: str = "report.pdf", **kwargs: Any) -> MultipartBody:
+    return MultipartBody(FIELDS, CountingOpener(data), len(data), filename, boundary="BOUNDARY", **kwargs)
+
+
+def split_parts(raw: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
+    """A plain, independent parse: split on the boundary; headers by line; returns (params, body)."""
+    delimiter = b"\r\n--" + boundary.encode()
+    assert raw.startswith(b"--" + boundary.encode() + b"\r\n")
+    assert raw.endswith(delimiter + b"--\r\n")
+    chunks = (b"\r\n" + raw).split(delimiter)[1:-1]
+    parts = []
+    for chunk in chunks:
+        head, _, body = chunk[2:].partition(b"\r\n\r\n")
+        lines = head.decode("utf-8").split("\r\n")
+        params = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', lines[0]))
+        params["_headers"] = "\n".join(lines)
+        parts.append((params, body))
+    return parts
+
+
+def test_length_is_exactly_the_bytes_produced() -> None:
+    for size in (1, 1000, 3 * 1024 * 1024 + 17):
+        body = make_body(b"x" * size, chunk_size=1024 * 1024)
+        assert len(body) == len(b"".join(body))
+
+
+def test_fields_unchanged_in_order_and_file_last() -> None:
+    data = bytes(range(256)) * 10
+    body = make_body(data)
+    parts = split_parts(b"".join(body), "BOUNDARY")
+    assert [(p["name"], value.decode()) for p, value in parts[:-1]] == FIELDS
+    file_params, file_bytes = parts[-1]
+    assert file_params["name"] == "file"
+    assert file_params["filename"] == "report.pdf"
+    assert file_bytes == data
+    assert body.content_type == "multipart/form-data; boundary=BOUNDARY"
+
+
+def test_file_is_read_in_chunks_and_reopened_per_iteration() -> None:
+    opener = CountingOpener(b"a" * 2500)
+    body = MultipartBody(FIELDS, opener, 2500, "f.bin", chunk_size=1000)
+    chunks = list(body)
+    assert [len(chunk) for chunk in chunks[1:-1]] == [1000, 1000, 500]
+    assert opener.opened == 1
+    assert b"".join(body) == b"".join(chunks)  # a retry sends the same bytes
+    assert opener.opened == 2
+
+
+def test_progress_reports_the_file_bytes_sent() -> None:
+    seen: list[int] = []
+    list(make_body(b"z" * 2500, chunk_size=1000, progress=seen.append))
+    assert seen == [1000, 2000, 2500]
+
+
+@pytest.mark.parametrize(("actual", "problem"), [(999, "shrank"), (1001, "grew")])
+def test_a_file_that_changed_size_is_an_error(actual: int, problem: str) -> None:
+    body = MultipartBody(FIELDS, CountingOpener(b"q" * actual), 1000, "f.bin")
+    with pytest.raises(SourceChangedError, match=problem):
+        b"".join(body)
+
+
+def test_random_boundaries_differ() -> None:
+    first = MultipartBody(FIELDS, CountingOpener(b"1"), 1, "a")
+    second = MultipartBody(FIELDS, CountingOpener(b"1"), 1, "a")
+    assert first.boundary != second.boundary
+
+
+def test_quote_parameter_escapes_quotes_and_backslashes() -> None:
+    assert quote_parameter('it\'s "x" \\ y') == '"it\'s \\"x\\" \\\\ y"'
+    assert (
+        content_disposition("file", "ü.pdf")
+        == 'Content-Disposition: form-data; name="file"; filename="ü.pdf"'.encode()
+    )
+
+
+@pytest.mark.parametrize("bad", ["a\r\nContent-Type: evil", "a\nb", "nul\0"])
+def test_names_with_line_breaks_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="line breaks"):
+        quote_parameter(bad)
+
+
+def test_no_filename_star_parameter() -> None:
+    """RFC 7578 section 4.2: ``filename*`` must not be used in form data; UTF-8 goes in ``filename``."""
+    raw = b"".join(make_body(b"1", filename="ünï.txt"))
+    assert b"filename*" not in raw
+    assert 'filename="ünï.txt"'.encode() in raw
+
+
+async def _read_parts(raw: bytes, content_type: str) -> list[tuple[str, str | None, bytes]]:
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(raw), 7):  # awkward chunk size, as a network would
+            yield raw[start : start + 7]
+
+    boundary = boundary_of(content_type)
+    assert boundary is not None
+    reader = MultipartReader(chunks(), boundary)
+    found = []
+    while (part := await reader.next_part()) is not None:
+        data = b"".join([chunk async for chunk in reader.read_data()])
+        found.append((part.name, part.filename, data))
+    return found
+
+
+@pytest.mark.parametrize("name", TRICKY_NAMES)
+def test_tricky_names_survive_the_sandbox_s3_parser(name: str) -> None:
+    """The sandbox's reader decodes the quoted string as S3 would: the name arrives unchanged."""
+    body = make_body(b"data", filename=name)
+    parts = asyncio.run(_read_parts(b"".join(body), body.content_type))
+    assert parts[-1] == ("file", name, b"data")
+    assert [(n, v.decode()) for n, _, v in parts[:-1]] == FIELDS
+
+
+def test_parse_post_response() -> None:
+    xml = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<PostResponse><Location>https://b.s3/1%2Fa%20b.pdf</Location>'
+        b'<Bucket>b</Bucket><Key>1/a b &amp; c.pdf</Key><ETag>"e"</ETag></PostResponse>'
+    )
+    assert parse_s3_xml(xml) == {
+        "_root": "PostResponse",
+        "Location": "https://b.s3/1%2Fa%20b.pdf",
+        "Bucket": "b",
+        "Key": "1/a b & c.pdf",
+        "ETag": '"e"',
+    }
+
+
+def test_parse_error_with_namespace_and_not_xml() -> None:
+    xml = (
+        '<Error xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Code>AccessDenied</Code>'
+        "<Message>Invalid according to Policy: Policy expired.</Message></Error>"
+    )
+    parsed = parse_s3_xml(xml)
+    assert (parsed["_root"], parsed["Code"], parsed["Message"]) == (
+        "Error",
+        "AccessDenied",
+        "Invalid according to Policy: Policy expired.",
+    )
+    assert parse_s3_xml(b"<html>502 Bad Gateway") == {}
+    assert parse_s3_xml(b"") == {}
