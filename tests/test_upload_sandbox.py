@@ -1,0 +1,313 @@
+"""The upload operator end to end against the running sandbox (a local Cliniko with a strict S3)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from cliniko_provider.exceptions import (
+    AirflowFailException,
+    ClinikoAuthError,
+    ClinikoConnectionError,
+    ClinikoError,
+    ClinikoInputError,
+    ClinikoServerError,
+    ClinikoStorageLimitError,
+    S3UploadRejectedError,
+)
+from cliniko_provider.hooks.cliniko import ClinikoHook
+from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
+from cliniko_provider.sandbox.process import SandboxProcess
+from cliniko_provider.utils.processing import wait_for_processing
+from tests.conftest import REPO, SANDBOX_KEY, connection_json
+from tests.helpers import TRICKY_NAMES, env_with, sandbox_control, sandbox_faults, write_file
+
+JsonDict = dict[str, Any]
+
+
+class Crash(Exception):
+    """Stands for the worker dying at a given point."""
+
+
+@pytest.fixture
+def hook(sandbox_conn: str) -> ClinikoHook:
+    return ClinikoHook(sandbox_conn, sleep=lambda seconds: None)
+
+
+@pytest.fixture
+def patient(hook: ClinikoHook) -> str:
+    return str(hook.create_patient("Ada", f"Upload-{uuid.uuid4().hex[:8]}")["id"])
+
+
+def context(run_id: str = "manual__1") -> Any:
+    return {"ti": SimpleNamespace(dag_id="nightly", task_id="upload", run_id=run_id, map_index=-1)}
+
+
+def upload(hook: ClinikoHook, patient: str, file_path: str | Path, **kwargs: Any) -> JsonDict:
+    """Run the operator once, as a task instance would, with the test's hook (no real sleeps)."""
+    op = ClinikoAttachmentUploadOperator(
+        task_id="upload", patient_id=patient, file_path=str(file_path), **kwargs
+    )
+    op.hook = hook
+    return op.execute(context())
+
+
+def attachments(hook: ClinikoHook, patient: str) -> list[JsonDict]:
+    return list(hook.list_attachments(patient_id=patient))
+
+
+def content(hook: ClinikoHook, record: JsonDict) -> bytes:
+    response = hook.request("GET", f"/patient_attachments/{record['id']}/content")
+    return response.content
+
+
+WAIT = {"wait_for_completion": True, "deferrable": False, "poll_interval": 0.1, "timeout": 30}
+
+
+# --- the happy path --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["local", "file-uri", "memory-uri"])
+def test_upload_and_wait_from_each_kind_of_source(
+    hook: ClinikoHook, patient: str, tmp_path: Path, kind: str
+) -> None:
+    data = write_file(tmp_path, "nightly report.pdf", 300_000).read_bytes()
+    source: str = str(tmp_path / "nightly report.pdf")
+    if kind == "file-uri":
+        source = (tmp_path / "nightly report.pdf").as_uri()
+    elif kind == "memory-uri":
+        from airflow.sdk import ObjectStoragePath
+        from airflow.sdk.io import attach
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        attach("memory", fs=MemoryFileSystem())
+        source = f"memory://exports/{uuid.uuid4().hex}/nightly report.pdf"
+        ObjectStoragePath(source).write_bytes(data)
+    record = upload(hook, patient, source, description="Nightly", **WAIT)
+    assert record["processing_completed"] is True
+    assert record["filename"] == "nightly report.pdf"
+    assert record["size"] == len(data)
+    assert record["description"].startswith("Nightly [ref:")
+    assert content(hook, record) == data
+    assert [item["id"] for item in attachments(hook, patient)] == [record["id"]]
+
+
+def test_tricky_names_arrive_intact_after_processing(hook: ClinikoHook, patient: str, tmp_path: Path) -> None:
+    source = write_file(tmp_path, "plain.bin", 1234)
+    records = [upload(hook, patient, source, filename=name) for name in TRICKY_NAMES]
+    processed = [hook.get_attachment(record["id"]) for record in records]
+    for record in processed:
+        if not record["processing_completed"]:
+            record.update(wait_for_processing(hook, record["id"], poll_interval=0.1, timeout=30))
+    assert [record["filename"] for record in processed] == list(TRICKY_NAMES)
+
+
+# --- idempotency: a crash at each point, then the task's retry ------------------------------------------
+
+
+def crash_before(method: str) -> Callable[..., Any]:
+    def crash(self: ClinikoHook, *args: Any, **kwargs: Any) -> Any:
+        raise Crash(f"worker died before {method}")
+
+    return crash
+
+
+def crash_after(method: str, error: Exception | None = None) -> Callable[..., Any]:
+    original = getattr(ClinikoHook, method)
+
+    def crash(self: ClinikoHook, *args: Any, **kwargs: Any) -> Any:
+        original(self, *args, **kwargs)
+        raise error or Crash(f"worker died after {method}")
+
+    return crash
+
+
+@pytest.mark.parametrize(
+    ("method", "patched"),
+    [
+        ("get_presigned_post", crash_after("get_presigned_post")),
+        ("upload_file", crash_before("upload_file")),
+        ("upload_file", crash_after("upload_file")),
+        ("create_attachment", crash_before("create_attachment")),
+        ("create_attachment", crash_after("create_attachment")),
+    ],
+    ids=["after-presign", "before-upload", "after-upload", "before-create", "after-create"],
+)
+def test_a_retry_after_a_crash_makes_exactly_one_attachment(
+    hook: ClinikoHook,
+    patient: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    patched: Callable[..., Any],
+) -> None:
+    source = write_file(tmp_path, "report.pdf", 50_000)
+    with monkeypatch.context() as crashing:
+        crashing.setattr(ClinikoHook, method, patched)
+        with pytest.raises(Crash):
+            upload(hook, patient, source, description="Nightly")
+    record = upload(hook, patient, source, description="Nightly")
+    again = upload(hook, patient, source, description="Nightly")
+    assert again["id"] == record["id"]
+    assert [item["id"] for item in attachments(hook, patient)] == [record["id"]]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ClinikoServerError(502, "Bad Gateway", None, "POST /patient_attachments"),
+        ClinikoConnectionError("Could not reach Cliniko: ConnectionResetError"),
+    ],
+    ids=["5xx", "connection-error"],
+)
+def test_a_create_that_failed_after_creating_is_found_in_the_same_run(
+    hook: ClinikoHook, patient: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    monkeypatch.setattr(ClinikoHook, "create_attachment", crash_after("create_attachment", error))
+    record = upload(hook, patient, write_file(tmp_path, "report.pdf", 2000))
+    assert [item["id"] for item in attachments(hook, patient)] == [record["id"]]
+
+
+# --- the S3 step against the strict S3 ----------------------------------------------------------------
+
+
+def test_an_expired_presign_is_replaced(
+    sandbox: SandboxProcess, hook: ClinikoHook, patient: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = ClinikoHook.get_presigned_post
+    presigns: list[JsonDict] = []
+
+    def expiring_once(self: ClinikoHook, patient_id: int | str) -> JsonDict:
+        if presigns:
+            presigns.append(original(self, patient_id))
+        else:
+            with sandbox_faults(sandbox, presign_ttl=0):
+                presigns.append(original(self, patient_id))
+            time.sleep(1.1)  # the policy's expiration has one-second resolution
+        return presigns[-1]
+
+    monkeypatch.setattr(ClinikoHook, "get_presigned_post", expiring_once)
+    record = upload(hook, patient, write_file(tmp_path, "late.pdf", 5000))
+    assert len(presigns) == 2
+    assert record["id"] in {item["id"] for item in attachments(hook, patient)}
+
+
+def test_a_connection_reset_mid_upload_is_retried(
+    sandbox: SandboxProcess, hook: ClinikoHook, patient: str, tmp_path: Path
+) -> None:
+    before = sandbox_control(sandbox, "stats")["uploads"]
+    with sandbox_faults(sandbox, s3_reset_after_bytes=200_000):
+        record = upload(hook, patient, write_file(tmp_path, "big.bin", 3 * 1024 * 1024), **WAIT)
+        assert sandbox_control(sandbox, "faults")["s3_reset_after_bytes"] is None  # the cut happened
+    assert record["size"] == 3 * 1024 * 1024
+    assert sandbox_control(sandbox, "stats")["uploads"] == before + 1
+
+
+def test_unknown_patient_fails_clearly(hook: ClinikoHook, tmp_path: Path) -> None:
+    with pytest.raises(ClinikoInputError, match="patient_id 9999: Cliniko has no such patient"):
+        upload(hook, "9999", write_file(tmp_path, "a.pdf", 10))
+
+
+def test_bad_api_key_fails_without_retry(
+    sandbox: SandboxProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json("wrong-key-au1", sandbox.base_url))
+    with pytest.raises(ClinikoAuthError) as caught:
+        upload(ClinikoHook(), "1", write_file(tmp_path, "a.pdf", 10))
+    assert isinstance(caught.value, AirflowFailException)
+    assert "wrong-key" not in str(caught.value)
+
+
+def test_storage_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file bigger than the storage left: S3 refuses it (EntityTooLarge); with none left: Cliniko does."""
+    limited_key = "storage-test-key-au1"
+    with SandboxProcess(
+        "--api-key",
+        limited_key,
+        "--storage-limit",
+        "10000",
+        "--processing-delay",
+        "0",
+        data_dir=tmp_path / "data",
+    ) as limited:
+        monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(limited_key, limited.base_url))
+        hook = ClinikoHook(sleep=lambda seconds: None)
+        patient = str(hook.create_patient("Sam", "Full")["id"])
+        upload(hook, patient, write_file(tmp_path, "first.pdf", 6000))
+        with pytest.raises(S3UploadRejectedError, match=r"EntityTooLarge.*storage"):
+            upload(hook, patient, write_file(tmp_path, "second.pdf", 6000))
+        upload(hook, patient, write_file(tmp_path, "third.pdf", 4000))
+        with pytest.raises(ClinikoStorageLimitError, match="storage"):
+            upload(hook, patient, write_file(tmp_path, "fourth.pdf", 10))
+        assert len(attachments(hook, patient)) == 2
+
+
+# --- faults and a real DAG run (slow) -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_under_injected_faults_each_file_is_attached_once(
+    sandbox: SandboxProcess, hook: ClinikoHook, patient: str, tmp_path: Path
+) -> None:
+    files = [write_file(tmp_path, f"file {index}.csv", 1000 + index) for index in range(12)]
+    with sandbox_faults(sandbox, fail_rate=0.2, throttle_rate=0.1):
+        for path in files:
+            for attempt in range(1, 5):  # the task's own retries
+                try:
+                    upload(hook, patient, path)
+                    break
+                except AirflowFailException:
+                    raise
+                except ClinikoError:
+                    if attempt == 4:
+                        raise
+    names = sorted(str(item["description"]) for item in attachments(hook, patient))
+    assert len(names) == len(files) == len(set(names))
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = env_with(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "tests" / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+    )
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True
+    )
+    return env
+
+
+@pytest.mark.slow
+def test_expand_over_files_in_airflow_dags_test(
+    sandbox: SandboxProcess, hook: ClinikoHook, patient: str, tmp_path: Path, airflow_home: dict[str, str]
+) -> None:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    names = ["a report.pdf", "b #2.csv", "c ünï.txt", "d 100%.txt"]
+    for index, name in enumerate(names):
+        write_file(exports, name, 2000 + index)
+    env = {**airflow_home, "AIRFLOW_CONN_CLINIKO_DEFAULT": connection_json(SANDBOX_KEY, sandbox.base_url)}
+    conf = json.dumps({"patient_id": patient, "directory": str(exports)})
+    run = subprocess.run(
+        [sys.executable, "-m", "airflow", "dags", "test", "upload_expand", "-c", conf],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    records = attachments(hook, patient)
+    assert sorted(record["filename"] for record in records) == names
+    assert all(record["processing_completed"] for record in records)
+    assert SANDBOX_KEY not in run.stdout + run.stderr
