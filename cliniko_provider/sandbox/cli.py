@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cliniko_provider.sandbox.config import DEFAULT_API_KEY, SandboxSettings, parse_rate_limit
+from cliniko_provider.sandbox.config import DEFAULT_API_KEY, SandboxSettings, parse_rate_limit, strip_shard
 
 
 def _fraction(text: str) -> float:
@@ -83,13 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.fail_rate + args.throttle_rate > 1:
         build_parser().error("--fail-rate plus --throttle-rate must not exceed 1")
+    api_keys = list(dict.fromkeys(args.api_keys or [DEFAULT_API_KEY]))
+    if len({strip_shard(key) for key in api_keys}) < len(api_keys):
+        build_parser().error(
+            "two --api-key values differ only in their shard suffix: Cliniko treats them as one key"
+        )
     temporary = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="cliniko-sandbox-")) if temporary else args.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     limit, window = args.rate_limit
     settings = SandboxSettings(
         data_dir=data_dir,
-        api_keys=args.api_keys or [DEFAULT_API_KEY],
+        api_keys=api_keys,
         processing_delay=args.processing_delay,
         processing_delay_per_mb=args.processing_delay_per_mb,
         rate_limit=limit,

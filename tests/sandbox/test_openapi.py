@@ -77,7 +77,9 @@ FORMATS.checks("uri")(_is_uri)
 @cache
 def registry() -> Registry:
     assert OPENAPI.exists(), f"{OPENAPI} is missing: it must sit in ../shared beside the repository"
-    document = _to_json_schema(yaml.safe_load(OPENAPI.read_text()))
+    document = _to_json_schema(
+        yaml.load(OPENAPI.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    )
     return Registry().with_resource(BASE, Resource.from_contents(document, default_specification=DRAFT7))
 
 
