@@ -38,6 +38,7 @@ def test_ready_line_and_clean_stop(signum: int, tmp_path: Path) -> None:
     assert (tmp_path / "state.json").exists()
 
 
+@pytest.mark.slow
 def test_default_data_dir_is_temporary_and_removed(tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     process = subprocess.Popen([*COMMAND, "--port", "0"], stdout=subprocess.PIPE, text=True, env=env)
@@ -48,6 +49,7 @@ def test_default_data_dir_is_temporary_and_removed(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("cliniko-sandbox-")]
 
 
+@pytest.mark.slow
 def test_installed_command_and_help() -> None:
     script = shutil.which("cliniko-sandbox", path=str(Path(sys.executable).parent))
     assert script is not None
@@ -69,6 +71,7 @@ def test_installed_command_and_help() -> None:
         assert option in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [["--rate-limit", "lots"], ["--fail-rate", "1.5"], ["--fail-rate", "0.7", "--throttle-rate", "0.7"]],

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import requests
 
 from cliniko_provider.sandbox.process import SandboxProcess
@@ -70,6 +71,7 @@ def test_fault_injection_on_api_and_s3(start_sandbox: Start) -> None:
     assert counts["requests_by_route"]["POST /s3/{bucket}/"] == 2
 
 
+@pytest.mark.slow
 def test_faults_are_reproducible_with_a_seed(start_sandbox: Start) -> None:
     def statuses(sandbox: SandboxProcess) -> list[int]:
         api = Client(sandbox, "sandbox-api-key-au1")
@@ -108,6 +110,7 @@ def test_stats_count_and_reset(start_sandbox: Start) -> None:
     assert after["requests_total"] == 0 and after["attachments"] == 1
 
 
+@pytest.mark.slow
 def test_processing_delay_control_and_per_mb_component(start_sandbox: Start) -> None:
     sandbox = start_sandbox("--processing-delay", "0", "--processing-delay-per-mb", "1.0")
     api = Client(sandbox, "sandbox-api-key-au1")
