@@ -203,6 +203,15 @@ class Api:
         body = {name: [render(request, r) for r in page.items], "total_entries": page.total_entries}
         return JSONResponse({**body, "links": page.links})
 
+    def archive(self, record: Patient | Attachment | None) -> Response:
+        """Archiving keeps the record (and its first archived_at); lists then leave it out."""
+        if record is None:
+            return not_found()
+        record.archived_at = record.archived_at or utc_now_iso()
+        record.updated_at = utc_now_iso()
+        self.store.save()
+        return Response(status_code=204)
+
     def patient_of(self, account: Account, raw_id: object) -> Patient | None:
         patient_id = parse_id(raw_id)
         return self.store.owned(self.store.patients, patient_id, account) if patient_id is not None else None
@@ -328,13 +337,7 @@ class Api:
         return JSONResponse(self.render_patient(request, patient)) if patient else not_found()
 
     async def archive_patient(self, request: Request, account: Account) -> Response:
-        patient = self.patient_of(account, request.path_params["id"])
-        if patient is None:
-            return not_found()
-        patient.archived_at = patient.archived_at or utc_now_iso()
-        patient.updated_at = utc_now_iso()
-        self.store.save()
-        return Response(status_code=204)
+        return self.archive(self.patient_of(account, request.path_params["id"]))
 
     async def presigned_post(self, request: Request, account: Account) -> Response:
         patient = self.patient_of(account, request.path_params["id"])
@@ -411,13 +414,7 @@ class Api:
 
     async def archive_attachment(self, request: Request, account: Account) -> Response:
         """`POST .../archive`, and the deprecated `DELETE`, which archives too."""
-        attachment = self.attachment_of(request, account)
-        if attachment is None:
-            return not_found()
-        attachment.archived_at = attachment.archived_at or utc_now_iso()
-        attachment.updated_at = utc_now_iso()
-        self.store.save()
-        return Response(status_code=204)
+        return self.archive(self.attachment_of(request, account))
 
     async def attachment_content(self, request: Request, account: Account) -> Response:
         attachment = self.attachment_of(request, account)

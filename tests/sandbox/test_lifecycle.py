@@ -128,99 +128,58 @@ def test_two_keys_on_different_shards_for_one_key_are_refused(tmp_path: Path) ->
     assert process.returncode == 2 and "shard suffix" in process.stderr
 
 
+def curl(*args: str) -> tuple[str, str]:
+    """Run curl; returns the body and the HTTP status."""
+    result = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", *args], capture_output=True, text=True, check=True, timeout=30
+    )
+    body, status = result.stdout.rsplit("\n", 1)
+    return body, status
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_upload_guide_curl_commands(sandbox: SandboxProcess, api: Client, tmp_path: Path) -> None:
     """The guide's three steps with real curl, only the URL, key and file changed."""
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
     patient_id = api.create_patient()["id"]
-    key = "sandbox-au-test-key-au1"
-    presign = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "-u",
-            f"{key}:",
-            "-H",
-            f"User-Agent: {USER_AGENT}",
-            "-H",
-            "Accept: application/json",
-            f"{sandbox.base_url}/patients/{patient_id}/attachment_presigned_post",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    post = json.loads(presign.stdout)
+    api_headers = [
+        "-u",
+        "sandbox-au-test-key-au1:",
+        "-H",
+        f"User-Agent: {USER_AGENT}",
+        "-H",
+        "Accept: application/json",
+    ]
+    body, status = curl(*api_headers, f"{sandbox.base_url}/patients/{patient_id}/attachment_presigned_post")
+    assert status == "200", body
+    post = json.loads(body)
     fields = post["fields"]
     document = tmp_path / "test.pdf"
     document.write_bytes(b"%PDF-1.4 curl upload")
-    upload = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "-w",
-            "\n%{http_code}",
-            post["url"],
-            "-F",
-            f"x-amz-credential={fields['x-amz-credential']}",
-            "-F",
-            f"key={fields['key']}",
-            "-F",
-            f"policy={fields['policy']}",
-            "-F",
-            f"x-amz-signature={fields['x-amz-signature']}",
-            "-F",
-            f"x-amz-algorithm={fields['x-amz-algorithm']}",
-            "-F",
-            f"x-amz-date={fields['x-amz-date']}",
-            "-F",
-            "success_action_status=201",
-            "-F",
-            "acl=private",
-            "-F",
-            f"file=@{document}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
+    body, status = curl(
+        post["url"],
+        *("-F", f"x-amz-credential={fields['x-amz-credential']}"),
+        *("-F", f"key={fields['key']}"),
+        *("-F", f"policy={fields['policy']}"),
+        *("-F", f"x-amz-signature={fields['x-amz-signature']}"),
+        *("-F", f"x-amz-algorithm={fields['x-amz-algorithm']}"),
+        *("-F", f"x-amz-date={fields['x-amz-date']}"),
+        *("-F", "success_action_status=201"),
+        *("-F", "acl=private"),
+        *("-F", f"file=@{document}"),
     )
-    body, status = upload.stdout.rsplit("\n", 1)
     assert status == "201", body
     s3_key = re.search(r"<Key>(.*)</Key>", body)
     assert s3_key and s3_key[1].endswith("/test.pdf")
-    create = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "-w",
-            "\n%{http_code}",
-            "-u",
-            f"{key}:",
-            "-H",
-            f"User-Agent: {USER_AGENT}",
-            "-H",
-            "Accept: application/json",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            json.dumps(
-                {
-                    "description": "Custom description for this attachment",
-                    "patient_id": patient_id,
-                    "upload_url": post["url"] + s3_key[1],
-                }
-            ),
-            f"{sandbox.base_url}/patient_attachments",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
+    create_body = {
+        "description": "Custom description for this attachment",
+        "patient_id": patient_id,
+        "upload_url": post["url"] + s3_key[1],
+    }
+    body, status = curl(
+        *api_headers,
+        *("-H", "Content-Type: application/json", "-d", json.dumps(create_body)),
+        f"{sandbox.base_url}/patient_attachments",
     )
-    body, status = create.stdout.rsplit("\n", 1)
     assert status == "201", body
     record = api.wait_processed(json.loads(body)["id"])
     assert record["filename"] == "test.pdf" and record["content_type"] == "application/pdf"
