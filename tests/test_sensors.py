@@ -1,0 +1,224 @@
+"""ProcessingCompletedSensor: poke, reschedule and deferrable modes, with a fake hook and the sandbox."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any, cast
+
+import pytest
+from airflow.sdk import PokeReturnValue
+from airflow.sdk.exceptions import (
+    AirflowRescheduleException,
+    AirflowSensorTimeout,
+    AirflowSkipException,
+    TaskDeferred,
+)
+
+from cliniko_provider.exceptions import ClinikoAttachmentGoneError, ClinikoError, ClinikoNotFoundError
+from cliniko_provider.hooks.cliniko import ClinikoHook
+from cliniko_provider.sensors.cliniko import DEFERRAL_GRACE, ProcessingCompletedSensor
+from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
+from cliniko_provider.utils.processing import error_event, success_event
+from tests.helpers import create_attachment_via_api
+
+PENDING = {"id": "7", "archived_at": None, "processing_completed": False}
+DONE = {"id": "7", "archived_at": None, "processing_completed": True, "filename": "r.pdf"}
+ARCHIVED = {"id": "7", "archived_at": "2025-03-01T10:00:00Z", "processing_completed": True}
+NOT_FOUND = ClinikoNotFoundError(404, "Not found", request="GET /patient_attachments/7")
+
+
+class FakeHook:
+    def __init__(self, *answers: dict[str, Any] | Exception) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    def get_attachment(self, attachment_id: str) -> dict[str, Any]:
+        self.calls += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def sensor(*answers: dict[str, Any] | Exception, **kwargs: Any) -> ProcessingCompletedSensor:
+    kwargs = {"task_id": "wait", "attachment_id": "7", "poke_interval": 0, "timeout": 60, **kwargs}
+    instance = ProcessingCompletedSensor(**kwargs)
+    instance.__dict__["hook"] = FakeHook(*answers)  # the cached_property's slot
+    return instance
+
+
+def context() -> Any:
+    return cast(Any, {})
+
+
+# --- arguments ------------------------------------------------------------------------------------------
+
+
+def test_arguments_and_templating() -> None:
+    made = ProcessingCompletedSensor(task_id="w", attachment_id="{{ ti.xcom_pull('up')['id'] }}")
+    assert "attachment_id" in made.template_fields
+    assert made.cliniko_conn_id == "cliniko_default"
+    assert made.poke_interval == 30
+    assert made.deferrable is False  # [operators] default_deferrable is False here
+    assert isinstance(made.hook, ClinikoHook)
+    aliased = ProcessingCompletedSensor(task_id="w", attachment_id="1", poll_interval=12, mode="reschedule")
+    assert aliased.poke_interval == 12
+    assert aliased.mode == "reschedule"
+
+
+def test_deferrable_default_follows_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import cliniko_provider.sensors.cliniko as module
+
+    monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
+    try:
+        reloaded = importlib.reload(module)
+        assert reloaded.ProcessingCompletedSensor(task_id="w", attachment_id="1").deferrable is True
+    finally:
+        monkeypatch.delenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE")
+        importlib.reload(module)
+
+
+# --- poke and reschedule --------------------------------------------------------------------------------
+
+
+def test_poke_is_done_with_the_record_as_xcom() -> None:
+    result = sensor(DONE).poke(context())
+    assert isinstance(result, PokeReturnValue)
+    assert (result.is_done, result.xcom_value) == (True, DONE)
+
+
+def test_poke_is_not_done_while_processing() -> None:
+    assert not sensor(PENDING).poke(context())
+
+
+def test_poke_mode_returns_the_processed_record() -> None:
+    waiting = sensor(PENDING, PENDING, DONE)
+    assert waiting.execute(context()) == DONE
+    assert cast(FakeHook, waiting.hook).calls == 3
+
+
+def test_poke_mode_times_out() -> None:
+    with pytest.raises(AirflowSensorTimeout):
+        sensor(PENDING, timeout=0).execute(context())
+
+
+@pytest.mark.parametrize(("answer", "reason"), [(ARCHIVED, "archived at"), (NOT_FOUND, "does not exist")])
+def test_poke_mode_fails_at_once_when_the_attachment_is_gone(answer: Any, reason: str) -> None:
+    waiting = sensor(PENDING, answer)
+    with pytest.raises(ClinikoAttachmentGoneError, match=reason):
+        waiting.execute(context())
+    assert cast(FakeHook, waiting.hook).calls == 2
+
+
+def test_poke_mode_soft_fail_skips_when_gone() -> None:
+    with pytest.raises(AirflowSkipException):
+        sensor(ARCHIVED, soft_fail=True).execute(context())
+
+
+def test_reschedule_mode_reschedules_while_processing() -> None:
+    class TI:
+        def get_first_reschedule_date(self, _: Any) -> None:
+            return None
+
+    with pytest.raises(AirflowRescheduleException):
+        sensor(PENDING, mode="reschedule", poke_interval=60).execute(cast(Any, {"ti": TI()}))
+
+
+# --- deferrable ------------------------------------------------------------------------------------------
+
+
+def test_deferrable_returns_at_once_when_already_processed() -> None:
+    assert sensor(DONE, deferrable=True).execute(context()) == DONE
+
+
+def test_deferrable_defers_to_the_trigger_with_a_deadline() -> None:
+    waiting = sensor(PENDING, deferrable=True, poke_interval=15, timeout=600, cliniko_conn_id="c")
+    before = time.time()
+    with pytest.raises(TaskDeferred) as info:
+        waiting.execute(context())
+    deferred = info.value
+    assert deferred.method_name == "execute_complete"
+    assert deferred.timeout == timedelta(seconds=600) + DEFERRAL_GRACE
+    trigger = deferred.trigger
+    assert isinstance(trigger, ProcessingCompletedTrigger)
+    _, kwargs = trigger.serialize()
+    assert kwargs["attachment_id"] == "7"
+    assert kwargs["cliniko_conn_id"] == "c"
+    assert kwargs["poll_interval"] == 15
+    assert before + 600 <= kwargs["deadline"] <= time.time() + 600
+
+
+@pytest.mark.parametrize("answer", [ARCHIVED, NOT_FOUND])
+def test_deferrable_fails_before_deferring_when_gone(answer: Any) -> None:
+    with pytest.raises(ClinikoAttachmentGoneError):
+        sensor(answer, deferrable=True).execute(context())
+
+
+def test_deferrable_soft_fail_skips_when_gone() -> None:
+    with pytest.raises(AirflowSkipException, match="archived"):
+        sensor(ARCHIVED, deferrable=True, soft_fail=True).execute(context())
+
+
+def test_execute_complete_returns_the_record() -> None:
+    waiting = sensor(PENDING, deferrable=True)
+    assert (
+        waiting.resume_execution("execute_complete", {"event": success_event("7", DONE)}, context()) == DONE
+    )
+
+
+@pytest.mark.parametrize(
+    ("reason", "error_type"),
+    [
+        ("archived", ClinikoAttachmentGoneError),
+        ("not_found", ClinikoAttachmentGoneError),
+        ("timeout", AirflowSensorTimeout),
+        ("api_error", ClinikoError),
+    ],
+)
+def test_execute_complete_raises_the_events_error(reason: str, error_type: type[Exception]) -> None:
+    waiting = sensor(PENDING, deferrable=True)
+    event = error_event("7", reason, f"clear words about {reason}")
+    with pytest.raises(error_type, match=f"clear words about {reason}"):
+        waiting.resume_execution("execute_complete", {"event": event}, context())
+
+
+@pytest.mark.parametrize("reason", ["archived", "not_found", "timeout", "api_error"])
+def test_execute_complete_soft_fail_skips(reason: str) -> None:
+    waiting = sensor(PENDING, deferrable=True, soft_fail=True)
+    with pytest.raises(AirflowSkipException):
+        waiting.resume_execution("execute_complete", {"event": error_event("7", reason, "x")}, context())
+
+
+# --- against the sandbox -------------------------------------------------------------------------------
+
+
+def test_poke_mode_against_the_sandbox(sandbox_conn: str) -> None:
+    hook = ClinikoHook(sandbox_conn)
+    patient = hook.create_patient("Sensor", "Poke")
+    attachment = create_attachment_via_api(hook, patient["id"], filename="poke test.pdf")
+    assert attachment["processing_completed"] is False
+    waiting = ProcessingCompletedSensor(
+        task_id="wait", attachment_id=attachment["id"], poke_interval=0.1, timeout=30
+    )
+    record = waiting.execute(context())
+    assert record["id"] == attachment["id"]
+    assert record["processing_completed"] is True
+    assert record["filename"] == "poke test.pdf"
+
+
+def test_archived_and_unknown_attachments_fail_against_the_sandbox(sandbox_conn: str) -> None:
+    hook = ClinikoHook(sandbox_conn)
+    patient = hook.create_patient("Sensor", "Gone")
+    attachment = create_attachment_via_api(hook, patient["id"])
+    hook.archive_attachment(attachment["id"])
+    with pytest.raises(ClinikoAttachmentGoneError, match=f"{attachment['id']} was archived at"):
+        ProcessingCompletedSensor(task_id="a", attachment_id=attachment["id"], poke_interval=0).execute(
+            context()
+        )
+    with pytest.raises(ClinikoAttachmentGoneError, match="999999999 does not exist"):
+        ProcessingCompletedSensor(
+            task_id="b", attachment_id="999999999", poke_interval=0, deferrable=True
+        ).execute(context())
