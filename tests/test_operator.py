@@ -34,10 +34,8 @@ from cliniko_provider.hooks.cliniko import (
 )
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
 from cliniko_provider.utils.multipart import MultipartBody
-from cliniko_provider.utils.retry import RateBudget
-from tests.conftest import connection_json
 from tests.fake_http import Answer, FakeClock, ScriptedAdapter
-from tests.helpers import write_file
+from tests.helpers import cliniko_connection, write_file
 
 KEY = "UpLoAdTeStSeCrEt-au1"
 BASE = "https://api.au1.cliniko.com/v1"
@@ -193,10 +191,8 @@ class FakeCliniko:
 
 @pytest.fixture(autouse=True)
 def _connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(KEY))
-    RateBudget._registry.clear()
-    yield
-    RateBudget._registry.clear()
+    with cliniko_connection(monkeypatch, KEY):
+        yield
 
 
 @pytest.fixture

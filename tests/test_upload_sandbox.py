@@ -311,3 +311,17 @@ def test_expand_over_files_in_airflow_dags_test(
     assert sorted(record["filename"] for record in records) == names
     assert all(record["processing_completed"] for record in records)
     assert SANDBOX_KEY not in run.stdout + run.stderr
+
+
+def test_a_file_that_shrinks_while_uploading_fails_without_a_record(
+    hook: ClinikoHook, patient: str, tmp_path: Path
+) -> None:
+    """The body's length was promised up front; a short file must not become a truncated attachment."""
+    from cliniko_provider.hooks.cliniko import UploadSource
+    from cliniko_provider.utils.multipart import SourceChangedError
+
+    path = write_file(tmp_path, "shrinking.csv", 10_000)
+    source = UploadSource(uri=str(path), name=path.name, size=20_000, opener=lambda: path.open("rb"))
+    with pytest.raises(SourceChangedError, match="shrank"):
+        hook.upload_attachment(patient, source, marker="[ref:000000000000]")
+    assert attachments(hook, patient) == []
