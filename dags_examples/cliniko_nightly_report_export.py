@@ -52,6 +52,11 @@ SAMPLE_PATIENTS = [
 ]
 
 
+def report_date(dag_run: Any) -> str:
+    """The date a run reports on: its logical date, or the day it ran for a manual run without one."""
+    return str((dag_run.logical_date or dag_run.run_after).date().isoformat())
+
+
 def report_description(ds: str, reference: str) -> str:
     """The description shown in Cliniko; also how a re-run recognises reports already attached."""
     return f"Nightly report {ds} ({reference})"
@@ -87,29 +92,33 @@ def cliniko_nightly_report_export() -> None:
     """Generate, attach and confirm one report per patient for the run date."""
 
     @task
-    def extract_patients(params: dict[str, Any]) -> list[dict[str, str]]:
+    def extract_patients(params: Any = None) -> list[dict[str, str]]:
         """Return the patients to report on (replace with your warehouse query)."""
         return [dict(row) for row in params["patients"]]
 
     @task
     def generate_reports(
-        patients: list[dict[str, str]], ds: str, params: dict[str, Any]
+        patients: list[dict[str, str]], dag_run: Any = None, params: Any = None
     ) -> list[dict[str, str]]:
         """Write one CSV per patient; return where each report is."""
+        ds = report_date(dag_run)
         root = ObjectStoragePath(params["report_root"]) / ds
         reports = []
         for patient in patients:
             path = root / f"report-{patient['reference']}-{ds}.csv"
             size = write_report(path, patient, ds)
-            reports.append({**patient, "file_path": str(path), "size": str(size)})
+            reports.append({**patient, "date": ds, "file_path": str(path), "size": str(size)})
         return reports
 
     @task
-    def resolve_patients(reports: list[dict[str, str]], ds: str, ti: Any = None) -> list[dict[str, Any]]:
+    def resolve_patients(reports: list[dict[str, str]], ti: Any = None) -> list[dict[str, Any]]:
         """Map reports to Cliniko patient ids; skip unknown patients and reports already attached.
 
         Returns one set of upload arguments per report to upload; the skipped ones go to XCom ``skipped``.
         """
+        if not reports:
+            return []
+        ds = reports[0]["date"]
         hook = ClinikoHook(CLINIKO_CONN_ID)
         patients = hook.match_patients(
             [report["reference"] for report in reports], [report["email"] for report in reports]
@@ -166,7 +175,7 @@ def cliniko_nightly_report_export() -> None:
                 failed.append(
                     {"patient_id": upload["patient_id"], "file_path": upload["file_path"], "reason": reason}
                 )
-        summary = {"reports": len(reports), "uploaded": uploaded, "skipped": skipped, "failed": failed}
+        summary = {"reports": len(reports or []), "uploaded": uploaded, "skipped": skipped, "failed": failed}
         print(
             f"Cliniko nightly export: {len(uploaded)} uploaded, {len(skipped)} skipped, {len(failed)} failed"
         )
@@ -190,6 +199,8 @@ def cliniko_nightly_report_export() -> None:
         poll_interval=15,
         timeout=3600,
         retries=2,
+        retry_delay=pendulum.duration(seconds=30),
+        retry_exponential_backoff=2.0,
     ).expand_kwargs(resolved)
     uploaded >> summarize(reports)
 

@@ -57,6 +57,8 @@ class AirflowStack:
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            # Only the runs a test triggers: no scheduled runs racing them.
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         }
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
