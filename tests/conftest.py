@@ -60,3 +60,16 @@ def sandbox_conn(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     """Point ``cliniko_default`` at the session sandbox; return the connection id."""
     monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(SANDBOX_KEY, sandbox.base_url))
     return "cliniko_default"
+
+
+@pytest.fixture(autouse=True)
+def _own_rate_budget(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Give every test a fresh, machine-wide rate budget file, so no test waits on another's requests."""
+    from cliniko_provider.utils.retry import RateBudget
+
+    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path_factory.mktemp("rate")))
+    RateBudget._registry.clear()
+    yield
+    RateBudget._registry.clear()

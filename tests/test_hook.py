@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -281,7 +282,32 @@ def test_rate_budget_holds_the_201st_request_until_the_window_frees() -> None:
     budget = RateBudget(per_minute=200)
     waits = [budget.reserve(now=1000.0 + i * 0.01) for i in range(200)]
     assert waits == [0.0] * 200
-    assert budget.reserve(now=1010.0) == pytest.approx(50.0)  # the first slot frees at 1060
+    assert budget.reserve(now=1010.0) == pytest.approx(51.0)  # the first slot frees at 1000 + 61
+
+
+def test_rate_budget_is_shared_through_its_file(tmp_path: Path) -> None:
+    """Two budgets on one file behave as one: what one process sends, the other counts."""
+    path = tmp_path / "budget.json"
+    worker, triggerer = RateBudget(per_minute=3, path=path), RateBudget(per_minute=3, path=path)
+    assert [worker.reserve(now=100.0), triggerer.reserve(now=100.5), worker.reserve(now=101.0)] == [0, 0, 0]
+    assert triggerer.reserve(now=102.0) == pytest.approx(59.0)  # frees when the first leaves the window
+    worker.block_until(500.0)
+    assert triggerer.reserve(now=400.0) == pytest.approx(100.0)
+
+
+def test_rate_budget_falls_back_to_the_process_when_the_file_is_unusable(tmp_path: Path) -> None:
+    budget = RateBudget(per_minute=1, path=tmp_path / "missing-dir" / "budget.json")
+    assert budget.reserve(now=10.0) == 0
+    assert budget.reserve(now=11.0) == pytest.approx(60.0)
+    assert budget.path is None
+
+
+def test_rate_budget_for_key_keeps_the_key_out_of_the_file_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    hook, _, _ = make_hook(Answer(200, {}))
+    hook.get_patient(1)
+    assert hook.budget.path is not None
+    assert KEY not in str(hook.budget.path)
+    assert KEY not in hook.budget.path.read_text()
 
 
 async def test_async_hook_shares_settings_policy_and_fetches_100_ids_at_once() -> None:
