@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -20,6 +22,7 @@ from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.sensors.cliniko import DEFERRAL_GRACE, ProcessingCompletedSensor
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
 from cliniko_provider.utils.processing import error_event, success_event
+from cliniko_provider.utils.retry import RateBudget
 from tests.helpers import create_attachment_via_api
 
 PENDING = {"id": "7", "archived_at": None, "processing_completed": False}
@@ -39,6 +42,15 @@ class FakeHook:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+
+@pytest.fixture(autouse=True)
+def _own_rate_budgets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Rate budgets of this test only, so other tests' traffic on the sandbox key does not slow it."""
+    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    RateBudget._registry.clear()
+    yield
+    RateBudget._registry.clear()
 
 
 def sensor(*answers: dict[str, Any] | Exception, **kwargs: Any) -> ProcessingCompletedSensor:

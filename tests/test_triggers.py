@@ -7,19 +7,23 @@ import base64
 import json
 import logging
 import math
+import time as _time
 import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import requests
 
-from cliniko_provider.hooks.cliniko import ClinikoAsyncHook
+from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
 from cliniko_provider.triggers.poller import REGISTRY, AttachmentPoller
 from cliniko_provider.utils.retry import RateBudget
 from tests.conftest import SANDBOX_KEY, connection_json
+from tests.helpers import create_attachment_via_api, sandbox_control, sandbox_faults
 
 START = 1_700_000_000.0
 
@@ -81,13 +85,21 @@ class FakeCliniko:
         self.done_at[attachment_id] = self.time() + done_after
 
 
+@pytest.fixture(autouse=True)
+def _own_rate_budgets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Rate budgets of this test only (fake clocks must not share budget files with real ones)."""
+    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    RateBudget._registry.clear()
+    yield
+    RateBudget._registry.clear()
+
+
 @pytest.fixture
-def api_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh key per test (its own rate budget), set on ``cliniko_default``."""
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh key per test, set on ``cliniko_default``."""
     key = f"TrIgGeRsEcReT{uuid.uuid4().hex[:8]}-au2"
     monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(key))
-    yield key
-    RateBudget._registry.clear()
+    return key
 
 
 @pytest.fixture
@@ -443,3 +455,74 @@ async def test_registry_gives_one_poller_per_connection_and_loop(fake: FakeClini
     assert new_loop_poller[0].loop is not asyncio.get_running_loop()
     # back in this loop, the other loop's poller is not reused
     assert REGISTRY.get("cliniko_default") is not new_loop_poller[0]
+
+
+# --- against the sandbox -------------------------------------------------------------------------------
+
+
+def many_attachments(sandbox: Any, monkeypatch: pytest.MonkeyPatch, count: int) -> list[str]:
+    """Create ``count`` attachments through the real API (still processing for a few seconds)."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CLINIKO_DEFAULT",
+        connection_json(SANDBOX_KEY, sandbox.base_url, requests_per_minute=100_000),
+    )
+    hook = ClinikoHook()
+    patient = hook.create_patient("Trigger", "Many")
+    with sandbox_faults(sandbox, processing_delay=max(3.0, count * 0.06)):
+        return [create_attachment_via_api(hook, patient["id"])["id"] for _ in range(count)]
+
+
+async def wait_for_all_against_sandbox(sandbox: Any, ids: list[str]) -> None:
+    """Wait on ``ids`` plus one unknown id, counting the requests the sandbox gets."""
+    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
+    REGISTRY.factory = partial(AttachmentPoller, first_round_delay=0.2)
+    try:
+        triggers = [
+            ProcessingCompletedTrigger(i, poll_interval=1.0, deadline=_time.time() + 120) for i in ids
+        ]
+        triggers.append(ProcessingCompletedTrigger("12345", poll_interval=1.0))
+        tasks = [asyncio.ensure_future(fire(t)) for t in triggers]
+        await asyncio.sleep(0.1)
+        poller = REGISTRY.active()["cliniko_default"]
+        events = [e[0] for e in await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)]
+    finally:
+        REGISTRY.factory = AttachmentPoller
+    assert [e["status"] for e in events[:-1]] == ["success"] * len(ids)
+    assert all(e["attachment"]["processing_completed"] for e in events[:-1])
+    assert events[-1]["reason"] == "not_found"
+    stats = sandbox_control(sandbox, "stats")
+    polls = stats["requests_by_route"].get("GET /v1/patient_attachments") or stats["requests_by_route"].get(
+        "GET /patient_attachments"
+    )
+    per_round = poller.stats.requests_per_round
+    assert polls == poller.stats.requests == sum(per_round)
+    assert max(per_round) == math.ceil((len(ids) + 1) / 100)
+    assert stats["requests_total"] == polls  # nothing else: no per-attachment requests
+
+
+async def test_triggers_against_the_sandbox(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = await asyncio.to_thread(many_attachments, sandbox, monkeypatch, 120)
+    await wait_for_all_against_sandbox(sandbox, ids)
+
+
+@pytest.mark.slow
+async def test_1000_triggers_against_the_sandbox(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = await asyncio.to_thread(many_attachments, sandbox, monkeypatch, 1000)
+    await wait_for_all_against_sandbox(sandbox, ids)
+
+
+async def test_recreated_trigger_carries_on_against_the_sandbox(
+    sandbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [attachment_id] = await asyncio.to_thread(many_attachments, sandbox, monkeypatch, 1)
+    first = ProcessingCompletedTrigger(attachment_id, poll_interval=0.5, deadline=_time.time() + 60)
+    task = asyncio.ensure_future(fire(first))
+    await asyncio.sleep(0.3)
+    task.cancel()  # the triggerer stops: the trigger is cancelled mid-wait
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    classpath, kwargs = first.serialize()
+    assert classpath.endswith("ProcessingCompletedTrigger")
+    [event] = await fire_all([ProcessingCompletedTrigger(**kwargs)])
+    assert event["status"] == "success"
+    assert event["attachment"]["id"] == attachment_id

@@ -81,6 +81,7 @@ class PollerStats:
     rounds: int = 0
     requests: int = 0
     requests_per_round: list[int] = field(default_factory=list)
+    waiting_per_round: list[int] = field(default_factory=list)
 
 
 def batched(items: list[str], size: int) -> Iterator[list[str]]:
@@ -230,6 +231,7 @@ class AttachmentPoller:
             self._fail(self._all_waiters(), f"Cannot use the Cliniko connection {self.conn_id!r}: {error}")
             return
         self._secrets = (settings.api_key, settings.authorization.split(" ", 1)[1])
+        self.stats.waiting_per_round.append(len(self._waiters))
         for ids in batched(list(self._waiters), PER_PAGE):
             requests += 1
             try:
@@ -345,8 +347,9 @@ class PollerRegistry:
             del self._pollers[poller.conn_id]
 
     def active(self) -> dict[str, AttachmentPoller]:
-        """The pollers currently registered, by connection id."""
-        return dict(self._pollers)
+        """The open pollers of the running event loop, by connection id."""
+        loop = asyncio.get_running_loop()
+        return {key: p for key, p in self._pollers.items() if p.loop is loop and not p.closed}
 
 
 REGISTRY = PollerRegistry()
