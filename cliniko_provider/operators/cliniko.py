@@ -35,13 +35,14 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
     attachment record. Optionally waits until Cliniko has processed the file.
 
     **Idempotency.** Every upload has an idempotency key; its hash goes into the description as a
-    marker, ``"<description> [ref:<12 hex>]"`` (19 characters with the space, counted in Cliniko's 255, so a
-    description may have at most 236). Before
-    uploading, the operator looks for a non-archived attachment of the patient whose description holds
-    the marker and returns it instead of uploading again; after a create that failed with a 5xx or a
-    broken connection it looks again before retrying. So a retry of the task after a crash at any point
-    (before or after the upload, after the record was made) never makes a second attachment. A crash
-    between the upload and the create leaves an orphan temp object in S3 and nothing in Cliniko.
+    marker, ``"<description> [ref:<12 hex>]"``: 19 characters with the space, counted in Cliniko's 255,
+    so a description may have at most 236. Before uploading, the operator looks for a non-archived
+    attachment of the patient whose description holds the marker and returns it instead of uploading
+    again; after a create that failed with a 5xx or a broken connection it looks again before retrying.
+    So a retry of the task after a crash at any point (before or after the upload, after the record was
+    made) never makes a second attachment. A crash between the upload and the create leaves an orphan
+    temp object in S3 and nothing in Cliniko. Two task instances running the same key at the same
+    moment are not guarded against (Airflow does not run one task instance twice at once).
 
     The default key is the DAG id, task id and run id with the patient id, file name and file size: a
     retry or a clear of the same run finds its earlier upload, while the next run (tomorrow's report of
@@ -56,6 +57,8 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
 
     :param patient_id: the Cliniko patient id (templated).
     :param file_path: a local path or any ObjectStoragePath URI (``file://``, ``s3://``...) (templated).
+        URIs are taken literally, as ObjectStoragePath does, except that a percent-encoded ``file://``
+        URI (as ``Path.as_uri()`` writes) falls back to its decoded path.
     :param filename: the name Cliniko shows; default the file's base name (templated).
     :param description: the attachment's description (templated).
     :param cliniko_conn_id: the Cliniko connection id.
