@@ -213,8 +213,18 @@ def hook(fake: FakeCliniko, clock: FakeClock) -> ClinikoHook:
     return hook
 
 
-def context(run_id: str = "scheduled__2026-01-01") -> Any:
-    return {"ti": SimpleNamespace(dag_id="nightly", task_id="upload", run_id=run_id, map_index=-1)}
+class FakeTI(SimpleNamespace):
+    """The parts of a task instance the operator uses, recording XCom pushes."""
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+
+def context(run_id: str = "scheduled__2026-01-01", try_number: int = 1) -> Any:
+    ti = FakeTI(
+        dag_id="nightly", task_id="upload", run_id=run_id, map_index=-1, try_number=try_number, pushed={}
+    )
+    return {"ti": ti}
 
 
 def operator(hook: ClinikoHook, **kwargs: Any) -> ClinikoAttachmentUploadOperator:
@@ -295,6 +305,31 @@ def test_an_explicit_idempotency_key_spans_runs(hook: ClinikoHook, fake: FakeCli
     operator(hook, file_path=str(report), idempotency_key="report-7").execute(context("run-2"))
     assert len(fake.records) == 1
     assert fake.records["1000"]["description"] == idempotency_marker("report-7")
+
+
+def test_on_retry_skips_the_lookup_on_the_first_try_only(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path
+) -> None:
+    first = operator(hook, file_path=str(report), look_for_existing="on_retry").execute(context())
+    assert "GET /v1/patients/42/patient_attachments" not in fake.paths()  # one request saved
+    before = len(fake.requests)
+    again = operator(hook, file_path=str(report), look_for_existing="on_retry").execute(context(try_number=2))
+    assert again["id"] == first["id"]
+    assert fake.paths()[before:] == ["GET /v1/patients/42/patient_attachments"]
+    assert len(fake.records) == 1
+
+
+def test_look_for_existing_is_checked() -> None:
+    with pytest.raises(ValueError, match="'always' or 'on_retry'"):
+        ClinikoAttachmentUploadOperator(task_id="t", patient_id=1, file_path="x", look_for_existing="never")  # type: ignore[arg-type]
+
+
+def test_a_failure_leaves_its_reason_in_xcom(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
+    fake.patients.clear()
+    ctx = context()
+    with pytest.raises(Exception, match="no such patient") as error:
+        operator(hook, file_path=str(report)).execute(ctx)
+    assert ctx["ti"].pushed == {"cliniko_error": str(error.value)}
 
 
 def test_another_file_size_is_another_upload(hook: ClinikoHook, fake: FakeCliniko, tmp_path: Path) -> None:

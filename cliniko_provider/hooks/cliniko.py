@@ -559,6 +559,7 @@ class ClinikoHook(_ClinikoBase):
         filename: str | None = None,
         description: str | None = None,
         marker: str | None = None,
+        look_first: bool = True,
         progress: Progress | None = None,
     ) -> JsonDict:
         """Upload one file into a patient's record (presign, S3, create); return the attachment record.
@@ -572,12 +573,14 @@ class ClinikoHook(_ClinikoBase):
         :param filename: the name Cliniko shows; default the source's name.
         :param description: the description (at most 255 characters, the marker included).
         :param marker: the idempotency marker, or None for no idempotency.
+        :param look_first: look for an attachment holding the marker before uploading (one request);
+            False when the caller knows no earlier attempt can have made one.
         :param progress: see :meth:`upload_file`.
         """
         pid = validate_id("patient_id", patient_id)
         name = check_upload_filename(filename or source.name)
         full_description = describe_with_marker(description, marker)
-        if marker:
+        if marker and look_first:
             existing = self.find_attachment_by_marker(pid, marker)
             if existing is not None:
                 self.log.info(

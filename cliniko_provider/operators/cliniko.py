@@ -7,10 +7,11 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.providers.common.compat.sdk import conf
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
 
 from cliniko_provider.hooks.cliniko import (
     ClinikoHook,
@@ -68,6 +69,9 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
     :param poll_interval: seconds between checks while waiting.
     :param timeout: seconds to wait for processing before failing.
     :param idempotency_key: overrides the default idempotency key (templated).
+    :param look_for_existing: ``"always"`` (default) looks for an earlier upload before every upload;
+        ``"on_retry"`` only from the second try on, saving one API request per file when the DAG has
+        already checked what is attached (as the nightly example does, in bulk, for its run date).
     """
 
     template_fields: Sequence[str] = (
@@ -92,6 +96,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         poll_interval: float = 30.0,
         timeout: float = 60 * 60.0,
         idempotency_key: str | None = None,
+        look_for_existing: Literal["always", "on_retry"] = "always",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -105,6 +110,9 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.idempotency_key = idempotency_key
+        if look_for_existing not in ("always", "on_retry"):
+            raise ValueError(f"look_for_existing must be 'always' or 'on_retry', got {look_for_existing!r}")
+        self.look_for_existing = look_for_existing
 
     @cached_property
     def hook(self) -> ClinikoHook:
@@ -116,13 +124,18 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         patient_id = validate_id("patient_id", self.patient_id)
         source = resolve_source(self.file_path)
         key = self.idempotency_key or self.default_idempotency_key(context, patient_id, source)
-        record = self.hook.upload_attachment(
-            patient_id,
-            source,
-            filename=self.filename or None,
-            description=self.description,
-            marker=idempotency_marker(str(key)),
-        )
+        try:
+            record = self.hook.upload_attachment(
+                patient_id,
+                source,
+                filename=self.filename or None,
+                description=self.description,
+                marker=idempotency_marker(str(key)),
+                look_first=self.look_for_existing == "always" or context["ti"].try_number > 1,
+            )
+        except AirflowException as error:
+            self._report_failure(context, error)
+            raise
         attachment_id = str(record["id"])
         if not self.wait_for_completion or record.get("processing_completed") is True:
             return record
@@ -150,7 +163,16 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         :param context: the task context.
         :param event: the trigger's event.
         """
-        return record_from_event(event)
+        try:
+            return record_from_event(event)
+        except AirflowException as error:
+            self._report_failure(context, error)
+            raise
+
+    @staticmethod
+    def _report_failure(context: Context, error: AirflowException) -> None:
+        """Leave the reason in XCom ``cliniko_error`` for a summary task (mapped runs fail one by one)."""
+        context["ti"].xcom_push(key="cliniko_error", value=str(error))
 
     def default_idempotency_key(self, context: Context, patient_id: str, source: UploadSource) -> str:
         """Return the default idempotency key: this run of this task, the patient, the file name and size.
