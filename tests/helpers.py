@@ -107,3 +107,40 @@ def create_attachment_via_api(
     assert match, answer.text
     key = html.unescape(match.group(1))
     return dict(hook.create_attachment(patient_id, presign["url"] + key))
+
+
+class FakeAttachmentHook:
+    """Stands in for ``ClinikoHook`` in sensor tests: answers ``get_attachment`` from a script.
+
+    The last answer repeats; an exception in the script is raised.
+
+    :param answers: records (or exceptions) in the order the calls get them.
+    """
+
+    def __init__(self, *answers: dict[str, Any] | Exception) -> None:
+        self.answers = list(answers)
+        self.calls: list[str] = []
+
+    def get_attachment(self, attachment_id: str) -> dict[str, Any]:
+        self.calls.append(attachment_id)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@contextmanager
+def own_rate_budgets(monkeypatch: Any, state_dir: Path) -> Iterator[None]:
+    """Rate budgets of one test only: their state files in ``state_dir``, none kept in memory.
+
+    Budgets are shared through files by every process of the machine, so without this, fake clocks
+    and other test runs on the same key would make a hook wait.
+    """
+    from cliniko_provider.utils.retry import RateBudget
+
+    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(state_dir))
+    RateBudget._registry.clear()
+    try:
+        yield
+    finally:
+        RateBudget._registry.clear()

@@ -17,41 +17,17 @@ from cliniko_provider.utils.processing import (
     success_event,
     wait_for_processing,
 )
+from tests.fake_http import FakeClock
+from tests.helpers import FakeAttachmentHook
 
 PENDING = {"id": "7", "archived_at": None, "processing_completed": False, "filename": None}
 DONE = {"id": "7", "archived_at": None, "processing_completed": True, "filename": "r.pdf"}
 ARCHIVED = {"id": "7", "archived_at": "2025-03-01T10:00:00Z", "processing_completed": True}
 
 
-class FakeHook:
-    """Answers ``get_attachment`` from a script of records (or exceptions), recording calls."""
-
-    def __init__(self, *answers: dict[str, Any] | Exception) -> None:
-        self.answers = list(answers)
-        self.calls: list[str] = []
-
-    def get_attachment(self, attachment_id: str) -> dict[str, Any]:
-        self.calls.append(attachment_id)
-        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-def wait(hook: FakeHook, clock: Clock, *, poll_interval: float = 10, timeout: float = 60) -> dict[str, Any]:
+def wait(
+    hook: FakeAttachmentHook, clock: FakeClock, *, poll_interval: float = 10, timeout: float = 60
+) -> dict[str, Any]:
     return wait_for_processing(
         cast(ClinikoHook, hook),
         "7",
@@ -89,20 +65,20 @@ def test_gone_error_survives_pickling() -> None:
 
 
 def test_wait_polls_until_processed_and_returns_the_record() -> None:
-    hook, clock = FakeHook(PENDING, PENDING, DONE), Clock()
+    hook, clock = FakeAttachmentHook(PENDING, PENDING, DONE), FakeClock(100.0)
     assert wait(hook, clock) == DONE
     assert hook.calls == ["7", "7", "7"]
     assert clock.sleeps == [10, 10]
 
 
 def test_wait_returns_at_once_when_already_processed() -> None:
-    hook, clock = FakeHook(DONE), Clock()
+    hook, clock = FakeAttachmentHook(DONE), FakeClock(100.0)
     assert wait(hook, clock) == DONE
     assert clock.sleeps == []
 
 
 def test_wait_times_out_with_a_clear_message_and_never_oversleeps() -> None:
-    hook, clock = FakeHook(PENDING), Clock()
+    hook, clock = FakeAttachmentHook(PENDING), FakeClock(100.0)
     with pytest.raises(AirflowSensorTimeout, match=r"attachment 7 after 25 s.*raise the sensor's timeout"):
         wait(hook, clock, poll_interval=10, timeout=25)
     assert clock.sleeps == [10, 10, 5]  # the last sleep is cut to the deadline
@@ -110,14 +86,17 @@ def test_wait_times_out_with_a_clear_message_and_never_oversleeps() -> None:
 
 
 def test_wait_fails_at_once_when_archived_while_waiting() -> None:
-    hook, clock = FakeHook(PENDING, ARCHIVED), Clock()
+    hook, clock = FakeAttachmentHook(PENDING, ARCHIVED), FakeClock(100.0)
     with pytest.raises(ClinikoAttachmentGoneError, match="archived at"):
         wait(hook, clock)
     assert clock.sleeps == [10]
 
 
 def test_wait_turns_404_into_a_clear_not_found_error() -> None:
-    hook, clock = FakeHook(ClinikoNotFoundError(404, "Not found", request="GET /patient_attachments/7")), Clock()
+    hook, clock = (
+        FakeAttachmentHook(ClinikoNotFoundError(404, "Not found", request="GET /patient_attachments/7")),
+        FakeClock(100.0),
+    )
     with pytest.raises(ClinikoAttachmentGoneError) as info:
         wait(hook, clock)
     assert info.value.reason == "not_found"
@@ -125,7 +104,7 @@ def test_wait_turns_404_into_a_clear_not_found_error() -> None:
 
 
 def test_wait_lets_other_errors_through() -> None:
-    hook, clock = FakeHook(ClinikoError("boom")), Clock()
+    hook, clock = FakeAttachmentHook(ClinikoError("boom")), FakeClock(100.0)
     with pytest.raises(ClinikoError, match="boom"):
         wait(hook, clock)
 

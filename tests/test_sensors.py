@@ -22,8 +22,7 @@ from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.sensors.cliniko import DEFERRAL_GRACE, ProcessingCompletedSensor
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
 from cliniko_provider.utils.processing import error_event, success_event
-from cliniko_provider.utils.retry import RateBudget
-from tests.helpers import create_attachment_via_api
+from tests.helpers import FakeAttachmentHook, create_attachment_via_api, own_rate_budgets
 
 PENDING = {"id": "7", "archived_at": None, "processing_completed": False}
 DONE = {"id": "7", "archived_at": None, "processing_completed": True, "filename": "r.pdf"}
@@ -31,32 +30,16 @@ ARCHIVED = {"id": "7", "archived_at": "2025-03-01T10:00:00Z", "processing_comple
 NOT_FOUND = ClinikoNotFoundError(404, "Not found", request="GET /patient_attachments/7")
 
 
-class FakeHook:
-    def __init__(self, *answers: dict[str, Any] | Exception) -> None:
-        self.answers = list(answers)
-        self.calls = 0
-
-    def get_attachment(self, attachment_id: str) -> dict[str, Any]:
-        self.calls += 1
-        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-
 @pytest.fixture(autouse=True)
 def _own_rate_budgets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Rate budgets of this test only, so other tests' traffic on the sandbox key does not slow it."""
-    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
-    RateBudget._registry.clear()
-    yield
-    RateBudget._registry.clear()
+    with own_rate_budgets(monkeypatch, tmp_path):
+        yield
 
 
 def sensor(*answers: dict[str, Any] | Exception, **kwargs: Any) -> ProcessingCompletedSensor:
     kwargs = {"task_id": "wait", "attachment_id": "7", "poke_interval": 0, "timeout": 60, **kwargs}
     instance = ProcessingCompletedSensor(**kwargs)
-    instance.__dict__["hook"] = FakeHook(*answers)  # the cached_property's slot
+    instance.__dict__["hook"] = FakeAttachmentHook(*answers)  # the cached_property's slot
     return instance
 
 
@@ -109,7 +92,7 @@ def test_poke_is_not_done_while_processing() -> None:
 def test_poke_mode_returns_the_processed_record() -> None:
     waiting = sensor(PENDING, PENDING, DONE)
     assert waiting.execute(context()) == DONE
-    assert cast(FakeHook, waiting.hook).calls == 3
+    assert len(cast(FakeAttachmentHook, waiting.hook).calls) == 3
 
 
 def test_poke_mode_times_out() -> None:
@@ -122,7 +105,7 @@ def test_poke_mode_fails_at_once_when_the_attachment_is_gone(answer: Any, reason
     waiting = sensor(PENDING, answer)
     with pytest.raises(ClinikoAttachmentGoneError, match=reason):
         waiting.execute(context())
-    assert cast(FakeHook, waiting.hook).calls == 2
+    assert len(cast(FakeAttachmentHook, waiting.hook).calls) == 2
 
 
 def test_poke_mode_soft_fail_skips_when_gone() -> None:

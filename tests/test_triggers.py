@@ -21,26 +21,21 @@ import requests
 from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
 from cliniko_provider.triggers.poller import REGISTRY, AttachmentPoller
-from cliniko_provider.utils.retry import RateBudget
 from tests.conftest import SANDBOX_KEY, connection_json
-from tests.helpers import create_attachment_via_api, sandbox_control, sandbox_faults
+from tests.fake_http import FakeClock
+from tests.helpers import create_attachment_via_api, own_rate_budgets, sandbox_control, sandbox_faults
 
 START = 1_700_000_000.0
 
 
-class FakeTime:
-    """A UNIX clock that only moves when the code under test sleeps."""
+class FakeTime(FakeClock):
+    """A UNIX clock that only moves when the code under test sleeps; sleeping yields to the loop."""
 
     def __init__(self) -> None:
-        self.now = START
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
+        super().__init__(START)
 
     async def asleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += max(0.0, seconds)
+        self.sleep(seconds)
         await asyncio.sleep(0)
 
 
@@ -87,11 +82,8 @@ class FakeCliniko:
 
 @pytest.fixture(autouse=True)
 def _own_rate_budgets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Rate budgets of this test only (fake clocks must not share budget files with real ones)."""
-    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
-    RateBudget._registry.clear()
-    yield
-    RateBudget._registry.clear()
+    with own_rate_budgets(monkeypatch, tmp_path):
+        yield
 
 
 @pytest.fixture
