@@ -53,7 +53,7 @@ class ClinikoAPIError(ClinikoError):
         if self.errors:
             text += " (" + "; ".join(f"{field} {problem}" for field, problem in self.errors.items()) + ")"
         hint = self.hint()
-        return f"{text}. {hint}" if hint else text
+        return f"{text.rstrip('.')}. {hint}" if hint else text
 
     def hint(self) -> str:
         """Return what the user can do about this error (empty when nothing specific)."""

@@ -7,6 +7,7 @@ import hashlib
 import mimetypes
 import os
 import random
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -702,6 +703,11 @@ def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
     if not text:
         raise ClinikoInputError("file_path is empty: give the path or URI of the file to upload.")
     path: Path | ObjectStoragePath
+    if "://" in text and not text.split("://", 1)[0]:
+        raise ClinikoInputError(
+            f"file_path {text!r} is not a valid URI: nothing names the storage before '://'. Give a local "
+            "path or a URI with its scheme, such as file:///data/a.pdf or s3://bucket/a.pdf."
+        )
     if "://" in text:
         try:
             path = ObjectStoragePath(text)
@@ -728,7 +734,13 @@ def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
         raise ClinikoInputError(
             f"file_path {text!r} is a directory: give one file (use .expand(file_path=[...]) for many)."
         )
-    size = int(path.stat().st_size)
+    status = path.stat()
+    if isinstance(path, Path) and not stat.S_ISREG(status.st_mode):
+        raise ClinikoInputError(
+            f"file_path {text!r} is not a regular file (a FIFO, socket or device has no size to upload "
+            "from): write the report to a regular file and give its path."
+        )
+    size = int(status.st_size)
     if size == 0:
         raise ClinikoInputError(
             f"file_path {text!r} is empty (0 bytes): Cliniko has nothing to process in an empty file, so it "
@@ -739,6 +751,14 @@ def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
             f"file_path {text!r} is {size} bytes ({format_bytes(size)}); S3 takes at most 5 GiB "
             f"({MAX_UPLOAD_BYTES} bytes) in one upload. Split or compress the file."
         )
+    try:
+        _open_binary(path).close()
+    except OSError as error:
+        raise ClinikoInputError(
+            f"file_path {text!r} cannot be opened for reading ({type(error).__name__}: "
+            f"{error.strerror or error}). Give the worker's user read access to it (e.g. chmod a+r) or "
+            "check the storage's credentials."
+        ) from None
     return UploadSource(uri=text, name=path.name, size=size, opener=partial(_open_binary, path))
 
 

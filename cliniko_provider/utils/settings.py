@@ -102,10 +102,14 @@ def _number(extra: dict[str, Any], name: str, default: float, minimum: float) ->
         number = float(value)
     except (TypeError, ValueError):
         raise ClinikoConfigError(
-            f"The Cliniko connection's extra field {name!r} must be a number, got {value!r}."
+            f"The Cliniko connection's extra field {name!r} must be a number, got {value!r}: set it to a "
+            f"number such as {default:g}, or remove it to use that default."
         ) from None
     if number < minimum:
-        raise ClinikoConfigError(f"The Cliniko connection's extra field {name!r} must be >= {minimum}.")
+        raise ClinikoConfigError(
+            f"The Cliniko connection's extra field {name!r} must be >= {minimum:g}, got {number:g}: "
+            f"raise it, or remove it to use the default {default:g}."
+        )
     return number
 
 
