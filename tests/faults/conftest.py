@@ -47,11 +47,17 @@ class ScenarioRow:
 
 SCENARIOS: list[ScenarioRow] = []
 BAD_INPUT: list[tuple[str, str, str]] = []
+SECRETS: list[str] = []
 
 
 def record_scenario(row: ScenarioRow) -> None:
     """Add a scenario's row to the session's fault table."""
     SCENARIOS.append(row)
+
+
+def record_secrets_check(result: str, leaks: list[str]) -> None:
+    """Keep the secrets check's result (and any leak found) for ``tests/reports/secrets_check.md``."""
+    SECRETS.append("# Secrets check\n\n" + result + "\n" + "".join(f"\n- {leak}" for leak in leaks) + "\n")
 
 
 def record_bad_input(case: str, error_type: str, message: str) -> None:
@@ -89,6 +95,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for name, text in (
         ("fault_scenarios.md", scenario_table(SCENARIOS) if SCENARIOS else ""),
         ("bad_input.md", bad_input_table(BAD_INPUT) if BAD_INPUT else ""),
+        ("secrets_check.md", "".join(SECRETS)),
     ):
         if not text:
             continue
@@ -177,6 +184,15 @@ def count_outcome(found: dict[str, list[JsonDict]]) -> tuple[int, int, int, int]
     """Return (reports, attachments, duplicates, lost) for one expected attachment per patient."""
     counts = [len(records) for records in found.values()]
     return len(counts), sum(counts), sum(max(0, n - 1) for n in counts), sum(1 for n in counts if n == 0)
+
+
+def assert_one_processed_each(found: dict[str, list[JsonDict]], hook: ClinikoHook) -> None:
+    """Assert each report has exactly one attachment, processed and not archived."""
+    for patient_id, records in found.items():
+        assert len(records) == 1, f"patient {patient_id}: {pretty(records)}"
+        record = hook.get_attachment(records[0]["id"])
+        assert record["processing_completed"] is True, pretty(record)
+        assert record["archived_at"] is None
 
 
 def finish_scenario(

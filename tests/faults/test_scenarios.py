@@ -31,6 +31,7 @@ from cliniko_provider.exceptions import ClinikoStorageLimitError, S3UploadReject
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.sandbox.process import SandboxProcess
 from tests.faults.conftest import (
+    assert_one_processed_each,
     finish_scenario,
     new_patients,
     pretty,
@@ -92,14 +93,6 @@ def report_files(directory: Path, count: int, size: int = 2000) -> list[Path]:
         write_file(directory, f"report-WH-{index:04d}.csv", size + index, seed=index)
         for index in range(count)
     ]
-
-
-def assert_one_processed_each(found: dict[str, list[JsonDict]], hook: ClinikoHook) -> None:
-    for patient_id, records in found.items():
-        assert len(records) == 1, f"patient {patient_id}: {pretty(records)}"
-        record = hook.get_attachment(records[0]["id"])
-        assert record["processing_completed"] is True, pretty(record)
-        assert record["archived_at"] is None
 
 
 # --- 1. 30% 429s and 20% 5xx on API and S3, during a nightly run of 50 reports --------------------------
