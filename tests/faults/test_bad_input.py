@@ -369,7 +369,9 @@ def setup(sandbox: SandboxProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_bad_input_is_refused_with_the_problem_and_the_fix(setup: Setup, case: Case) -> None:
     uploads_before = sandbox_stats(setup.sandbox)["uploads"]
     if case.error is None:
-        ok, message = case.run(setup)  # type: ignore[misc]
+        answer = case.run(setup)
+        assert isinstance(answer, tuple)
+        ok, message = answer
         assert ok is False, message
         kind = "test_connection -> False"
     else:

@@ -446,12 +446,13 @@ def test_8_storage_limit_reached_midway(
     patients = new_patients(hook, reports)
     files = report_files(tmp_path / "reports", reports, size=size)
     reset_stats(sandbox)
-    results = [
-        run_like_a_task(
-            lambda number, p=patient, f=path: run_upload(hook, task_context(try_number=number), p, f)  # type: ignore[misc]
+
+    def task(patient: str, path: Path) -> TaskResult:
+        return run_like_a_task(
+            lambda number: run_upload(hook, task_context(try_number=number), patient, path)
         )
-        for patient, path in zip(patients, files, strict=True)
-    ]
+
+    results = [task(patient, path) for patient, path in zip(patients, files, strict=True)]
     stats = sandbox_stats(sandbox)
     done = [index for index, result in enumerate(results) if result.record is not None]
     failed = [index for index, result in enumerate(results) if result.record is None]
@@ -467,7 +468,8 @@ def test_8_storage_limit_reached_midway(
         patients,
         8,
         f"storage limit reached after 4 of {reports} reports (limit {4 * size + 2 * size // 3} B)",
-        f"{len(failed)} failed at once, 1 try each ({', '.join(messages)}); "
+        f"{len(failed)} failed at once, 1 try each ({', '.join(messages)}: "
+        f"'{results[failed[0]].errors[0].split(': ', 1)[1][:150]}...'); "
         f"{stats['requests_total']} requests for {reports} reports; re-run after the upgrade "
         "attached the rest",
     )

@@ -138,14 +138,12 @@ def test_5_triggerer_killed_while_105_waits_are_deferred_and_no_secret_anywhere(
         )
         with stack:
             stack.cli("pools", "set", "cliniko_api", "4", "Cliniko API")
-            stack.wait_for(
-                lambda: (
-                    stack.check_alive()
-                    or (stack.dag_is_parsed(SENSOR_DAG) and stack.dag_is_parsed(NIGHTLY_DAG))
-                ),
-                180,
-                "both DAGs to be parsed",
-            )
+
+            def parsed() -> bool:
+                stack.check_alive()
+                return stack.dag_is_parsed(SENSOR_DAG) and stack.dag_is_parsed(NIGHTLY_DAG)
+
+            stack.wait_for(parsed, 180, "both DAGs to be parsed")
             nightly_conf = {"patients": rows, "report_root": (tmp_path / "reports").as_uri()}
             stack.cli(
                 "dags",
