@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import requests
@@ -144,3 +145,18 @@ def own_rate_budgets(monkeypatch: Any, state_dir: Path) -> Iterator[None]:
         yield
     finally:
         RateBudget._registry.clear()
+
+
+class FakeTI(SimpleNamespace):
+    """The parts of a task instance the operator uses, recording XCom pushes."""
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+
+def fake_context(run_id: str = "manual__1", try_number: int = 1) -> Any:
+    """A task context holding only a :class:`FakeTI` (what the upload operator reads)."""
+    ti = FakeTI(
+        dag_id="nightly", task_id="upload", run_id=run_id, map_index=-1, try_number=try_number, pushed={}
+    )
+    return {"ti": ti}

@@ -7,7 +7,6 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -35,7 +34,7 @@ from cliniko_provider.hooks.cliniko import (
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
 from cliniko_provider.utils.multipart import MultipartBody
 from tests.fake_http import Answer, FakeClock, ScriptedAdapter
-from tests.helpers import cliniko_connection, write_file
+from tests.helpers import cliniko_connection, fake_context, write_file
 
 KEY = "UpLoAdTeStSeCrEt-au1"
 BASE = "https://api.au1.cliniko.com/v1"
@@ -213,18 +212,8 @@ def hook(fake: FakeCliniko, clock: FakeClock) -> ClinikoHook:
     return hook
 
 
-class FakeTI(SimpleNamespace):
-    """The parts of a task instance the operator uses, recording XCom pushes."""
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.pushed[key] = value
-
-
 def context(run_id: str = "scheduled__2026-01-01", try_number: int = 1) -> Any:
-    ti = FakeTI(
-        dag_id="nightly", task_id="upload", run_id=run_id, map_index=-1, try_number=try_number, pushed={}
-    )
-    return {"ti": ti}
+    return fake_context(run_id, try_number)
 
 
 def operator(hook: ClinikoHook, **kwargs: Any) -> ClinikoAttachmentUploadOperator:

@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,7 +28,7 @@ from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
 from cliniko_provider.sandbox.process import SandboxProcess
 from cliniko_provider.utils.processing import wait_for_processing
 from tests.conftest import REPO, SANDBOX_KEY, connection_json
-from tests.helpers import TRICKY_NAMES, env_with, sandbox_control, sandbox_faults, write_file
+from tests.helpers import TRICKY_NAMES, env_with, fake_context, sandbox_control, sandbox_faults, write_file
 
 JsonDict = dict[str, Any]
 
@@ -49,7 +48,7 @@ def patient(hook: ClinikoHook) -> str:
 
 
 def context(run_id: str = "manual__1") -> Any:
-    return {"ti": SimpleNamespace(dag_id="nightly", task_id="upload", run_id=run_id, map_index=-1)}
+    return fake_context(run_id)
 
 
 def upload(hook: ClinikoHook, patient: str, file_path: str | Path, **kwargs: Any) -> JsonDict:
