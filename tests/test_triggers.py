@@ -190,8 +190,8 @@ async def test_success_event_carries_the_processed_record(fake: FakeCliniko) -> 
             "filename": "report.pdf",
         },
     }
-    # first round after 0.5 s, then every 30 s: pending at 0.5 and 30.5, done at 60.5, seen at 90.5
-    assert fake.times == [0.5, 30.5, 60.5, 90.5]  # done at 65, seen at the round after
+    # first asked one interval after it deferred, then every 30 s: done at 65, seen at the round after
+    assert fake.times == [30.0, 60.0, 90.0]
 
 
 async def test_archived_attachment_fails_with_when_and_fix(fake: FakeCliniko) -> None:
@@ -223,8 +223,8 @@ async def test_deadline_passing_fires_a_timeout_at_the_deadline(fake: FakeClinik
     [event] = await fire_all([trigger("42", deadline_in=100, poll_interval=30)])
     assert event["reason"] == "timeout"
     assert "attachment 42 by the deadline 2023-11-14T22:15:00Z" in event["message"]
-    assert fake.time() == START + 100  # woke for the deadline, not the next round at 120.5
-    assert fake.times == [0.5, 30.5, 60.5, 90.5]
+    assert fake.time() == START + 100  # woke for the deadline, not the next round at 120
+    assert fake.times == [30.0, 60.0, 90.0]
 
 
 async def test_deadline_already_passed_times_out_without_a_request(fake: FakeCliniko) -> None:
@@ -278,12 +278,12 @@ async def test_timeout_after_failures_names_the_last_error(fake: FakeCliniko) ->
 
 async def test_429_waits_for_the_reset_header_through_the_shared_policy(fake: FakeCliniko) -> None:
     fake.add("42", done_after=0)
-    reset = START + 40  # the poller's first round is at START + 0.5
+    reset = START + 40  # the poller first asks at START + 30, one poll interval after the trigger started
     fake.script = [httpx.Response(429, headers={"X-RateLimit-Reset": str(int(reset))}, text="")]
     [event] = await fire_all([trigger("42")])
     assert event["status"] == "success"
     assert len(fake.requests) == 2
-    assert pytest.approx(40 - 0.5 + 0.5) in fake.time.sleeps  # until the reset, plus the policy's margin
+    assert pytest.approx(40 - 30 + 0.5) in fake.time.sleeps  # until the reset, plus the policy's margin
 
 
 async def test_missing_connection_is_an_api_error(fake: FakeCliniko) -> None:
@@ -347,10 +347,10 @@ async def test_250_triggers_cost_3_requests_a_round(fake: FakeCliniko) -> None:
     events = await fire_all([trigger(str(i), poll_interval=30) for i in range(1, 251)])
     assert {e["status"] for e in events} == {"success"}
     assert [e["attachment_id"] for e in events] == [str(i) for i in range(1, 251)]
-    # rounds at 0.5, 30.5, 60.5 (none done), 90.5 (odd ones done), 120.5 (the rest)
-    assert len(fake.requests) == 3 * 4 + 2
+    # rounds at 30, 60 (none done), 90 (odd ones done), 120 (the rest)
+    assert len(fake.requests) == 3 * 3 + 2
     [poller] = fake.pollers
-    assert poller.stats.requests_per_round == [3, 3, 3, 3, 2]
+    assert poller.stats.requests_per_round == [3, 3, 3, 2]
 
 
 async def test_mixed_outcomes_in_one_batch(fake: FakeCliniko) -> None:
@@ -365,7 +365,7 @@ async def test_mixed_outcomes_in_one_batch(fake: FakeCliniko) -> None:
         ("error", "timeout"),
         ("error", "not_found"),
     ]
-    assert fake.times == [0.5, 30.5]  # the first round settles three; one more before the deadline
+    assert fake.times == [30.0]  # the first round settles three; the deadline at 45 comes before the next
 
 
 async def test_two_triggers_on_one_attachment_both_fire(fake: FakeCliniko) -> None:
@@ -374,7 +374,7 @@ async def test_two_triggers_on_one_attachment_both_fire(fake: FakeCliniko) -> No
     assert [e["status"] for e in events] == ["success", "success"]
     assert [e["attachment_id"] for e in events] == ["42", "042"]  # each keeps the id it was given
     ids = [r.url.params.get_list("q[]")[0] for r in fake.requests]
-    assert ids == ["id:=42", "id:=42"]
+    assert ids == ["id:=42"]  # one question answers both
 
 
 async def test_rounds_follow_the_smallest_poll_interval(fake: FakeCliniko) -> None:
@@ -382,7 +382,7 @@ async def test_rounds_follow_the_smallest_poll_interval(fake: FakeCliniko) -> No
     fake.add("2", done_after=50)
     events = await fire_all([trigger("1", poll_interval=60), trigger("2", poll_interval=20)])
     assert [e["status"] for e in events] == ["success", "success"]
-    assert fake.times == [0.5, 20.5, 40.5, 60.5]
+    assert fake.times == [20.0, 40.0, 60.0]  # "1" is first due at 60, and asked with "2" then
 
 
 async def test_a_joining_waiter_with_a_shorter_interval_wakes_the_poller(
@@ -399,11 +399,12 @@ async def test_a_joining_waiter_with_a_shorter_interval_wakes_the_poller(
     factory = REGISTRY.factory
     monkeypatch.setattr(REGISTRY, "factory", partial(factory, asleep=asleep))
     slow = asyncio.ensure_future(fire(trigger("1", poll_interval=600, deadline_in=10_000)))
-    while len(fake.requests) < 1:  # the poller is now in its 600 s sleep, which never ends by itself
+    # wait until the poller is in its long sleep (first due at 600 s), which never ends by itself
+    while (poller := REGISTRY.active().get("cliniko_default")) is None or poller._planned_wake < START + 600:
         await asyncio.sleep(0)
     [event] = await fire_all([trigger("2", poll_interval=5)])
     assert event["status"] == "success"
-    assert fake.times == [0.5, 5.5]
+    assert fake.times == [5.0]  # first asked 5 s after it joined; "1" is not due yet
     slow.cancel()
     with pytest.raises(asyncio.CancelledError):
         await slow

@@ -9,9 +9,10 @@ rate budget of the key. So 1000 waiting attachments cost 10 requests a round ins
 Rules:
 
 - A round runs every *smallest poll interval among the current waiters*; a waiter that joins with a
-  shorter interval or an earlier deadline wakes the poller to re-plan. A new waiter is first asked about
-  at the next round (the sensor and operator check once themselves before they defer). The first round
-  waits ``first_round_delay`` so that triggers created together share it.
+  shorter interval or an earlier deadline wakes the poller to re-plan. A waiter is first asked about one
+  poll interval after it joins (the sensor and operator check once themselves before they defer, and an
+  answer within seconds of the deferral can race Airflow's scheduler into retrying the task); each
+  round asks about the waiters that are due, so triggers that defer together share their rounds.
 - Processed → success; archived → ``archived``; missing from the answer (deleted, never existed, or
   another account) → ``not_found``; deadline passed → ``timeout``.
 - Retryable failures (5xx, 429, connection errors, after the hook's own retries) are retried at the next
@@ -70,6 +71,7 @@ class Waiter:
     poll_interval: float
     deadline: float | None
     future: asyncio.Future[JsonDict]
+    due: float = 0.0
     failures: int = 0
     last_error: str = ""
 
@@ -151,8 +153,12 @@ class AttachmentPoller:
             raise RuntimeError("This Cliniko poller is closed; get a new one from the registry")
         if deadline is not None and deadline <= self._clock():
             return error_event(attachment_id, REASON_TIMEOUT, self._timeout_message(attachment_id, deadline))
+        interval = max(poll_interval, MIN_ROUND_INTERVAL)
+        # The task checked the attachment just before it deferred: the first check here is one interval
+        # later. Answering sooner also races Airflow's scheduler, which may still be recording the
+        # deferral, and then puts the task up for retry instead of resuming it.
         waiter = Waiter(
-            attachment_id, max(poll_interval, MIN_ROUND_INTERVAL), deadline, self.loop.create_future()
+            attachment_id, interval, deadline, self.loop.create_future(), self._clock() + interval
         )
         self._waiters.setdefault(attachment_id, []).append(waiter)
         if self._task is None:
@@ -186,14 +192,15 @@ class AttachmentPoller:
             await self._pause(self._first_round_delay)
             last_round = -math.inf
             while self._waiters:
-                if self._clock() >= last_round + self._interval():
+                if self._clock() >= last_round + self._interval() and await self._round(hook):
                     last_round = self._clock()
-                    await self._round(hook)
                 self._expire(self._clock())
                 if not self._waiters:
                     break
                 deadlines = [w.deadline for w in self._all_waiters() if w.deadline is not None]
-                self._planned_wake = min([last_round + self._interval(), *deadlines])
+                first_due = min(w.due for w in self._all_waiters())
+                next_round = max(last_round + self._interval(), first_due)
+                self._planned_wake = min([next_round, *deadlines])
                 await self._pause(self._planned_wake - self._clock())
         except asyncio.CancelledError:
             for waiter in self._all_waiters():
@@ -222,17 +229,21 @@ class AttachmentPoller:
             sleeper.cancel()
             waker.cancel()
 
-    async def _round(self, hook: ClinikoAsyncHook) -> None:
-        self.stats.rounds += 1
+    async def _round(self, hook: ClinikoAsyncHook) -> bool:
+        """Ask about every waiter that is due; return whether any was."""
         requests = 0
         try:
             settings = await hook.aget_settings()
         except Exception as error:  # missing or invalid connection: nothing to retry
             self._fail(self._all_waiters(), f"Cannot use the Cliniko connection {self.conn_id!r}: {error}")
-            return
+            return True
         self._secrets = (settings.api_key, settings.authorization.split(" ", 1)[1])
-        self.stats.waiting_per_round.append(len(self._waiters))
-        for ids in batched(list(self._waiters), PER_PAGE):
+        now = self._clock()
+        due = [item for item, waiters in self._waiters.items() if any(w.due <= now for w in waiters)]
+        if not due:
+            return False
+        self.stats.waiting_per_round.append(len(due))
+        for ids in batched(due, PER_PAGE):
             requests += 1
             try:
                 records = await hook.aget_attachments(ids)
@@ -245,9 +256,11 @@ class AttachmentPoller:
                 continue
             for attachment_id in ids:
                 self._settle(attachment_id, records.get(attachment_id))
+        self.stats.rounds += 1
         self.stats.requests += requests
         self.stats.requests_per_round.append(requests)
         log.debug("Cliniko poller %r: round with %d request(s)", self.conn_id, requests)
+        return True
 
     def _settle(self, attachment_id: str, record: JsonDict | None) -> None:
         waiters = list(self._waiters.get(attachment_id, []))
