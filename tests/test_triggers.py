@@ -489,7 +489,7 @@ async def wait_for_all_against_sandbox(sandbox: Any, ids: list[str]) -> None:
     )
     per_round = poller.stats.requests_per_round
     assert polls == poller.stats.requests == sum(per_round)
-    assert max(per_round) == math.ceil((len(ids) + 1) / 100)
+    assert max(per_round) <= math.ceil((len(ids) + 1) / 100)  # 100 ids a request, however many wait
     assert stats["requests_total"] == polls  # nothing else: no per-attachment requests
 
 
