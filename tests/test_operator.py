@@ -22,17 +22,16 @@ from cliniko_provider.exceptions import (
     S3UploadError,
     S3UploadRejectedError,
 )
-from cliniko_provider.hooks.cliniko import (
+from cliniko_provider.hooks.cliniko import PRESIGN_REFRESHES, ClinikoHook
+from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
+from cliniko_provider.utils.multipart import MultipartBody
+from cliniko_provider.utils.upload import (
     MAX_UPLOAD_BYTES,
-    PRESIGN_REFRESHES,
-    ClinikoHook,
     UploadProgress,
     idempotency_marker,
     join_upload_url,
     resolve_source,
 )
-from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
-from cliniko_provider.utils.multipart import MultipartBody
 from tests.fake_http import Answer, FakeClock, ScriptedAdapter
 from tests.helpers import cliniko_connection, fake_context, write_file
 

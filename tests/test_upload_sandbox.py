@@ -316,8 +316,8 @@ def test_a_file_that_shrinks_while_uploading_fails_without_a_record(
     hook: ClinikoHook, patient: str, tmp_path: Path
 ) -> None:
     """The body's length was promised up front; a short file must not become a truncated attachment."""
-    from cliniko_provider.hooks.cliniko import UploadSource
     from cliniko_provider.utils.multipart import SourceChangedError
+    from cliniko_provider.utils.upload import UploadSource
 
     path = write_file(tmp_path, "shrinking.csv", 10_000)
     source = UploadSource(uri=str(path), name=path.name, size=20_000, opener=lambda: path.open("rb"))

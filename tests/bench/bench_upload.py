@@ -49,7 +49,8 @@ def child(presign_file: str, file_path: str, rounds: str) -> None:
     Prints the transfer times and this process's peak RSS as JSON (curl runs as its own process, so
     its memory is not counted here).
     """
-    from cliniko_provider.hooks.cliniko import ClinikoHook, resolve_source
+    from cliniko_provider.hooks.cliniko import ClinikoHook
+    from cliniko_provider.utils.upload import resolve_source
 
     presign = json.loads(Path(presign_file).read_text())
     hook = ClinikoHook()

@@ -1,0 +1,301 @@
+"""Upload helpers: the file to send (local or object storage), input checks, idempotency markers, S3's
+answers and progress. No network I/O here: the hook sends (``ClinikoHook.upload_file``)."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import IO
+from urllib.parse import unquote
+
+from airflow.sdk import ObjectStoragePath
+
+from cliniko_provider.exceptions import ClinikoInputError, S3UploadError, S3UploadRejectedError
+from cliniko_provider.utils.multipart import Opener
+
+
+def check_description(description: str) -> str:
+    """Return the description if Cliniko will take it (at most 255 characters), else raise.
+
+    :param description: the attachment description.
+    """
+    if len(description) > 255:
+        raise ClinikoInputError(
+            f"description is {len(description)} characters long; Cliniko takes at most 255. Shorten it."
+        )
+    return description
+
+
+def one_line(text: str) -> str:
+    """Fold white space (line breaks included) into single spaces."""
+    return " ".join(text.split())
+
+
+MAX_UPLOAD_BYTES = 5 * 1024**3  # S3's limit for one POST
+DESCRIPTION_LIMIT = 255
+MARKER_HEX = 12
+PROGRESS_MIN_BYTES = 16 * 1024 * 1024  # smaller files log one line when done, no progress lines
+
+
+@dataclass(frozen=True)
+class UploadSource:
+    """One file to upload: where it is (for messages), its name and size, and how to open it.
+
+    :param uri: the path or URI, as given.
+    :param name: the file's base name.
+    :param size: its size in bytes.
+    :param opener: opens it for binary reading.
+    """
+
+    uri: str
+    name: str
+    size: int
+    opener: Opener
+
+
+def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
+    """Check a local path or ObjectStoragePath URI and describe the file; raise a clear error if unusable.
+
+    Refused, before anything is sent: a missing file, a directory, an empty file (Cliniko has nothing to
+    process in it) and a file over S3's 5 GiB limit for one upload.
+
+    :param file_path: a local path, or a URI such as ``file:///data/a.pdf`` or ``s3://bucket/a.pdf``.
+    """
+    text = os.fspath(file_path).strip()
+    if not text:
+        raise ClinikoInputError("file_path is empty: give the path or URI of the file to upload.")
+    path: Path | ObjectStoragePath
+    if "://" in text and not text.split("://", 1)[0]:
+        raise ClinikoInputError(
+            f"file_path {text!r} is not a valid URI: nothing names the storage before '://'. Give a local "
+            "path or a URI with its scheme, such as file:///data/a.pdf or s3://bucket/a.pdf."
+        )
+    if "://" in text:
+        try:
+            path = ObjectStoragePath(text)
+            exists, is_dir = path.exists(), path.is_dir()
+            if not exists and path.protocol in ("file", "local") and unquote(text) != text:
+                # RFC 8089 file URIs are percent-encoded (Path.as_uri() writes 'a%20b.pdf'), but
+                # ObjectStoragePath takes them literally: fall back to the decoded name.
+                path = ObjectStoragePath(unquote(text))
+                exists, is_dir = path.exists(), path.is_dir()
+        except (ValueError, ImportError) as error:
+            raise ClinikoInputError(
+                f"file_path {text!r} cannot be read: {error}. Install the Airflow provider for that "
+                "storage (e.g. apache-airflow-providers-amazon for s3://) or use a local path."
+            ) from None
+    else:
+        path = Path(text).expanduser()
+        exists, is_dir = path.exists(), path.is_dir()
+    if not exists:
+        raise ClinikoInputError(
+            f"file_path {text!r}: no such file. Check the path (and that the step writing it ran first); "
+            f"a relative path is taken from the worker's working directory {os.getcwd()!r}."
+        )
+    if is_dir:
+        raise ClinikoInputError(
+            f"file_path {text!r} is a directory: give one file (use .expand(file_path=[...]) for many)."
+        )
+    status = path.stat()
+    if isinstance(path, Path) and not stat.S_ISREG(status.st_mode):
+        raise ClinikoInputError(
+            f"file_path {text!r} is not a regular file (a FIFO, socket or device has no size to upload "
+            "from): write the report to a regular file and give its path."
+        )
+    size = int(status.st_size)
+    if size == 0:
+        raise ClinikoInputError(
+            f"file_path {text!r} is empty (0 bytes): Cliniko has nothing to process in an empty file, so it "
+            "is not uploaded. Check the step that wrote it."
+        )
+    if size > MAX_UPLOAD_BYTES:
+        raise ClinikoInputError(
+            f"file_path {text!r} is {size} bytes ({format_bytes(size)}); S3 takes at most 5 GiB "
+            f"({MAX_UPLOAD_BYTES} bytes) in one upload. Split or compress the file."
+        )
+    try:
+        _open_binary(path).close()
+    except OSError as error:
+        raise ClinikoInputError(
+            f"file_path {text!r} cannot be opened for reading ({type(error).__name__}: "
+            f"{error.strerror or error}). Give the worker's user read access to it (e.g. chmod a+r) or "
+            "check the storage's credentials."
+        ) from None
+    return UploadSource(uri=text, name=path.name, size=size, opener=partial(_open_binary, path))
+
+
+def _open_binary(path: Path | ObjectStoragePath) -> IO[bytes]:
+    opened: IO[bytes] = path.open("rb")
+    return opened
+
+
+def check_upload_filename(filename: str) -> str:
+    """Return the name Cliniko will show for the file, or raise if S3 could not carry it intact.
+
+    :param filename: the file name; S3 keeps only what follows the last ``/`` or ``\\``.
+    """
+    problem = ""
+    if not filename.strip():
+        problem = "is empty"
+    elif any(char in filename for char in "/\\"):
+        problem = "contains '/' or '\\', after which S3 would cut the name"
+    elif any(ord(char) < 32 or ord(char) == 127 for char in filename):
+        problem = "contains control characters (line breaks, tabs, NUL)"
+    elif len(filename.encode("utf-8")) > 255:
+        problem = f"is {len(filename.encode('utf-8'))} bytes long in UTF-8 (at most 255)"
+    if problem:
+        raise ClinikoInputError(
+            f"filename {filename!r} {problem}. Pass a plain file name such as 'report.pdf'."
+        )
+    return filename
+
+
+def idempotency_marker(key: str) -> str:
+    """Return the short marker (``[ref:<12 hex>]``) that an upload with this idempotency key leaves.
+
+    :param key: any string identifying one upload (hashed, so it may hold anything).
+    """
+    return f"[ref:{hashlib.sha256(key.encode('utf-8')).hexdigest()[:MARKER_HEX]}]"
+
+
+def marker_token(marker: str) -> str:
+    """Return the hex part of a marker: what the description filter searches for.
+
+    :param marker: a marker from :func:`idempotency_marker`.
+    """
+    return marker.removeprefix("[ref:").removesuffix("]")
+
+
+def describe_with_marker(description: str | None, marker: str | None) -> str | None:
+    """Return the description to send: the user's text, then the marker; at most 255 characters in all.
+
+    :param description: the user's description (may be empty).
+    :param marker: the idempotency marker, or None.
+    """
+    text = (description or "").strip()
+    if not marker:
+        return check_description(text) if text else None
+    full = f"{text} {marker}" if text else marker
+    if len(full) > DESCRIPTION_LIMIT:
+        room = DESCRIPTION_LIMIT - len(marker) - 1
+        raise ClinikoInputError(
+            f"description is {len(text)} characters long; Cliniko takes at most {DESCRIPTION_LIMIT}, and the "
+            f"upload adds a {len(marker) + 1}-character idempotency marker (' {marker}'), which leaves "
+            f"{room}. Shorten the description to {room} characters or fewer."
+        )
+    return full
+
+
+def join_upload_url(url: str, key: str) -> str:
+    """Return presign ``url`` + S3 ``Key``, with exactly one ``/`` between them.
+
+    :param url: the presign's ``url`` (normally ending in ``/``).
+    :param key: the ``Key`` from S3's answer.
+    """
+    return url.rstrip("/") + "/" + key.lstrip("/")
+
+
+def expected_key(fields: Iterable[tuple[str, str]], filename: str) -> str:
+    """Return the key S3 stores the file under: the ``key`` field with ``${filename}`` replaced.
+
+    Used only when S3 answers success without a body (``success_action_status`` other than 201).
+
+    :param fields: the presign fields.
+    :param filename: the file part's name.
+    """
+    key = next((value for name, value in fields if name.lower() == "key"), "")
+    return key.replace("${filename}", filename)
+
+
+def s3_error(status: int, answer: Mapping[str, str], text: str) -> S3UploadError:
+    """Build the error for a failed S3 answer: retryable for 5xx, final otherwise.
+
+    :param status: the HTTP status.
+    :param answer: the parsed XML (see :func:`parse_s3_xml`).
+    :param text: the raw body, used when it is not S3's XML.
+    """
+    code = answer.get("Code") or f"HTTP{status}"
+    message = answer.get("Message") or one_line(text)[:200] or "no message"
+    if code == "EntityTooLarge":
+        message += (
+            " (the presign caps the size at S3's 5 GiB, or at the storage the Cliniko account has left:"
+            " free space in Cliniko or upgrade the account)"
+        )
+    error_type = S3UploadError if status >= 500 or status == 429 else S3UploadRejectedError
+    return error_type(status, code, message)
+
+
+def guess_content_type(filename: str) -> str:
+    """Return the file part's ``Content-Type``, guessed from the name as ``curl -F`` does.
+
+    :param filename: the file name.
+    """
+    return mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+
+def format_bytes(count: float) -> str:
+    """Return a byte count for people: ``12.0 MiB``.
+
+    :param count: bytes.
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"  # pragma: no cover - the loop always returns
+
+
+class UploadProgress:
+    """Logs upload progress of a large file: a line per 10% or per 30 s, whichever comes first.
+
+    :param total: the file's size in bytes; below ``PROGRESS_MIN_BYTES`` nothing is logged.
+    :param emit: a logging method such as ``log.info``.
+    :param clock: the current time in seconds.
+    :param step: the fraction of the file between lines.
+    :param interval: the longest time between lines, in seconds.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        emit: Callable[..., None],
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        step: float = 0.1,
+        interval: float = 30.0,
+    ) -> None:
+        self.total = total
+        self._emit = emit
+        self._clock = clock
+        self._step = max(1, int(total * step))
+        self._interval = interval
+        self._start = self._last_time = clock()
+        self._next = self._step
+        self.enabled = total >= PROGRESS_MIN_BYTES
+
+    def __call__(self, sent: int) -> None:
+        if not self.enabled:
+            return
+        now = self._clock()
+        if sent < self._next and now - self._last_time < self._interval:
+            return
+        self._last_time = now
+        self._next = (sent // self._step + 1) * self._step
+        rate = sent / max(now - self._start, 1e-6)
+        self._emit(
+            "Upload progress: %s of %s (%d%%) at %s/s",
+            format_bytes(sent),
+            format_bytes(self.total),
+            sent * 100 // self.total,
+            format_bytes(rate),
+        )
+
+
+# === end of upload helpers ===============================================================================
