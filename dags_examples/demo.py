@@ -96,7 +96,7 @@ def main() -> int:
             for record in hook.list_attachments(patient_id=patient["id"]):
                 name = f"{patient['first_name']} {patient['last_name']} ({patient['id']})"
                 print(
-                    f"   {name:<22} {record['filename']!s:<34} "
+                    f"   {name:<38} {record['filename']!s:<32} "
                     f"{record['size']!s:>6}  {record['processed_at']}"
                 )
     print(f"Demo finished in {time.monotonic() - started:.0f} s; sandbox stopped.")
