@@ -430,8 +430,7 @@ class ClinikoHook(_ClinikoBase):
             raise ClinikoError("Cliniko answered with JSON that is not an object")
         return data
 
-    # === Upload (issue #4): the S3 step and the three-step flow of the upload guide ====================
-    # Everything below up to "end of upload" belongs to ClinikoAttachmentUploadOperator's flow.
+    # --- Upload: the S3 step and the three-step flow of the upload guide ------------------------------
 
     @cached_property
     def s3_session(self) -> requests.Session:
@@ -637,8 +636,6 @@ class ClinikoHook(_ClinikoBase):
                 "404). Check the id (ClinikoHook.find_patients looks patients up) and that the connection's "
                 "API key belongs to the patient's Cliniko account."
             ) from None
-
-    # === end of upload ===================================================================================
 
 
 def network_reason(error: BaseException) -> str:

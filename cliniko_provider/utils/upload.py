@@ -296,6 +296,3 @@ class UploadProgress:
             sent * 100 // self.total,
             format_bytes(rate),
         )
-
-
-# === end of upload helpers ===============================================================================
