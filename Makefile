@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
-.PHONY: install test test-fast test-slow lint demo bench sandbox constraints clean
+.PHONY: install test test-fast test-slow lint demo bench sandbox constraints openapi-subset clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ sandbox: install
 constraints: | $(BIN)/python
 	$(BIN)/python -m pip install -q uv
 	$(BIN)/uv pip compile -q --python $(BIN)/python --extra test -o constraints.txt pyproject.toml
+
+## Re-extract the schemas the sandbox tests use from Cliniko's official OpenAPI description:
+## make openapi-subset OPENAPI=/path/to/cliniko-openapi.yaml
+openapi-subset: install
+	@test -n "$(OPENAPI)" || { echo "usage: make openapi-subset OPENAPI=/path/to/cliniko-openapi.yaml"; exit 2; }
+	$(BIN)/python -m tests.data.extract_openapi "$(OPENAPI)"
 
 clean:
 	rm -rf $(VENV) .airflow .mypy_cache .ruff_cache .pytest_cache
