@@ -17,7 +17,6 @@ os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 SANDBOX_KEY = "sandbox-test-key-au1"
 USER_AGENT = "Cliniko Provider Tests (tests@cliniko-provider.example)"
 
@@ -37,6 +36,18 @@ def connection_json(api_key: str, host: str | None = None, **extra: Any) -> str:
     if host:
         conn["host"] = host
     return json.dumps(conn)
+
+
+FAST_TEST_TIMEOUT = 120  # seconds; a test marked slow gets SLOW_TEST_TIMEOUT unless it sets its own
+SLOW_TEST_TIMEOUT = 900
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test a timeout (pytest-timeout), so a hang fails the test instead of stalling CI."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            slow = item.get_closest_marker("slow") is not None
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT if slow else FAST_TEST_TIMEOUT))
 
 
 @pytest.fixture(scope="session")
