@@ -78,9 +78,9 @@ def _own_rate_budget(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[None]:
     """Give every test a fresh, machine-wide rate budget file, so no test waits on another's requests."""
-    from cliniko_provider.utils.retry import RateBudget
+    from cliniko_provider.utils.budget import PROCESS_BUDGETS
 
     monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path_factory.mktemp("rate")))
-    RateBudget._registry.clear()
+    PROCESS_BUDGETS.clear()
     yield
-    RateBudget._registry.clear()
+    PROCESS_BUDGETS.clear()

@@ -63,15 +63,15 @@ def cliniko_connection(monkeypatch: Any, api_key: str, host: str | None = None) 
     Fake clocks restart at the same time in every test, so budgets kept from an earlier test would
     make a hook wait.
     """
-    from cliniko_provider.utils.retry import RateBudget
+    from cliniko_provider.utils.budget import PROCESS_BUDGETS
     from tests.conftest import connection_json
 
     monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(api_key, host))
-    RateBudget._registry.clear()
+    PROCESS_BUDGETS.clear()
     try:
         yield
     finally:
-        RateBudget._registry.clear()
+        PROCESS_BUDGETS.clear()
 
 
 def env_with(**values: str) -> dict[str, str]:
@@ -137,14 +137,14 @@ def own_rate_budgets(monkeypatch: Any, state_dir: Path) -> Iterator[None]:
     Budgets are shared through files by every process of the machine, so without this, fake clocks
     and other test runs on the same key would make a hook wait.
     """
-    from cliniko_provider.utils.retry import RateBudget
+    from cliniko_provider.utils.budget import PROCESS_BUDGETS
 
     monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(state_dir))
-    RateBudget._registry.clear()
+    PROCESS_BUDGETS.clear()
     try:
         yield
     finally:
-        RateBudget._registry.clear()
+        PROCESS_BUDGETS.clear()
 
 
 class FakeTI(SimpleNamespace):

@@ -26,7 +26,8 @@ from cliniko_provider.exceptions import (
     ClinikoValidationError,
 )
 from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
-from cliniko_provider.utils.retry import RateBudget, RetryPolicy
+from cliniko_provider.utils.budget import PROCESS_BUDGETS, MachineBudget, ProcessBudget
+from cliniko_provider.utils.retry import RetryPolicy
 from tests.conftest import connection_json
 from tests.fake_http import Answer, FakeClock, ScriptedAdapter
 
@@ -37,9 +38,9 @@ BASE = "https://api.au3.cliniko.com/v1"
 @pytest.fixture(autouse=True)
 def _connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(KEY))
-    RateBudget._registry.clear()
+    PROCESS_BUDGETS.clear()
     yield
-    RateBudget._registry.clear()
+    PROCESS_BUDGETS.clear()
 
 
 def make_hook(
@@ -279,7 +280,7 @@ def test_bad_connection_is_a_config_error_that_does_not_retry(monkeypatch: pytes
 
 
 def test_rate_budget_holds_the_201st_request_until_the_window_frees() -> None:
-    budget = RateBudget(per_minute=200)
+    budget = ProcessBudget(per_minute=200, max_block=65)
     waits = [budget.reserve(now=1000.0 + i * 0.01) for i in range(200)]
     assert waits == [0.0] * 200
     assert budget.reserve(now=1010.0) == pytest.approx(51.0)  # the first slot frees at 1000 + 61
@@ -287,25 +288,19 @@ def test_rate_budget_holds_the_201st_request_until_the_window_frees() -> None:
 
 def test_rate_budget_is_shared_through_its_file(tmp_path: Path) -> None:
     """Two budgets on one file behave as one: what one process sends, the other counts."""
-    path = tmp_path / "budget.json"
-    worker, triggerer = RateBudget(per_minute=3, path=path), RateBudget(per_minute=3, path=path)
+    clock = FakeClock(100.0)
+    worker, triggerer = (MachineBudget("k", 3, 65, state_dir=tmp_path, clock=clock) for _ in range(2))
     assert [worker.reserve(now=100.0), triggerer.reserve(now=100.5), worker.reserve(now=101.0)] == [0, 0, 0]
     assert triggerer.reserve(now=102.0) == pytest.approx(59.0)  # frees when the first leaves the window
-    worker.block_until(500.0)
-    assert triggerer.reserve(now=400.0) == pytest.approx(100.0)
-
-
-def test_rate_budget_falls_back_to_the_process_when_the_file_is_unusable(tmp_path: Path) -> None:
-    budget = RateBudget(per_minute=1, path=tmp_path / "missing-dir" / "budget.json")
-    assert budget.reserve(now=10.0) == 0
-    assert budget.reserve(now=11.0) == pytest.approx(60.0)
-    assert budget.path is None
+    clock.now = 400.0
+    worker.block_until(430.0)
+    assert triggerer.reserve(now=400.0) == pytest.approx(30.0)
 
 
 def test_rate_budget_for_key_keeps_the_key_out_of_the_file_name(monkeypatch: pytest.MonkeyPatch) -> None:
     hook, _, _ = make_hook(Answer(200, {}))
     hook.get_patient(1)
-    assert hook.budget.path is not None
+    assert isinstance(hook.budget, MachineBudget)
     assert KEY not in str(hook.budget.path)
     assert KEY not in hook.budget.path.read_text()
 

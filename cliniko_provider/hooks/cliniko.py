@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,8 +24,9 @@ from cliniko_provider.exceptions import (
     S3UploadError,
     S3UploadRejectedError,
 )
+from cliniko_provider.utils.budget import RateBudget, budget_for
 from cliniko_provider.utils.multipart import MultipartBody, Opener, Progress, parse_s3_xml
-from cliniko_provider.utils.retry import RateBudget, RetryPolicy, error_for_answer
+from cliniko_provider.utils.retry import RetryPolicy, error_for_answer
 from cliniko_provider.utils.settings import ClinikoSettings, validate_id
 from cliniko_provider.utils.upload import (
     UploadProgress,
@@ -95,9 +95,7 @@ class _ClinikoBase(BaseHook):
     @property
     def budget(self) -> RateBudget:
         """This process's request budget for the connection's API key."""
-        settings = self._require_settings()
-        key_id = hashlib.sha256(settings.api_key.encode()).hexdigest()[:16]
-        return RateBudget.for_key(key_id, settings.requests_per_minute)
+        return budget_for(self._require_settings())
 
     def _require_settings(self) -> ClinikoSettings:
         if self._settings is None:
@@ -721,7 +719,7 @@ class ClinikoAsyncHook(_ClinikoBase):
         attempt = 0
         while True:
             attempt += 1
-            wait = self.budget.reserve(self._clock())
+            wait = await self.budget.areserve(self._clock())
             if wait > 0:
                 await self._asleep(wait)
             try:

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import random
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 
 from cliniko_provider.exceptions import (
     ClinikoAPIError,
@@ -159,95 +152,3 @@ def parse_error_body(body: str) -> tuple[str, dict[str, str]]:
                 ", ".join(map(str, problem)) if isinstance(problem, list) else str(problem)
             )
     return str(data.get("message") or data.get("error") or "")[:300], errors
-
-
-class RateBudget:
-    """A sliding-window request budget for one API key, shared by every process on this machine.
-
-    Keeps the machine's workers and triggerer together under Cliniko's 200 requests a minute per key,
-    and makes every user of the key wait after a 429 instead of each one hitting the limit again. The
-    window lives in a small file under ``$CLINIKO_RATE_STATE_DIR`` (default: the temp dir), guarded by
-    ``flock``; if that file cannot be used the budget falls back to this process alone. Across machines,
-    an Airflow pool is what bounds the load.
-
-    :param per_minute: requests allowed in any 60-second window.
-    :param path: the shared state file, or None for a budget of this process only.
-    """
-
-    WINDOW = 61.0  # one second more than Cliniko's minute: arrival times trail send times a little
-
-    _registry: dict[str, RateBudget] = {}
-    _registry_lock = threading.Lock()
-
-    def __init__(self, per_minute: float, path: Path | None = None) -> None:
-        self.per_minute = per_minute
-        self.path = path
-        self._sent: list[float] = []
-        self._blocked_until = 0.0
-        self._lock = threading.Lock()
-
-    @classmethod
-    def for_key(cls, key_id: str, per_minute: float) -> RateBudget:
-        """Return the budget of one key.
-
-        :param key_id: an identifier of the key (a hash, never the key itself).
-        :param per_minute: requests a minute, used when the budget is first made.
-        """
-        with cls._registry_lock:
-            budget = cls._registry.get(key_id)
-            if budget is None or budget.per_minute != per_minute:
-                state_dir = Path(os.environ.get("CLINIKO_RATE_STATE_DIR") or tempfile.gettempdir())
-                budget = cls._registry[key_id] = RateBudget(
-                    per_minute, state_dir / f"cliniko-rate-{key_id}.json"
-                )
-            return budget
-
-    @contextmanager
-    def _state(self) -> Iterator[None]:
-        """Hold the budget (thread lock, then the file lock) with the shared state loaded; save it after."""
-        with self._lock:
-            handle = None
-            if self.path is not None:
-                try:
-                    handle = open(self.path, "a+")  # noqa: SIM115 - held across the yield
-                    fcntl.flock(handle, fcntl.LOCK_EX)
-                    handle.seek(0)
-                    state = json.loads(handle.read() or "{}")
-                    self._sent = [float(value) for value in state.get("sent", [])]
-                    self._blocked_until = float(state.get("blocked_until", 0.0))
-                except (OSError, ValueError, TypeError):
-                    if handle is not None:
-                        handle.close()
-                    handle, self.path = None, None  # fall back to this process's own window
-            try:
-                yield
-            finally:
-                if handle is not None:
-                    handle.seek(0)
-                    handle.truncate()
-                    handle.write(json.dumps({"sent": self._sent, "blocked_until": self._blocked_until}))
-                    handle.flush()
-                    handle.close()  # releases the lock
-
-    def reserve(self, now: float | None = None) -> float:
-        """Reserve a slot for one request; return how long to wait before sending it.
-
-        :param now: the current UNIX time (``time.time()`` by default).
-        """
-        now = time.time() if now is None else now
-        limit = max(1, int(self.per_minute))
-        with self._state():
-            self._sent = [sent for sent in self._sent if sent > now - self.WINDOW][-limit:]
-            start = max(now, self._blocked_until)
-            if len(self._sent) >= limit:
-                start = max(start, self._sent[-limit] + self.WINDOW)
-            self._sent.append(start)
-            return start - now
-
-    def block_until(self, until: float) -> None:
-        """Hold every request on this key until ``until`` (after a 429).
-
-        :param until: UNIX time when Cliniko accepts requests again.
-        """
-        with self._state():
-            self._blocked_until = max(self._blocked_until, until)

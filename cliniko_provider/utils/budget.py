@@ -1,0 +1,395 @@
+"""The rate budget of one API key: one small interface, and backends for a process or a machine.
+
+Cliniko allows 200 requests a minute per API key. Every request first books a slot in the key's
+budget (``reserve``); after a 429 with a sane reset, every user of the key holds back until then
+(``block_until``). Backends:
+
+- :class:`ProcessBudget`: this process only.
+- :class:`MachineBudget` (the default): every process of this OS user on this machine, through a
+  small state file in a directory private to the user.
+- a cluster backend (Redis) plugs in through :func:`budget_for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+WINDOW = 61.0  # one second more than Cliniko's minute: arrival times trail send times a little
+SHARE_RETRY_AFTER = 60.0  # seconds before a machine budget that could not share tries again
+STATE_DIR_ENV = "CLINIKO_RATE_STATE_DIR"
+
+
+class RateBudget(Protocol):
+    """A request budget for one API key. ``now`` and ``until`` are UNIX times in seconds."""
+
+    def reserve(self, now: float) -> float:
+        """Book one request slot; return the seconds to wait before sending it."""
+        ...
+
+    def block_until(self, until: float) -> None:
+        """Hold every request on the key until ``until`` (after a 429 whose reset is sane)."""
+        ...
+
+    async def areserve(self, now: float) -> float:
+        """:meth:`reserve`, never blocking the event loop."""
+        ...
+
+    async def ablock_until(self, until: float) -> None:
+        """:meth:`block_until`, never blocking the event loop."""
+        ...
+
+
+class BudgetSettings(Protocol):
+    """The parts of the connection settings that shape a budget."""
+
+    @property
+    def api_key(self) -> str: ...
+
+    @property
+    def requests_per_minute(self) -> float: ...
+
+    @property
+    def max_rate_limit_wait(self) -> float: ...
+
+
+def key_id(api_key: str) -> str:
+    """Return a short identifier of an API key (a hash; never the key itself).
+
+    :param api_key: the API key.
+    """
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+T = TypeVar("T")
+
+
+class Budgets:
+    """The budgets of one process: one per key (and the settings that shape it), made on first use."""
+
+    def __init__(self) -> None:
+        self._budgets: dict[Hashable, RateBudget] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], RateBudget]) -> RateBudget:
+        """Return the budget kept under ``key``, making it with ``make`` the first time.
+
+        :param key: what identifies the budget (key id, limits, backend).
+        :param make: builds the budget.
+        """
+        with self._lock:
+            budget = self._budgets.get(key)
+            if budget is None:
+                budget = self._budgets[key] = make()
+            return budget
+
+    def clear(self) -> None:
+        """Forget every budget (tests use this to start each test afresh)."""
+        with self._lock:
+            self._budgets.clear()
+
+
+PROCESS_BUDGETS = Budgets()
+
+
+def budget_for(settings: BudgetSettings, budgets: Budgets = PROCESS_BUDGETS) -> RateBudget:
+    """Return this process's budget for the key of a connection (the machine-wide one by default).
+
+    :param settings: the connection settings (key, requests a minute, longest 429 wait).
+    :param budgets: where the process keeps its budgets.
+    """
+    kid = key_id(settings.api_key)
+    per_minute, max_block = settings.requests_per_minute, settings.max_rate_limit_wait
+    return budgets.get(
+        ("machine", kid, per_minute, max_block), lambda: MachineBudget(kid, per_minute, max_block)
+    )
+
+
+class SlidingWindow:
+    """The I/O-free state of a budget: send times in the last window, and a hold after a 429.
+
+    :param per_minute: requests allowed in any window.
+    :param max_block: the longest hold accepted (the connection's ``max_rate_limit_wait``).
+    """
+
+    def __init__(self, per_minute: float, max_block: float) -> None:
+        self.limit = max(1, int(per_minute))
+        self.max_block = max_block
+        self.sent: list[float] = []
+        self.blocked_until = 0.0
+
+    def reserve(self, now: float) -> float:
+        """Book one slot; return the seconds to wait before sending.
+
+        :param now: the current UNIX time.
+        """
+        self.sent = [sent for sent in self.sent if sent > now - WINDOW][-self.limit :]
+        start = max(now, min(self.blocked_until, now + self.max_block))
+        if len(self.sent) >= self.limit:
+            start = max(start, self.sent[-self.limit] + WINDOW)
+        self.sent.append(start)
+        return start - now
+
+    def block_until(self, until: float, now: float) -> None:
+        """Hold every request until ``until``, at most ``max_block`` seconds after ``now``.
+
+        :param until: UNIX time when requests may go again.
+        :param now: the current UNIX time.
+        """
+        if math.isfinite(until):
+            self.blocked_until = max(self.blocked_until, min(until, now + self.max_block))
+
+    def load(self, data: Any, now: float) -> bool:
+        """Take the state read from a shared file; return False (state unchanged) when it is damaged.
+
+        Only finite numbers within the window and the hold bound are taken: a value written by a
+        faulty or hostile process can never hold this one back longer than ``max_block``.
+
+        :param data: the decoded JSON.
+        :param now: the current UNIX time.
+        """
+        if not isinstance(data, dict):
+            return False
+        sent, blocked = data.get("sent"), data.get("blocked_until")
+        if not isinstance(sent, list) or not isinstance(blocked, int | float) or not _is_number(blocked):
+            return False
+        latest = now + WINDOW + self.max_block
+        self.sent = sorted(float(t) for t in sent if _is_number(t) and now - WINDOW < t <= latest)
+        self.blocked_until = min(float(blocked), now + self.max_block)
+        return True
+
+    def dump(self) -> bytes:
+        """Return the state as the shared file holds it."""
+        return json.dumps({"sent": self.sent, "blocked_until": self.blocked_until}).encode()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class ProcessBudget:
+    """A budget of this process alone.
+
+    :param per_minute: requests allowed in any 61-second window.
+    :param max_block: the longest hold after a 429, in seconds.
+    :param clock: the current UNIX time (bounds holds set without a ``now``).
+    """
+
+    def __init__(self, per_minute: float, max_block: float, clock: Callable[[], float] | None = None) -> None:
+        self._window = SlidingWindow(per_minute, max_block)
+        self._clock = clock or time.time
+        self._lock = threading.Lock()
+
+    def reserve(self, now: float) -> float:
+        """Book one slot; return the seconds to wait.
+
+        :param now: the current UNIX time.
+        """
+        with self._lock:
+            return self._window.reserve(now)
+
+    def block_until(self, until: float) -> None:
+        """Hold the key until ``until`` (bounded by ``max_block``).
+
+        :param until: UNIX time.
+        """
+        with self._lock:
+            self._window.block_until(until, self._clock())
+
+    async def areserve(self, now: float) -> float:
+        """Book one slot (memory only, so safe on the event loop).
+
+        :param now: the current UNIX time.
+        """
+        return self.reserve(now)
+
+    async def ablock_until(self, until: float) -> None:
+        """Hold the key until ``until`` (memory only).
+
+        :param until: UNIX time.
+        """
+        self.block_until(until)
+
+
+class SharingError(OSError):
+    """The state file or its directory is not safe to use."""
+
+
+class MachineBudget:
+    """A budget shared by every process of this OS user on this machine (workers and triggerer).
+
+    The state lives in ``$CLINIKO_RATE_STATE_DIR`` (default ``<tmp>/cliniko-rate-<uid>``), a directory
+    that must belong to the user and is kept at mode 0700; each key has a 0600 file there, opened
+    without following symlinks and locked with ``flock`` while it is read and written. What is read is
+    validated; a damaged file is rewritten. When the file cannot be used, the budget works for this
+    process alone, logs one warning, and tries sharing again a minute later. The async methods run
+    the file work in a thread, so the event loop never waits on a lock or a disk.
+
+    :param kid: the key's identifier (see :func:`key_id`).
+    :param per_minute: requests allowed in any 61-second window.
+    :param max_block: the longest hold after a 429, in seconds.
+    :param state_dir: the directory; default from the environment, read at each use.
+    :param clock: the current UNIX time (bounds holds set without a ``now``).
+    """
+
+    def __init__(
+        self,
+        kid: str,
+        per_minute: float,
+        max_block: float,
+        state_dir: Path | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.kid = kid
+        self._state_dir = state_dir
+        self._window = SlidingWindow(per_minute, max_block)
+        self._clock = clock or time.time
+        self._lock = threading.Lock()
+        self._share_again_at = -math.inf
+        self._warned = False
+        self.sharing = True
+
+    @property
+    def state_dir(self) -> Path:
+        """The directory holding the state files."""
+        if self._state_dir is not None:
+            return self._state_dir
+        configured = os.environ.get(STATE_DIR_ENV)
+        if configured:
+            return Path(configured)
+        return Path(tempfile.gettempdir()) / f"cliniko-rate-{os.geteuid()}"
+
+    @property
+    def path(self) -> Path:
+        """The key's state file."""
+        return self.state_dir / f"cliniko-rate-{self.kid}.json"
+
+    def reserve(self, now: float) -> float:
+        """Book one slot for every process of the machine; return the seconds to wait.
+
+        :param now: the current UNIX time.
+        """
+        return self._with_state(now, lambda window: window.reserve(now))
+
+    def block_until(self, until: float) -> None:
+        """Hold the key for every process of the machine until ``until`` (bounded by ``max_block``).
+
+        :param until: UNIX time.
+        """
+        now = self._clock()
+        self._with_state(now, lambda window: window.block_until(until, now))
+
+    async def areserve(self, now: float) -> float:
+        """:meth:`reserve` in a thread.
+
+        :param now: the current UNIX time.
+        """
+        return await asyncio.to_thread(self.reserve, now)
+
+    async def ablock_until(self, until: float) -> None:
+        """:meth:`block_until` in a thread.
+
+        :param until: UNIX time.
+        """
+        await asyncio.to_thread(self.block_until, until)
+
+    def _with_state(self, now: float, change: Callable[[SlidingWindow], T]) -> T:
+        """Apply ``change`` to the shared state (or to this process's own, when it cannot be shared)."""
+        with self._lock:
+            if now < self._share_again_at:
+                return change(self._window)
+            try:
+                fd = self._open()
+            except OSError as error:
+                return self._alone(now, error, change)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._read(fd, now)
+                result = change(self._window)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                os.write(fd, self._window.dump())
+            except OSError as error:
+                return self._alone(now, error, change)
+            finally:
+                os.close(fd)  # releases the lock
+            if not self.sharing:
+                log.info("Cliniko rate budget: sharing through %s again", self.path)
+            self.sharing, self._warned = True, False
+            return result
+
+    def _alone(self, now: float, error: OSError, change: Callable[[SlidingWindow], T]) -> T:
+        self.sharing = False
+        self._share_again_at = now + SHARE_RETRY_AFTER
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "Cliniko rate budget: cannot share the request budget with this machine's other processes "
+                "through %s (%s); this process keeps its own budget and tries again in %.0f s. Fix: make "
+                "the directory a private one of this user (mode 0700), or set %s to one.",
+                self.state_dir,
+                error,
+                SHARE_RETRY_AFTER,
+                STATE_DIR_ENV,
+            )
+        return change(self._window)
+
+    def _open(self) -> int:
+        """Open the key's state file safely: private directory, no symlinks, owned by this user."""
+        directory = self.state_dir
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode):
+            raise SharingError(errno.ENOTDIR, "not a directory (or a symlink)")
+        if info.st_uid != os.geteuid():
+            raise SharingError(errno.EPERM, f"the directory belongs to user id {info.st_uid}")
+        if info.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            self._replace_unsafe("a symlink")
+            fd = os.open(self.path, flags | os.O_EXCL, 0o600)
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+            if info.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+            return fd
+        os.close(fd)
+        self._replace_unsafe("not a regular file of this user")
+        return os.open(self.path, flags | os.O_EXCL, 0o600)
+
+    def _replace_unsafe(self, what: str) -> None:
+        # The directory is this user's and private, so removing the entry (never its target) is safe.
+        log.warning("Cliniko rate budget: %s was %s; replacing it", self.path, what)
+        os.unlink(self.path)
+
+    def _read(self, fd: int, now: float) -> None:
+        limit = 4096 + 32 * self._window.limit
+        raw = os.read(fd, limit + 1)
+        if not raw:
+            return
+        try:
+            data = json.loads(raw) if len(raw) <= limit else None
+        except ValueError:
+            data = None
+        if not self._window.load(data, now):
+            log.warning("Cliniko rate budget: %s was damaged; rewriting it", self.path)
