@@ -24,12 +24,11 @@ from cliniko_provider.exceptions import (
 )
 from cliniko_provider.hooks.cliniko import PRESIGN_REFRESHES, ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
-from cliniko_provider.utils.multipart import MultipartBody
+from cliniko_provider.utils.s3_form import MultipartBody, join_upload_url
 from cliniko_provider.utils.upload import (
     MAX_UPLOAD_BYTES,
     UploadProgress,
     idempotency_marker,
-    join_upload_url,
     resolve_source,
 )
 from tests.fake_http import Answer, FakeClock, ScriptedAdapter

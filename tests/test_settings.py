@@ -14,8 +14,8 @@ from cliniko_provider.utils.settings import (
     ClinikoSettings,
     normalise_base_url,
     shard_from_api_key,
-    validate_id,
 )
+from cliniko_provider.utils.validation import validate_id
 
 UA = "Acme Reports (ops@acme.example)"
 

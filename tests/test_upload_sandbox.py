@@ -316,7 +316,7 @@ def test_a_file_that_shrinks_while_uploading_fails_without_a_record(
     hook: ClinikoHook, patient: str, tmp_path: Path
 ) -> None:
     """The body's length was promised up front; a short file must not become a truncated attachment."""
-    from cliniko_provider.utils.multipart import SourceChangedError
+    from cliniko_provider.utils.s3_form import SourceChangedError
     from cliniko_provider.utils.upload import UploadSource
 
     path = write_file(tmp_path, "shrinking.csv", 10_000)

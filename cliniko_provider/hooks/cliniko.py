@@ -25,23 +25,27 @@ from cliniko_provider.exceptions import (
     S3UploadRejectedError,
 )
 from cliniko_provider.utils.budget import RateBudget, budget_for
-from cliniko_provider.utils.multipart import MultipartBody, Opener, Progress, parse_s3_xml
-from cliniko_provider.utils.retry import RetryPolicy, error_for_answer
-from cliniko_provider.utils.settings import ClinikoSettings, validate_id
+from cliniko_provider.utils.errors import error_for_answer
+from cliniko_provider.utils.retry import RetryPolicy
+from cliniko_provider.utils.s3_form import (
+    MultipartBody,
+    Opener,
+    Progress,
+    expected_key,
+    join_upload_url,
+    parse_s3_xml,
+    s3_error,
+)
+from cliniko_provider.utils.settings import ClinikoSettings
 from cliniko_provider.utils.upload import (
     UploadProgress,
     UploadSource,
-    check_description,
-    check_upload_filename,
     describe_with_marker,
-    expected_key,
     format_bytes,
     guess_content_type,
-    join_upload_url,
     marker_token,
-    one_line,
-    s3_error,
 )
+from cliniko_provider.utils.validation import check_description, check_upload_filename, one_line, validate_id
 
 JsonDict = dict[str, Any]
 Params = Mapping[str, Any] | list[tuple[str, Any]] | None

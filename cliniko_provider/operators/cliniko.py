@@ -15,8 +15,8 @@ from airflow.sdk.exceptions import AirflowException
 
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.utils.processing import record_from_event, wait_for_processing
-from cliniko_provider.utils.settings import validate_id
 from cliniko_provider.utils.upload import UploadSource, idempotency_marker, resolve_source
+from cliniko_provider.utils.validation import validate_id
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

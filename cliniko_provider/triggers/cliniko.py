@@ -10,7 +10,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from cliniko_provider.exceptions import ClinikoInputError
 from cliniko_provider.triggers.poller import REGISTRY
 from cliniko_provider.utils.processing import REASON_API_ERROR, REASON_NOT_FOUND, error_event
-from cliniko_provider.utils.settings import validate_id
+from cliniko_provider.utils.validation import validate_id
 
 
 class ProcessingCompletedTrigger(BaseTrigger):

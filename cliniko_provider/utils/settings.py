@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from cliniko_provider.exceptions import ClinikoConfigError, ClinikoInputError
+from cliniko_provider.exceptions import ClinikoConfigError
+from cliniko_provider.utils.validation import number_extra
 
 KNOWN_SHARDS = frozenset({"au1", "au2", "au3", "au4", "ca1", "uk1", "uk2", "uk3", "eu1", "us1"})
 SHARD_PATTERN = re.compile(r"^[a-z]{2}\d{1,2}$")
@@ -94,25 +95,6 @@ def normalise_base_url(host: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
-def _number(extra: dict[str, Any], name: str, default: float, minimum: float) -> float:
-    value = extra.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ClinikoConfigError(
-            f"The Cliniko connection's extra field {name!r} must be a number, got {value!r}: set it to a "
-            f"number such as {default:g}, or remove it to use that default."
-        ) from None
-    if number < minimum:
-        raise ClinikoConfigError(
-            f"The Cliniko connection's extra field {name!r} must be >= {minimum:g}, got {number:g}: "
-            f"raise it, or remove it to use the default {default:g}."
-        )
-    return number
-
-
 @dataclass(frozen=True)
 class ClinikoSettings:
     """Everything needed to call Cliniko, read once from the connection.
@@ -169,10 +151,10 @@ class ClinikoSettings:
             api_key=api_key,
             base_url=base_url,
             user_agent=user_agent,
-            max_attempts=int(_number(extra, "max_attempts", 5, 1)),
-            max_rate_limit_wait=_number(extra, "max_rate_limit_wait", 65.0, 0),
-            timeout=_number(extra, "timeout", 60.0, 1),
-            requests_per_minute=_number(extra, "requests_per_minute", 200.0, 1),
+            max_attempts=int(number_extra(extra, "max_attempts", 5, 1)),
+            max_rate_limit_wait=number_extra(extra, "max_rate_limit_wait", 65.0, 0),
+            timeout=number_extra(extra, "timeout", 60.0, 1),
+            requests_per_minute=number_extra(extra, "requests_per_minute", 200.0, 1),
         )
 
     @property
@@ -205,18 +187,3 @@ class ClinikoSettings:
         if path.startswith(base_path):
             path = path[len(base_path) :] or "/"
         return f"{method} {path}"
-
-
-def validate_id(name: str, value: object) -> str:
-    """Return a Cliniko id as the string Cliniko uses, or raise a clear error.
-
-    :param name: the argument's name, for the message (e.g. ``patient_id``).
-    :param value: an int or a string of digits.
-    """
-    text = str(value).strip() if value is not None else ""
-    if isinstance(value, bool) or not text.isdigit() or not text.isascii() or int(text) <= 0:
-        raise ClinikoInputError(
-            f"{name} must be a Cliniko numeric id such as '1234567890', got {value!r}. "
-            "Look the record up first (e.g. ClinikoHook.find_patients) and pass its 'id'."
-        )
-    return str(int(text))

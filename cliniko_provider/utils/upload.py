@@ -1,5 +1,5 @@
-"""Upload helpers: the file to send (local or object storage), input checks, idempotency markers, S3's
-answers and progress. No network I/O here: the hook sends (``ClinikoHook.upload_file``)."""
+"""Upload helpers: the file to send (local or object storage), idempotency markers and progress.
+No network I/O here: the hook sends (``ClinikoHook.upload_file``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import mimetypes
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,29 +17,11 @@ from urllib.parse import unquote
 
 from airflow.sdk import ObjectStoragePath
 
-from cliniko_provider.exceptions import ClinikoInputError, S3UploadError, S3UploadRejectedError
-from cliniko_provider.utils.multipart import Opener
-
-
-def check_description(description: str) -> str:
-    """Return the description if Cliniko will take it (at most 255 characters), else raise.
-
-    :param description: the attachment description.
-    """
-    if len(description) > 255:
-        raise ClinikoInputError(
-            f"description is {len(description)} characters long; Cliniko takes at most 255. Shorten it."
-        )
-    return description
-
-
-def one_line(text: str) -> str:
-    """Fold white space (line breaks included) into single spaces."""
-    return " ".join(text.split())
-
+from cliniko_provider.exceptions import ClinikoInputError
+from cliniko_provider.utils.s3_form import Opener
+from cliniko_provider.utils.validation import DESCRIPTION_LIMIT, check_description
 
 MAX_UPLOAD_BYTES = 5 * 1024**3  # S3's limit for one POST
-DESCRIPTION_LIMIT = 255
 MARKER_HEX = 12
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024  # smaller files log one line when done, no progress lines
 
@@ -136,27 +118,6 @@ def _open_binary(path: Path | ObjectStoragePath) -> IO[bytes]:
     return opened
 
 
-def check_upload_filename(filename: str) -> str:
-    """Return the name Cliniko will show for the file, or raise if S3 could not carry it intact.
-
-    :param filename: the file name; S3 keeps only what follows the last ``/`` or ``\\``.
-    """
-    problem = ""
-    if not filename.strip():
-        problem = "is empty"
-    elif any(char in filename for char in "/\\"):
-        problem = "contains '/' or '\\', after which S3 would cut the name"
-    elif any(ord(char) < 32 or ord(char) == 127 for char in filename):
-        problem = "contains control characters (line breaks, tabs, NUL)"
-    elif len(filename.encode("utf-8")) > 255:
-        problem = f"is {len(filename.encode('utf-8'))} bytes long in UTF-8 (at most 255)"
-    if problem:
-        raise ClinikoInputError(
-            f"filename {filename!r} {problem}. Pass a plain file name such as 'report.pdf'."
-        )
-    return filename
-
-
 def idempotency_marker(key: str) -> str:
     """Return the short marker (``[ref:<12 hex>]``) that an upload with this idempotency key leaves.
 
@@ -191,45 +152,6 @@ def describe_with_marker(description: str | None, marker: str | None) -> str | N
             f"{room}. Shorten the description to {room} characters or fewer."
         )
     return full
-
-
-def join_upload_url(url: str, key: str) -> str:
-    """Return presign ``url`` + S3 ``Key``, with exactly one ``/`` between them.
-
-    :param url: the presign's ``url`` (normally ending in ``/``).
-    :param key: the ``Key`` from S3's answer.
-    """
-    return url.rstrip("/") + "/" + key.lstrip("/")
-
-
-def expected_key(fields: Iterable[tuple[str, str]], filename: str) -> str:
-    """Return the key S3 stores the file under: the ``key`` field with ``${filename}`` replaced.
-
-    Used only when S3 answers success without a body (``success_action_status`` other than 201).
-
-    :param fields: the presign fields.
-    :param filename: the file part's name.
-    """
-    key = next((value for name, value in fields if name.lower() == "key"), "")
-    return key.replace("${filename}", filename)
-
-
-def s3_error(status: int, answer: Mapping[str, str], text: str) -> S3UploadError:
-    """Build the error for a failed S3 answer: retryable for 5xx, final otherwise.
-
-    :param status: the HTTP status.
-    :param answer: the parsed XML (see :func:`parse_s3_xml`).
-    :param text: the raw body, used when it is not S3's XML.
-    """
-    code = answer.get("Code") or f"HTTP{status}"
-    message = answer.get("Message") or one_line(text)[:200] or "no message"
-    if code == "EntityTooLarge":
-        message += (
-            " (the presign caps the size at S3's 5 GiB, or at the storage the Cliniko account has left:"
-            " free space in Cliniko or upgrade the account)"
-        )
-    error_type = S3UploadError if status >= 500 or status == 429 else S3UploadRejectedError
-    return error_type(status, code, message)
 
 
 def guess_content_type(filename: str) -> str:

@@ -1,4 +1,4 @@
-"""A streamed ``multipart/form-data`` body for S3's browser-style POST upload, and S3's XML answers.
+"""S3's browser-style POST: the streamed ``multipart/form-data`` body, and S3's answers (XML, errors, Key).
 
 ``requests`` holds a ``files=`` body wholly in memory. :class:`MultipartBody` instead has ``__len__`` (the
 exact total, so ``requests`` sends ``Content-Length``, never chunked) and ``__iter__`` (the form fields,
@@ -13,11 +13,12 @@ form data, and S3 substitutes ``${filename}`` from ``filename`` alone.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO
 from xml.etree import ElementTree
 
-from cliniko_provider.exceptions import ClinikoError
+from cliniko_provider.exceptions import ClinikoError, S3UploadError, S3UploadRejectedError
+from cliniko_provider.utils.validation import one_line
 
 CHUNK_SIZE = 1024 * 1024
 CRLF = b"\r\n"
@@ -147,3 +148,42 @@ def parse_s3_xml(body: bytes | str) -> dict[str, str]:
 
 def _local_name(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
+
+
+def s3_error(status: int, answer: Mapping[str, str], text: str) -> S3UploadError:
+    """Build the error for a failed S3 answer: retryable for 5xx, final otherwise.
+
+    :param status: the HTTP status.
+    :param answer: the parsed XML (see :func:`parse_s3_xml`).
+    :param text: the raw body, used when it is not S3's XML.
+    """
+    code = answer.get("Code") or f"HTTP{status}"
+    message = answer.get("Message") or one_line(text)[:200] or "no message"
+    if code == "EntityTooLarge":
+        message += (
+            " (the presign caps the size at S3's 5 GiB, or at the storage the Cliniko account has left:"
+            " free space in Cliniko or upgrade the account)"
+        )
+    error_type = S3UploadError if status >= 500 or status == 429 else S3UploadRejectedError
+    return error_type(status, code, message)
+
+
+def expected_key(fields: Iterable[tuple[str, str]], filename: str) -> str:
+    """Return the key S3 stores the file under: the ``key`` field with ``${filename}`` replaced.
+
+    Used only when S3 answers success without a body (``success_action_status`` other than 201).
+
+    :param fields: the presign fields.
+    :param filename: the file part's name.
+    """
+    key = next((value for name, value in fields if name.lower() == "key"), "")
+    return key.replace("${filename}", filename)
+
+
+def join_upload_url(url: str, key: str) -> str:
+    """Return presign ``url`` + S3 ``Key``, with exactly one ``/`` between them.
+
+    :param url: the presign's ``url`` (normally ending in ``/``).
+    :param key: the ``Key`` from S3's answer.
+    """
+    return url.rstrip("/") + "/" + key.lstrip("/")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from cliniko_provider.sandbox.multipart import MultipartReader, boundary_of
-from cliniko_provider.utils.multipart import (
+from cliniko_provider.utils.s3_form import (
     MultipartBody,
     SourceChangedError,
     content_disposition,

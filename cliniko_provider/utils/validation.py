@@ -1,0 +1,92 @@
+"""Checks of what users pass in: ids, file names, descriptions and the connection's numeric extras.
+
+Every check returns the value to use or raises an error naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cliniko_provider.exceptions import ClinikoConfigError, ClinikoInputError
+
+DESCRIPTION_LIMIT = 255
+
+
+def validate_id(name: str, value: object) -> str:
+    """Return a Cliniko id as the string Cliniko uses, or raise a clear error.
+
+    :param name: the argument's name, for the message (e.g. ``patient_id``).
+    :param value: an int or a string of digits.
+    """
+    text = str(value).strip() if value is not None else ""
+    if isinstance(value, bool) or not text.isdigit() or not text.isascii() or int(text) <= 0:
+        raise ClinikoInputError(
+            f"{name} must be a Cliniko numeric id such as '1234567890', got {value!r}. "
+            "Look the record up first (e.g. ClinikoHook.find_patients) and pass its 'id'."
+        )
+    return str(int(text))
+
+
+def check_upload_filename(filename: str) -> str:
+    """Return the name Cliniko will show for the file, or raise if S3 could not carry it intact.
+
+    :param filename: the file name; S3 keeps only what follows the last ``/`` or ``\\``.
+    """
+    problem = ""
+    if not filename.strip():
+        problem = "is empty"
+    elif any(char in filename for char in "/\\"):
+        problem = "contains '/' or '\\', after which S3 would cut the name"
+    elif any(ord(char) < 32 or ord(char) == 127 for char in filename):
+        problem = "contains control characters (line breaks, tabs, NUL)"
+    elif len(filename.encode("utf-8")) > 255:
+        problem = f"is {len(filename.encode('utf-8'))} bytes long in UTF-8 (at most 255)"
+    if problem:
+        raise ClinikoInputError(
+            f"filename {filename!r} {problem}. Pass a plain file name such as 'report.pdf'."
+        )
+    return filename
+
+
+def check_description(description: str) -> str:
+    """Return the description if Cliniko will take it (at most 255 characters), else raise.
+
+    :param description: the attachment description.
+    """
+    if len(description) > DESCRIPTION_LIMIT:
+        raise ClinikoInputError(
+            f"description is {len(description)} characters long; Cliniko takes at most "
+            f"{DESCRIPTION_LIMIT}. Shorten it."
+        )
+    return description
+
+
+def number_extra(extra: dict[str, Any], name: str, default: float, minimum: float) -> float:
+    """Return a numeric extra field of the connection, or its default when unset.
+
+    :param extra: the connection's extra fields.
+    :param name: the field's name.
+    :param default: the value when unset.
+    :param minimum: the smallest value accepted.
+    """
+    value = extra.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ClinikoConfigError(
+            f"The Cliniko connection's extra field {name!r} must be a number, got {value!r}: set it to a "
+            f"number such as {default:g}, or remove it to use that default."
+        ) from None
+    if number < minimum:
+        raise ClinikoConfigError(
+            f"The Cliniko connection's extra field {name!r} must be >= {minimum:g}, got {number:g}: "
+            f"raise it, or remove it to use the default {default:g}."
+        )
+    return number
+
+
+def one_line(text: str) -> str:
+    """Fold white space (line breaks included) into single spaces."""
+    return " ".join(text.split())
