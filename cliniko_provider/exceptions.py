@@ -23,6 +23,10 @@ class ClinikoInputError(ClinikoError, AirflowFailException):
     """An argument given to a hook, operator or sensor is invalid."""
 
 
+class ClinikoPermanentError(ClinikoError, AirflowFailException):
+    """A failure that retrying cannot fix, e.g. reported by a trigger event marked not retryable."""
+
+
 class ClinikoConnectionError(ClinikoError):
     """Cliniko could not be reached (after retries)."""
 

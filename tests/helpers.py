@@ -13,6 +13,9 @@ from typing import Any
 
 import requests
 
+from cliniko_provider.hooks.cliniko import ClinikoHook
+from tests.fake_http import FakeClock
+
 # --- Upload tests ------------------------------------------------------------------------------------
 
 TRICKY_NAMES = (
@@ -110,20 +113,23 @@ def create_attachment_via_api(
     return dict(hook.create_attachment(patient_id, presign["url"] + key))
 
 
-class FakeAttachmentHook:
-    """Stands in for ``ClinikoHook`` in sensor tests: answers ``get_attachment`` from a script.
+class FakeAttachmentHook(ClinikoHook):
+    """A ``ClinikoHook`` whose ``get_attachment`` answers from a script (its waiting logic is the real one).
 
     The last answer repeats; an exception in the script is raised.
 
     :param answers: records (or exceptions) in the order the calls get them.
+    :param clock: a fake clock: the hook sleeps on it and reads the time from it.
     """
 
-    def __init__(self, *answers: dict[str, Any] | Exception) -> None:
+    def __init__(self, *answers: dict[str, Any] | Exception, clock: FakeClock | None = None) -> None:
+        clock = clock or FakeClock()
+        super().__init__(sleep=clock.sleep, clock=clock)
         self.answers = list(answers)
         self.calls: list[str] = []
 
-    def get_attachment(self, attachment_id: str) -> dict[str, Any]:
-        self.calls.append(attachment_id)
+    def get_attachment(self, attachment_id: int | str) -> dict[str, Any]:
+        self.calls.append(str(attachment_id))
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, Exception):
             raise answer

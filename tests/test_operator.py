@@ -16,6 +16,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout, T
 
 from cliniko_provider.exceptions import (
     ClinikoAuthError,
+    ClinikoError,
     ClinikoInputError,
     ClinikoServerError,
     ClinikoStorageLimitError,
@@ -24,6 +25,7 @@ from cliniko_provider.exceptions import (
 )
 from cliniko_provider.hooks.cliniko import PRESIGN_REFRESHES, ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
+from cliniko_provider.triggers.cliniko import error_event
 from cliniko_provider.utils.s3_form import MultipartBody, join_upload_url
 from cliniko_provider.utils.upload import (
     MAX_UPLOAD_BYTES,
@@ -583,6 +585,19 @@ def test_wait_for_completion_deferrable_defers_to_the_trigger(
     assert op.execute_complete(context(), event) == processed
     with pytest.raises(AirflowSensorTimeout):
         op.execute_complete(context(), {"status": "error", "attachment_id": "1000", "reason": "timeout"})
+
+
+@pytest.mark.parametrize(("retryable", "fails_without_retry"), [(False, True), (True, False)])
+def test_execute_complete_fails_without_retry_when_retrying_cannot_help(
+    retryable: bool, fails_without_retry: bool
+) -> None:
+    op = ClinikoAttachmentUploadOperator(task_id="upload", patient_id=PATIENT, file_path="/x")
+    event = error_event("1000", "api_error", "Cliniko answered 401: Access denied", retryable=retryable)
+    ctx = fake_context()
+    with pytest.raises(ClinikoError, match=r"^Cliniko answered 401: Access denied$") as info:
+        op.execute_complete(ctx, event)
+    assert isinstance(info.value, AirflowFailException) is fails_without_retry
+    assert ctx["ti"].pushed["cliniko_error"] == "Cliniko answered 401: Access denied"
 
 
 # --- progress -----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import (
     AirflowRescheduleException,
@@ -20,8 +21,7 @@ from airflow.sdk.exceptions import (
 from cliniko_provider.exceptions import ClinikoAttachmentGoneError, ClinikoError, ClinikoNotFoundError
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.sensors.cliniko import DEFERRAL_GRACE, ProcessingCompletedSensor
-from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
-from cliniko_provider.utils.processing import error_event, success_event
+from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger, error_event, success_event
 from tests.helpers import FakeAttachmentHook, create_attachment_via_api, own_rate_budgets
 
 PENDING = {"id": "7", "archived_at": None, "processing_completed": False}
@@ -165,19 +165,23 @@ def test_execute_complete_returns_the_record() -> None:
 
 
 @pytest.mark.parametrize(
-    ("reason", "error_type"),
+    ("reason", "retryable", "error_type", "fails_without_retry"),
     [
-        ("archived", ClinikoAttachmentGoneError),
-        ("not_found", ClinikoAttachmentGoneError),
-        ("timeout", AirflowSensorTimeout),
-        ("api_error", ClinikoError),
+        ("archived", False, ClinikoAttachmentGoneError, True),
+        ("not_found", False, ClinikoAttachmentGoneError, True),
+        ("timeout", False, AirflowSensorTimeout, False),  # Airflow fails a sensor timeout without retry
+        ("api_error", False, ClinikoError, True),  # e.g. a 401: retrying cannot help
+        ("api_error", True, ClinikoError, False),  # e.g. Cliniko kept failing: the task's retries may
     ],
 )
-def test_execute_complete_raises_the_events_error(reason: str, error_type: type[Exception]) -> None:
+def test_execute_complete_raises_the_events_error(
+    reason: str, retryable: bool, error_type: type[Exception], fails_without_retry: bool
+) -> None:
     waiting = sensor(PENDING, deferrable=True)
-    event = error_event("7", reason, f"clear words about {reason}")
-    with pytest.raises(error_type, match=f"clear words about {reason}"):
+    event = error_event("7", reason, f"clear words about {reason}", retryable=retryable)
+    with pytest.raises(error_type, match=f"clear words about {reason}") as info:
         waiting.resume_execution("execute_complete", {"event": event}, context())
+    assert isinstance(info.value, AirflowFailException) is fails_without_retry
 
 
 @pytest.mark.parametrize("reason", ["archived", "not_found", "timeout", "api_error"])

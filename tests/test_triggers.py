@@ -234,13 +234,19 @@ async def test_deadline_already_passed_times_out_without_a_request(fake: FakeCli
     assert fake.requests == []
 
 
-async def test_client_error_is_an_api_error_at_once(fake: FakeCliniko, api_key: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "text"), [(401, "HTTP Basic: Access denied"), (403, "Forbidden"), (422, "Bad filter")]
+)
+async def test_client_error_is_an_api_error_at_once_that_task_retries_cannot_fix(
+    fake: FakeCliniko, api_key: str, status: int, text: str
+) -> None:
     fake.add("42")
-    fake.script = [httpx.Response(401, text="HTTP Basic: Access denied")]
+    fake.script = [httpx.Response(status, text=text)]
     [event] = await fire_all([trigger("42")])
     assert event["reason"] == "api_error"
-    assert "401" in event["message"]
-    assert "Access denied" in event["message"]
+    assert event["retryable"] is False
+    assert f"Cliniko refused the status check: Cliniko answered {status}" in event["message"]
+    assert text in event["message"]
     assert api_key not in event["message"]
     assert len(fake.requests) == 1  # 4xx is never retried
 
@@ -263,6 +269,7 @@ async def test_5xx_for_too_many_rounds_is_an_api_error(
     monkeypatch.setattr(REGISTRY, "factory", partial(factory, max_failed_rounds=2))
     [event] = await fire_all([trigger("42")])
     assert event["reason"] == "api_error"
+    assert event["retryable"] is True  # Cliniko may be back by the task's next try
     assert "Cliniko kept failing for 2 rounds" in event["message"]
     assert "500" in event["message"]
     assert "Kaputt" in event["message"]
@@ -289,6 +296,7 @@ async def test_429_waits_for_the_reset_header_through_the_shared_policy(fake: Fa
 async def test_missing_connection_is_an_api_error(fake: FakeCliniko) -> None:
     [event] = await fire_all([trigger("42", cliniko_conn_id="no_such_conn")])
     assert event["reason"] == "api_error"
+    assert event["retryable"] is True  # as in a worker: the connection may be added before the next try
     assert "no_such_conn" in event["message"]
     assert fake.requests == []
 
@@ -297,6 +305,7 @@ async def test_invalid_connection_is_an_api_error(fake: FakeCliniko, monkeypatch
     monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_BAD", json.dumps({"conn_type": "cliniko", "password": "k-au1"}))
     [event] = await fire_all([trigger("42", cliniko_conn_id="cliniko_bad")])
     assert event["reason"] == "api_error"
+    assert event["retryable"] is False
     assert "User-Agent" in event["message"]
 
 
@@ -317,6 +326,7 @@ async def test_a_poller_crash_fails_its_waiters_instead_of_hanging(
     fake.add("42")
     [event] = await fire_all([trigger("42")])
     assert event["reason"] == "api_error"
+    assert event["retryable"] is True
     assert "poller failed: bug" in event["message"]
     assert REGISTRY.active() == {}
 
@@ -359,11 +369,11 @@ async def test_mixed_outcomes_in_one_batch(fake: FakeCliniko) -> None:
     fake.archived.add("2")
     fake.add("3", done_after=math.inf)
     events = await fire_all([trigger("1"), trigger("2"), trigger("3", deadline_in=45), trigger("4")])
-    assert [(e["status"], e.get("reason")) for e in events] == [
-        ("success", None),
-        ("error", "archived"),
-        ("error", "timeout"),
-        ("error", "not_found"),
+    assert [(e["status"], e.get("reason"), e.get("retryable")) for e in events] == [
+        ("success", None, None),
+        ("error", "archived", False),
+        ("error", "timeout", False),
+        ("error", "not_found", False),
     ]
     assert fake.times == [30.0]  # the first round settles three; the deadline at 45 comes before the next
 
@@ -468,7 +478,7 @@ def many_attachments(sandbox: Any, monkeypatch: pytest.MonkeyPatch, count: int) 
 async def wait_for_all_against_sandbox(sandbox: Any, ids: list[str]) -> None:
     """Wait on ``ids`` plus one unknown id, counting the requests the sandbox gets."""
     requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
-    REGISTRY.factory = partial(AttachmentPoller, first_round_delay=0.2)
+    REGISTRY.factory = AttachmentPoller
     try:
         triggers = [
             ProcessingCompletedTrigger(i, poll_interval=1.0, deadline=_time.time() + 120) for i in ids

@@ -26,7 +26,6 @@ from cliniko_provider.exceptions import (
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
 from cliniko_provider.sandbox.process import SandboxProcess
-from cliniko_provider.utils.processing import wait_for_processing
 from tests.conftest import REPO, SANDBOX_KEY, connection_json
 from tests.helpers import TRICKY_NAMES, env_with, fake_context, sandbox_control, sandbox_faults, write_file
 
@@ -106,7 +105,7 @@ def test_tricky_names_arrive_intact_after_processing(hook: ClinikoHook, patient:
     processed = [hook.get_attachment(record["id"]) for record in records]
     for record in processed:
         if not record["processing_completed"]:
-            record.update(wait_for_processing(hook, record["id"], poll_interval=0.1, timeout=30))
+            record.update(hook.wait_for_processing(record["id"], poll_interval=0.1, timeout=30))
     assert [record["filename"] for record in processed] == list(TRICKY_NAMES)
 
 

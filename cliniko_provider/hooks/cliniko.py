@@ -11,11 +11,13 @@ from typing import Any, TypeVar
 
 import httpx
 import requests
+from airflow.providers.common.compat.sdk import AirflowSensorTimeout
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
 from cliniko_provider.exceptions import (
     ClinikoAPIError,
+    ClinikoAttachmentGoneError,
     ClinikoConnectionError,
     ClinikoError,
     ClinikoInputError,
@@ -59,6 +61,18 @@ def equality_filters(*filters: str, **equals: object) -> list[str]:
     :param equals: ``field=value`` pairs, each meaning ``field:=value``.
     """
     return [*filters, *(f"{name}:={value}" for name, value in equals.items() if value is not None)]
+
+
+def check_processed(record: JsonDict) -> bool:
+    """Return True when Cliniko has finished processing the attachment; raise if it never will.
+
+    :param record: an attachment record from Cliniko.
+    :raises ClinikoAttachmentGoneError: the record is archived.
+    """
+    archived_at = record.get("archived_at")
+    if archived_at:
+        raise ClinikoAttachmentGoneError(str(record.get("id")), "archived", archived_at=str(archived_at))
+    return record.get("processing_completed") is True
 
 
 class _ClinikoBase(BaseHook):
@@ -389,6 +403,44 @@ class ClinikoHook(_ClinikoBase):
         :param attachment_id: the attachment id.
         """
         return self.get_json(f"/patient_attachments/{validate_id('attachment_id', attachment_id)}")
+
+    def processed_attachment(self, attachment_id: int | str) -> JsonDict | None:
+        """Fetch the attachment once; return its record when Cliniko has processed it, else None.
+
+        :param attachment_id: the attachment id.
+        :raises ClinikoAttachmentGoneError: the attachment is archived, deleted or never existed.
+        """
+        try:
+            record = self.get_attachment(attachment_id)
+        except ClinikoNotFoundError:
+            raise ClinikoAttachmentGoneError(str(attachment_id), "not_found") from None
+        return record if check_processed(record) else None
+
+    def wait_for_processing(
+        self, attachment_id: int | str, *, poll_interval: float, timeout: float
+    ) -> JsonDict:
+        """Poll one attachment until Cliniko has processed it; return the processed record.
+
+        Every poll goes through the hook's retries and rate budget; it sleeps with the hook's ``sleep``.
+
+        :param attachment_id: the attachment id.
+        :param poll_interval: seconds between polls.
+        :param timeout: seconds to wait in all before giving up.
+        :raises ClinikoAttachmentGoneError: the attachment is archived, deleted or never existed.
+        :raises AirflowSensorTimeout: it was not processed within ``timeout``.
+        """
+        deadline = self._clock() + timeout
+        while True:
+            record = self.processed_attachment(attachment_id)
+            if record is not None:
+                return record
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise AirflowSensorTimeout(
+                    f"Cliniko had not finished processing attachment {attachment_id} after {timeout:.0f} s. "
+                    "Large files take longer: raise the sensor's timeout, or check the attachment in Cliniko"
+                )
+            self._sleep(min(poll_interval, remaining))
 
     def list_attachments(
         self, *filters: str, patient_id: int | str | None = None, include_archived: bool = False

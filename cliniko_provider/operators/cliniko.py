@@ -14,7 +14,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from cliniko_provider.hooks.cliniko import ClinikoHook
-from cliniko_provider.utils.processing import record_from_event, wait_for_processing
+from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger, record_from_event
 from cliniko_provider.utils.upload import UploadSource, idempotency_marker, resolve_source
 from cliniko_provider.utils.validation import validate_id
 
@@ -136,8 +136,6 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         if not self.wait_for_completion or record.get("processing_completed") is True:
             return record
         if self.deferrable:
-            from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
-
             self.defer(
                 trigger=ProcessingCompletedTrigger(
                     attachment_id,
@@ -149,12 +147,15 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
                 timeout=timedelta(seconds=self.timeout + self.poll_interval + 60),
             )
         self.log.info("Waiting for Cliniko to process attachment %s", attachment_id)
-        return wait_for_processing(
-            self.hook, attachment_id, poll_interval=self.poll_interval, timeout=self.timeout
+        return self.hook.wait_for_processing(
+            attachment_id, poll_interval=self.poll_interval, timeout=self.timeout
         )
 
     def execute_complete(self, context: Context, event: JsonDict) -> JsonDict:
         """Resume after the trigger fired: return the processed record, or raise what went wrong.
+
+        An error that retrying cannot help (archived, not found, timeout, or an event marked not
+        ``retryable`` such as a 401) fails the task without retries.
 
         :param context: the task context.
         :param event: the trigger's event.

@@ -8,12 +8,15 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.common.compat.sdk import (
+    AirflowFailException,
+    AirflowSensorTimeout,
+    AirflowSkipException,
+)
 from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
-from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
 from cliniko_provider.hooks.cliniko import ClinikoHook
-from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
-from cliniko_provider.utils.processing import processed_or_none, record_from_event
+from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger, record_from_event
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -69,7 +72,7 @@ class ProcessingCompletedSensor(BaseSensorOperator):
         :param context: the task context.
         """
         self.log.info("Checking whether Cliniko has processed attachment %s", self.attachment_id)
-        record = processed_or_none(self.hook, str(self.attachment_id))
+        record = self.hook.processed_attachment(str(self.attachment_id))
         return PokeReturnValue(is_done=record is not None, xcom_value=record)
 
     def execute(self, context: Context) -> Any:
@@ -80,7 +83,7 @@ class ProcessingCompletedSensor(BaseSensorOperator):
         if not self.deferrable:
             return super().execute(context)
         try:
-            record = processed_or_none(self.hook, str(self.attachment_id))
+            record = self.hook.processed_attachment(str(self.attachment_id))
         except (AirflowFailException, AirflowSensorTimeout) as error:
             if self.soft_fail or self.never_fail:
                 raise AirflowSkipException(f"Skipping: {error}") from error
@@ -107,7 +110,9 @@ class ProcessingCompletedSensor(BaseSensorOperator):
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Return the processed record from the trigger's event, or raise the error it reports.
 
-        ``soft_fail`` turns the error into a skip (``BaseSensorOperator.resume_execution``).
+        An error that retrying cannot help (archived, not found, timeout, or an event marked not
+        ``retryable`` such as a 401) fails the task without retries. ``soft_fail`` turns the error into
+        a skip (``BaseSensorOperator.resume_execution``).
 
         :param context: the task context.
         :param event: the trigger's event payload.

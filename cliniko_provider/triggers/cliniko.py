@@ -1,16 +1,98 @@
-"""Triggers for Cliniko: wait in the triggerer until attachments are processed."""
+"""Triggers for Cliniko: wait in the triggerer until attachments are processed.
+
+The trigger's event schema lives here too:
+
+- ``{"status": "success", "attachment_id": id, "attachment": record}``;
+- ``{"status": "error", "attachment_id": id, "reason": reason, "message": text, "retryable": bool}``,
+  where ``reason`` is ``"archived"``, ``"not_found"``, ``"timeout"`` or ``"api_error"``, and
+  ``retryable`` says whether the task's own retries could help (False for a 401, a 403 or any other
+  answer that a retry would only repeat).
+
+:func:`record_from_event` turns an event back into the processed record or the matching error.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
 
+from airflow.providers.common.compat.sdk import AirflowSensorTimeout
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from cliniko_provider.exceptions import ClinikoInputError
-from cliniko_provider.triggers.poller import REGISTRY
-from cliniko_provider.utils.processing import REASON_API_ERROR, REASON_NOT_FOUND, error_event
+from cliniko_provider.exceptions import (
+    ClinikoAttachmentGoneError,
+    ClinikoError,
+    ClinikoInputError,
+    ClinikoPermanentError,
+)
 from cliniko_provider.utils.validation import validate_id
+
+JsonDict = dict[str, Any]
+
+REASON_ARCHIVED = "archived"
+REASON_NOT_FOUND = "not_found"
+REASON_TIMEOUT = "timeout"
+REASON_API_ERROR = "api_error"
+GONE_REASONS = frozenset({REASON_ARCHIVED, REASON_NOT_FOUND})
+
+
+def success_event(attachment_id: str, record: JsonDict) -> JsonDict:
+    """Return the payload of a trigger event for a processed attachment.
+
+    :param attachment_id: the attachment id.
+    :param record: the processed record.
+    """
+    return {"status": "success", "attachment_id": attachment_id, "attachment": record}
+
+
+def error_event(attachment_id: str, reason: str, message: str, *, retryable: bool = False) -> JsonDict:
+    """Return the payload of a trigger event for a wait that failed.
+
+    :param attachment_id: the attachment id.
+    :param reason: ``archived``, ``not_found``, ``timeout`` or ``api_error``.
+    :param message: a clear message for the user (never a secret).
+    :param retryable: whether the task's own retries could help.
+    """
+    return {
+        "status": "error",
+        "attachment_id": attachment_id,
+        "reason": reason,
+        "message": message,
+        "retryable": retryable,
+    }
+
+
+def record_from_event(event: JsonDict) -> JsonDict:
+    """Turn a trigger event into the processed record, or raise the error it stands for.
+
+    :param event: the payload of a ``ProcessingCompletedTrigger`` event.
+    :raises ClinikoAttachmentGoneError: ``archived`` or ``not_found`` (fails without retry).
+    :raises AirflowSensorTimeout: ``timeout`` (fails without retry).
+    :raises ClinikoPermanentError: ``api_error`` that retrying cannot fix (fails without retry).
+    :raises ClinikoError: ``api_error`` that the task's retries may fix (also an event without
+        ``retryable``, from a trigger deferred before it existed), or a malformed event.
+    """
+    if not isinstance(event, dict):
+        raise ClinikoError(f"Unexpected event from the Cliniko trigger: {type(event).__name__}")
+    attachment_id = str(event.get("attachment_id"))
+    status = event.get("status")
+    if status == "success" and isinstance(event.get("attachment"), dict):
+        record: JsonDict = event["attachment"]
+        return record
+    message = str(event.get("message") or "")
+    reason = event.get("reason")
+    if status == "error" and reason in GONE_REASONS:
+        raise ClinikoAttachmentGoneError(attachment_id, str(reason), message=message)
+    if status == "error" and reason == REASON_TIMEOUT:
+        raise AirflowSensorTimeout(message or f"Timed out waiting for Cliniko attachment {attachment_id}")
+    if status == "error":
+        text = message or f"Waiting for Cliniko attachment {attachment_id} failed ({reason})"
+        if event.get("retryable") is False:
+            raise ClinikoPermanentError(text)
+        raise ClinikoError(text)
+    raise ClinikoError(
+        f"Unexpected event from the Cliniko trigger for attachment {attachment_id}: status {status!r}"
+    )
 
 
 class ProcessingCompletedTrigger(BaseTrigger):
@@ -18,16 +100,12 @@ class ProcessingCompletedTrigger(BaseTrigger):
 
     Every trigger of a connection in one triggerer shares one poller, which asks Cliniko about up to
     100 attachments per request (see :mod:`cliniko_provider.triggers.poller`), so a thousand waiting
-    attachments cost about ten requests per poll interval.
-
-    The event is ``{"status": "success", "attachment_id": id, "attachment": record}`` or
-    ``{"status": "error", "attachment_id": id, "reason": "archived" | "not_found" | "timeout" |
-    "api_error", "message": text}``; :func:`cliniko_provider.utils.processing.record_from_event` turns it
-    back into the record or the matching error.
+    attachments cost about ten requests per poll interval. The events are described in this module's
+    docstring; :func:`record_from_event` turns one back into the record or the matching error.
 
     :param attachment_id: the attachment to wait for.
     :param cliniko_conn_id: the Airflow connection id (type ``cliniko``).
-    :param poll_interval: seconds between checks (the shared poller runs at the smallest interval).
+    :param poll_interval: seconds between checks of this attachment (at least 0.1).
     :param deadline: UNIX timestamp after which the trigger fires a ``timeout`` event; None waits forever.
     """
 
@@ -58,6 +136,9 @@ class ProcessingCompletedTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Wait through the connection's shared poller and yield exactly one event; never raise."""
+        # The poller builds events with this module's functions, so it is imported here, not on top.
+        from cliniko_provider.triggers.poller import REGISTRY
+
         try:
             normalised = validate_id("attachment_id", self.attachment_id)
         except ClinikoInputError as error:
@@ -72,6 +153,7 @@ class ProcessingCompletedTrigger(BaseTrigger):
                 self.attachment_id,
                 REASON_API_ERROR,
                 f"Waiting for Cliniko attachment {self.attachment_id} failed: {type(error).__name__}",
+                retryable=True,
             )
         payload["attachment_id"] = self.attachment_id
         self.log.info(
@@ -83,5 +165,5 @@ class ProcessingCompletedTrigger(BaseTrigger):
         yield _event(payload)
 
 
-def _event(payload: dict[str, Any]) -> TriggerEvent:
+def _event(payload: JsonDict) -> TriggerEvent:
     return TriggerEvent(payload)  # type: ignore[no-untyped-call]

@@ -2,26 +2,28 @@
 
 Every :class:`~cliniko_provider.triggers.cliniko.ProcessingCompletedTrigger` of a connection running in
 one triggerer process registers its attachment id with the same :class:`AttachmentPoller` and awaits a
-future. The poller runs rounds; each round asks Cliniko about every waiting id, up to 100 ids per
-request (``ClinikoAsyncHook.aget_attachments``), through the hook's retry policy and the process-wide
-rate budget of the key. So 1000 waiting attachments cost 10 requests a round instead of 1000.
+future. The poller asks Cliniko about the waiters that are due, up to 100 ids per request
+(``ClinikoAsyncHook.aget_attachments``), through the hook's retry policy and the rate budget of the key.
+So 1000 attachments waiting at the same interval cost 10 requests a round instead of 1000.
 
 Rules:
 
-- A round runs every *smallest poll interval among the current waiters*; a waiter that joins with a
-  shorter interval or an earlier deadline wakes the poller to re-plan. A waiter is first asked about one
-  poll interval after it joins (the sensor and operator check once themselves before they defer, and an
-  answer within seconds of the deferral can race Airflow's scheduler into retrying the task); each
-  round asks about the waiters that are due, so triggers that defer together share their rounds.
+- Each waiter is asked at its own poll interval (at least :data:`MIN_POLL_INTERVAL`), first one interval
+  after it joins (the sensor and operator check once themselves before they defer, and an answer within
+  seconds of the deferral can race Airflow's scheduler into retrying the task). A round runs when the
+  first waiter is due and also asks every waiter due within the next tenth of its own interval
+  (:data:`EARLY_FRACTION`), so triggers that defer at about the same time share their requests, and
+  keep sharing them. A waiter that joins due earlier than the poller's next wake-up wakes it.
 - Processed → success; archived → ``archived``; missing from the answer (deleted, never existed, or
   another account) → ``not_found``; deadline passed → ``timeout``.
-- Retryable failures (5xx, 429, connection errors, after the hook's own retries) are retried at the next
-  round, until the waiter's deadline or until ``max_failed_rounds`` rounds in a row failed for it, when
-  it gets ``api_error``. Other failures (401, 403, other 4xx, a broken connection definition) are
-  ``api_error`` at once.
+- Retryable failures (5xx, 429, connection errors, after the hook's own retries) are retried when the
+  waiter is next due, until its deadline or until ``max_failed_rounds`` checks in a row failed for it,
+  when it gets a retryable ``api_error``. Other failures (401, 403, other 4xx, a broken connection
+  definition) are an ``api_error`` at once, not retryable when the task's retries could not help either.
 - The registry is keyed by connection id and checks the running loop: a poller belongs to the loop it
   was made in, and a new loop (a new test, a restarted triggerer) gets a new poller. A poller leaves the
-  registry and closes its HTTP client when its last waiter leaves.
+  registry and closes its HTTP client when its last waiter leaves. Cancelling the poller cancels its
+  waiters; a poller that fails fails its waiters; neither leaves a trigger waiting for nothing.
 """
 
 from __future__ import annotations
@@ -34,25 +36,29 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow.providers.common.compat.sdk import AirflowFailException
+
 from cliniko_provider.exceptions import (
     ClinikoAttachmentGoneError,
     ClinikoConnectionError,
     ClinikoRateLimitError,
     ClinikoServerError,
 )
-from cliniko_provider.hooks.cliniko import PER_PAGE, ClinikoAsyncHook
-from cliniko_provider.utils.processing import (
+from cliniko_provider.hooks.cliniko import PER_PAGE, ClinikoAsyncHook, check_processed
+from cliniko_provider.triggers.cliniko import (
     REASON_API_ERROR,
     REASON_NOT_FOUND,
     REASON_TIMEOUT,
-    check_processed,
     error_event,
     success_event,
 )
 
 JsonDict = dict[str, Any]
 RETRYABLE_ERRORS = (ClinikoServerError, ClinikoRateLimitError, ClinikoConnectionError)
-MIN_ROUND_INTERVAL = 0.1
+MIN_POLL_INTERVAL = 0.1
+"""The shortest poll interval a waiter gets, in seconds (shorter ones, 0 and NaN are raised to it)."""
+EARLY_FRACTION = 0.1
+"""A waiter may be asked this fraction of its interval early, to share a round with others."""
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +71,23 @@ class Waiter:
     :param poll_interval: how often the trigger wants the attachment checked, in seconds.
     :param deadline: UNIX time after which the trigger gives up, or None.
     :param future: resolved with the trigger event's payload.
+    :param due: UNIX time of its next check.
     """
 
     attachment_id: str
     poll_interval: float
     deadline: float | None
     future: asyncio.Future[JsonDict]
-    due: float = 0.0
+    due: float
     failures: int = 0
     last_error: str = ""
+
+    def due_by(self, now: float) -> bool:
+        """Whether a round at ``now`` should ask about this waiter (it is due, or nearly).
+
+        :param now: the round's UNIX time.
+        """
+        return self.due <= now + self.poll_interval * EARLY_FRACTION
 
 
 @dataclass
@@ -97,7 +111,7 @@ def batched(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 class AttachmentPoller:
-    """Polls Cliniko for every attachment its waiters wait on, 100 ids per request.
+    """Polls Cliniko for every attachment its waiters wait on, each at its own interval, 100 ids a request.
 
     Must be created inside the running event loop it will serve.
 
@@ -105,8 +119,7 @@ class AttachmentPoller:
     :param hook_factory: makes the async hook from the connection id (tests inject a fake transport).
     :param clock: the current UNIX time (deadlines are UNIX timestamps).
     :param asleep: how to wait between rounds.
-    :param first_round_delay: wait before the first round, so triggers created together share it.
-    :param max_failed_rounds: rounds in a row with retryable failures before a waiter gets ``api_error``.
+    :param max_failed_rounds: checks in a row with retryable failures before a waiter gets ``api_error``.
     :param on_close: called (synchronously) when the poller stops taking waiters.
     """
 
@@ -117,7 +130,6 @@ class AttachmentPoller:
         hook_factory: Callable[[str], ClinikoAsyncHook] = ClinikoAsyncHook,
         clock: Callable[[], float] = time.time,
         asleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-        first_round_delay: float = 0.5,
         max_failed_rounds: int = 20,
         on_close: Callable[[AttachmentPoller], None] | None = None,
     ) -> None:
@@ -129,7 +141,6 @@ class AttachmentPoller:
         self._hook_factory = hook_factory
         self._clock = clock
         self._asleep = asleep
-        self._first_round_delay = first_round_delay
         self._max_failed_rounds = max_failed_rounds
         self._waiters: dict[str, list[Waiter]] = {}
         self._wake = asyncio.Event()
@@ -148,27 +159,40 @@ class AttachmentPoller:
         :param attachment_id: the normalised attachment id.
         :param poll_interval: seconds between checks wanted by this waiter.
         :param deadline: UNIX time to give up at, or None.
+        :raises asyncio.CancelledError: the poller was cancelled.
         """
         if self.closed:
             raise RuntimeError("This Cliniko poller is closed; get a new one from the registry")
-        if deadline is not None and deadline <= self._clock():
+        now = self._clock()
+        if deadline is not None and deadline <= now:
             return error_event(attachment_id, REASON_TIMEOUT, self._timeout_message(attachment_id, deadline))
-        interval = max(poll_interval, MIN_ROUND_INTERVAL)
+        interval = poll_interval if poll_interval >= MIN_POLL_INTERVAL else MIN_POLL_INTERVAL
         # The task checked the attachment just before it deferred: the first check here is one interval
         # later. Answering sooner also races Airflow's scheduler, which may still be recording the
         # deferral, and then puts the task up for retry instead of resuming it.
-        waiter = Waiter(
-            attachment_id, interval, deadline, self.loop.create_future(), self._clock() + interval
-        )
+        waiter = Waiter(attachment_id, interval, deadline, self.loop.create_future(), now + interval)
         self._waiters.setdefault(attachment_id, []).append(waiter)
         if self._task is None:
             self._task = self.loop.create_task(self._run(), name=f"cliniko-poller-{self.conn_id}")
-        elif min(deadline or math.inf, self._clock() + waiter.poll_interval) < self._planned_wake:
+        elif min(waiter.due, math.inf if deadline is None else deadline) < self._planned_wake:
             self._wake.set()
         try:
             return await waiter.future
         finally:
             self._remove(waiter)
+
+    async def wait_many(
+        self, attachment_ids: Iterable[str], poll_interval: float, deadline: float | None
+    ) -> dict[str, JsonDict]:
+        """Wait for several attachments at once; return each one's event payload by id.
+
+        :param attachment_ids: normalised attachment ids.
+        :param poll_interval: seconds between checks of each.
+        :param deadline: UNIX time to give up at, or None.
+        """
+        ids = list(dict.fromkeys(attachment_ids))
+        payloads = await asyncio.gather(*(self.wait(item, poll_interval, deadline) for item in ids))
+        return dict(zip(ids, payloads, strict=True))
 
     def _remove(self, waiter: Waiter) -> None:
         waiters = self._waiters.get(waiter.attachment_id)
@@ -188,19 +212,15 @@ class AttachmentPoller:
         hook: ClinikoAsyncHook | None = None
         try:
             hook = self._hook_factory(self.conn_id)
-            self._planned_wake = self._clock() + self._first_round_delay
-            await self._pause(self._first_round_delay)
-            last_round = -math.inf
             while self._waiters:
-                if self._clock() >= last_round + self._interval() and await self._round(hook):
-                    last_round = self._clock()
+                now = self._clock()
+                if any(w.due <= now for w in self._all_waiters()):
+                    await self._round(hook, now)
                 self._expire(self._clock())
                 if not self._waiters:
                     break
                 deadlines = [w.deadline for w in self._all_waiters() if w.deadline is not None]
-                first_due = min(w.due for w in self._all_waiters())
-                next_round = max(last_round + self._interval(), first_due)
-                self._planned_wake = min([next_round, *deadlines])
+                self._planned_wake = min([w.due for w in self._all_waiters()] + deadlines)
                 await self._pause(self._planned_wake - self._clock())
         except asyncio.CancelledError:
             for waiter in self._all_waiters():
@@ -208,7 +228,7 @@ class AttachmentPoller:
             raise
         except Exception as error:  # a bug must not leave triggers hanging: fail them clearly instead
             log.exception("The Cliniko poller of connection %r failed", self.conn_id)
-            self._fail(self._all_waiters(), f"The Cliniko poller failed: {self._describe(error)}")
+            self._fail(self._all_waiters(), f"The Cliniko poller failed: {self._describe(error)}", True)
         finally:
             self.closed = True
             if self.on_close is not None:
@@ -221,28 +241,33 @@ class AttachmentPoller:
         self._wake.clear()
         if seconds <= 0:
             return
-        sleeper = asyncio.ensure_future(self._asleep(seconds))
         waker = asyncio.ensure_future(self._wake.wait())
+        # nothing is ever due (an infinite interval and no deadline): only a joining or leaving waiter wakes
+        sleepers = {waker} if math.isinf(seconds) else {waker, asyncio.ensure_future(self._asleep(seconds))}
         try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(sleepers, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sleeper.cancel()
-            waker.cancel()
+            for sleeper in sleepers:
+                sleeper.cancel()
 
-    async def _round(self, hook: ClinikoAsyncHook) -> bool:
-        """Ask about every waiter that is due; return whether any was."""
-        requests = 0
+    async def _round(self, hook: ClinikoAsyncHook, now: float) -> None:
+        """Ask about every attachment with a waiter due by ``now``, 100 ids a request.
+
+        :param hook: the async hook.
+        :param now: the round's UNIX time; the waiters asked are next due one interval after it.
+        """
         try:
             settings = await hook.aget_settings()
-        except Exception as error:  # missing or invalid connection: nothing to retry
-            self._fail(self._all_waiters(), f"Cannot use the Cliniko connection {self.conn_id!r}: {error}")
-            return True
+        except Exception as error:  # missing or invalid connection
+            message = f"Cannot use the Cliniko connection {self.conn_id!r}: {self._describe(error)}"
+            self._fail(self._all_waiters(), message, not isinstance(error, AirflowFailException))
+            return
         self._secrets = (settings.api_key, settings.authorization.split(" ", 1)[1])
-        now = self._clock()
-        due = [item for item, waiters in self._waiters.items() if any(w.due <= now for w in waiters)]
-        if not due:
-            return False
-        self.stats.waiting_per_round.append(len(due))
+        due = [item for item, waiters in self._waiters.items() if any(w.due_by(now) for w in waiters)]
+        for item in due:
+            for waiter in self._waiters[item]:
+                waiter.due = now + waiter.poll_interval
+        requests = 0
         for ids in batched(due, PER_PAGE):
             requests += 1
             try:
@@ -252,15 +277,16 @@ class AttachmentPoller:
                 continue
             except Exception as error:
                 waiters = [w for item in ids for w in self._waiters.get(item, [])]
-                self._fail(waiters, f"Cliniko refused the status check: {self._describe(error)}")
+                message = f"Cliniko refused the status check: {self._describe(error)}"
+                self._fail(waiters, message, not isinstance(error, AirflowFailException))
                 continue
             for attachment_id in ids:
                 self._settle(attachment_id, records.get(attachment_id))
         self.stats.rounds += 1
         self.stats.requests += requests
         self.stats.requests_per_round.append(requests)
+        self.stats.waiting_per_round.append(len(due))
         log.debug("Cliniko poller %r: round with %d request(s)", self.conn_id, requests)
-        return True
 
     def _settle(self, attachment_id: str, record: JsonDict | None) -> None:
         waiters = list(self._waiters.get(attachment_id, []))
@@ -284,22 +310,22 @@ class AttachmentPoller:
     def _failed(self, ids: Iterable[str], error: Exception) -> None:
         """Count a retryable failure against each waiter of a batch; fail those over the limit."""
         text = self._describe(error)
-        log.warning("Cliniko poller %r: status check failed, retrying next round: %s", self.conn_id, text)
+        log.warning("Cliniko poller %r: status check failed, retrying when due: %s", self.conn_id, text)
         for attachment_id in ids:
             for waiter in list(self._waiters.get(attachment_id, [])):
                 waiter.failures += 1
                 waiter.last_error = text
                 if waiter.failures >= self._max_failed_rounds:
                     message = f"Cliniko kept failing for {waiter.failures} rounds: {text}"
-                    self._resolve(waiter, error_event(attachment_id, REASON_API_ERROR, message))
+                    self._resolve(
+                        waiter, error_event(attachment_id, REASON_API_ERROR, message, retryable=True)
+                    )
 
-    def _fail(self, waiters: Iterable[Waiter], message: str) -> None:
+    def _fail(self, waiters: Iterable[Waiter], message: str, retryable: bool) -> None:
         for waiter in list(waiters):
+            text = f"{message} (attachment {waiter.attachment_id})"
             self._resolve(
-                waiter,
-                error_event(
-                    waiter.attachment_id, REASON_API_ERROR, f"{message} (attachment {waiter.attachment_id})"
-                ),
+                waiter, error_event(waiter.attachment_id, REASON_API_ERROR, text, retryable=retryable)
             )
 
     def _expire(self, now: float) -> None:
@@ -307,10 +333,6 @@ class AttachmentPoller:
             if waiter.deadline is not None and waiter.deadline <= now:
                 message = self._timeout_message(waiter.attachment_id, waiter.deadline, waiter.last_error)
                 self._resolve(waiter, error_event(waiter.attachment_id, REASON_TIMEOUT, message))
-
-    def _interval(self) -> float:
-        """Seconds between rounds: the smallest poll interval among the waiters."""
-        return min((w.poll_interval for w in self._all_waiters()), default=math.inf)
 
     def _all_waiters(self) -> list[Waiter]:
         return [waiter for waiters in self._waiters.values() for waiter in waiters]
