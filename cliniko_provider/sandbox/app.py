@@ -14,7 +14,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date
 from typing import Any
 
@@ -26,9 +26,9 @@ from starlette.routing import Route
 from cliniko_provider.sandbox import s3
 from cliniko_provider.sandbox.config import bucket_of, parse_rate_limit
 from cliniko_provider.sandbox.core import Sandbox, StorageLimitReached
-from cliniko_provider.sandbox.listing import FieldKind, ListingError, filter_records, paginate, sort_records
+from cliniko_provider.sandbox.listing import FieldKind, ListingError, PageRequest, build_query
 from cliniko_provider.sandbox.s3_policy import S3Error
-from cliniko_provider.sandbox.store import Account, Attachment, Patient, utc_now_iso
+from cliniko_provider.sandbox.store import Account, Attachment, Patient, Record, StoredObject
 from cliniko_provider.sandbox.traffic import Stats, mask_key
 
 PATIENT_FIELDS: dict[str, FieldKind] = {
@@ -191,36 +191,37 @@ class Api:
     def listing(
         self,
         request: Request,
-        records: Iterable[Any],
-        fields: dict[str, FieldKind],
+        account: Account,
+        kind: type[Record],
+        scope: dict[str, int],
         name: str,
-        render: Callable[[Request, Any], dict[str, Any]],
+        render: Callable[[Request, Record], dict[str, Any]],
     ) -> Response:
+        """One page of the account's records of `kind` (within `scope`, e.g. one patient's)."""
         params = request.query_params
-        chosen = filter_records(records, params.getlist("q[]"), fields)
-        ordered = sort_records(chosen, params.get("sort"), params.get("order"), fields)
-        page = paginate(ordered, request.url, params.get("page"), params.get("per_page"))
-        body = {name: [render(request, r) for r in page.items], "total_entries": page.total_entries}
-        return JSONResponse({**body, "links": page.links})
+        fields = PATIENT_FIELDS if kind is Patient else ATTACHMENT_FIELDS
+        filters = params.getlist("q[]") + [f"{name}:={value}" for name, value in scope.items()]
+        sort = ",".join(params.getlist("sort")) or None
+        query = build_query(filters, sort, params.get("order"), fields)
+        page = PageRequest.parse(params.get("page"), params.get("per_page"))
+        records, total = self.store.list_records(kind, account, query, page.offset, page.per_page)
+        body = {name: [render(request, r) for r in records], "total_entries": total}
+        return JSONResponse({**body, "links": page.links(request.url, total)})
 
     def archive(self, record: Patient | Attachment | None) -> Response:
         """Archiving keeps the record (and its first archived_at); lists then leave it out."""
         if record is None:
             return not_found()
-        record.archived_at = record.archived_at or utc_now_iso()
-        record.updated_at = utc_now_iso()
-        self.store.save()
+        self.store.archive(record)
         return Response(status_code=204)
 
     def patient_of(self, account: Account, raw_id: object) -> Patient | None:
         patient_id = parse_id(raw_id)
-        return self.store.owned(self.store.patients, patient_id, account) if patient_id is not None else None
+        return self.store.patient(account, patient_id) if patient_id is not None else None
 
     def attachment_of(self, request: Request, account: Account) -> Attachment | None:
         attachment_id = parse_id(request.path_params["id"])
-        if attachment_id is None:
-            return None
-        return self.store.owned(self.store.attachments, attachment_id, account)
+        return self.store.attachment(account, attachment_id) if attachment_id is not None else None
 
     # -- renderers -------------------------------------------------------------------------
 
@@ -302,8 +303,7 @@ class Api:
     # -- patients ----------------------------------------------------------------------------
 
     async def list_patients(self, request: Request, account: Account) -> Response:
-        patients = self.store.account_patients(account)
-        return self.listing(request, patients, PATIENT_FIELDS, "patients", self.render_patient)
+        return self.listing(request, account, Patient, {}, "patients", self.render_patient)
 
     async def create_patient(self, request: Request, account: Account) -> Response:
         body = await read_json_object(request)
@@ -327,7 +327,7 @@ class Api:
             return validation_failed(errors)
         fields = {name: body.get(name) or None for name in ("email", "date_of_birth", "old_reference_id")}
         patient = self.store.add_patient(
-            account, {"first_name": body["first_name"], "last_name": body["last_name"], **fields}
+            account, {"first_name": body["first_name"], "last_name": body["last_name"], **fields}, {}
         )
         rendered = self.render_patient(request, patient)
         return JSONResponse(rendered, status_code=201, headers={"Location": rendered["links"]["self"]})
@@ -354,34 +354,31 @@ class Api:
     # -- attachments -------------------------------------------------------------------------
 
     async def list_attachments(self, request: Request, account: Account) -> Response:
-        attachments = self.store.account_attachments(account)
-        return self.listing(
-            request, attachments, ATTACHMENT_FIELDS, "patient_attachments", self.render_attachment
-        )
+        return self.listing(request, account, Attachment, {}, "patient_attachments", self.render_attachment)
 
     async def list_patient_attachments(self, request: Request, account: Account) -> Response:
         patient = self.patient_of(account, request.path_params["id"])
         if patient is None:
             return not_found()
-        attachments = (a for a in self.store.account_attachments(account) if a.patient_id == patient.id)
+        scope = {"patient_id": patient.id}
         return self.listing(
-            request, attachments, ATTACHMENT_FIELDS, "patient_attachments", self.render_attachment
+            request, account, Attachment, scope, "patient_attachments", self.render_attachment
         )
 
-    def temp_object_key(
+    def temp_object(
         self, request: Request, account: Account, patient: Patient, upload_url: object
-    ) -> str | None:
-        """The key named by `upload_url` (presign `url` + `Key`), if it is a fresh upload for this patient."""
+    ) -> StoredObject | None:
+        """The object `upload_url` (presign `url` + `Key`) names, if a fresh upload for this patient."""
         bucket = bucket_of(account.shard)
         prefix = s3.bucket_url(request, bucket)
         if not isinstance(upload_url, str) or not upload_url.startswith(prefix):
             return None
         key = upload_url[len(prefix) :]
-        obj = self.store.objects.get((bucket, key))
+        obj = self.store.object(bucket, key)
         temp_prefix = f"{account.id}/patients/{patient.id}/attachments/temp/"
         if obj is None or obj.claimed_by is not None or not key.startswith(temp_prefix) or key.endswith("/"):
             return None
-        return key
+        return obj
 
     async def create_attachment(self, request: Request, account: Account) -> Response:
         body = await read_json_object(request)
@@ -396,13 +393,11 @@ class Api:
         error = text_error(description)
         if error:
             return validation_failed({"description": error})
-        key = self.temp_object_key(request, account, patient, body.get("upload_url"))
-        if key is None:
+        obj = self.temp_object(request, account, patient, body.get("upload_url"))
+        if obj is None:
             return validation_failed({"temp_attachment_url": "is invalid"})
         try:
-            attachment = self.sandbox.create_attachment(
-                account, patient, bucket_of(account.shard), key, description
-            )
+            attachment = self.sandbox.create_attachment(account, patient, obj, description)
         except StorageLimitReached:
             return validation_failed({"base": STORAGE_LIMIT_MESSAGE})
         rendered = self.render_attachment(request, attachment)
@@ -472,17 +467,7 @@ class Controls:
         return {**values, "rate_limit": f"{limiter.limit}/{limiter.window:g}"}
 
     async def stats(self, request: Request) -> Response:
-        store = self.sandbox.store
-        attachments = list(store.attachments.values())
-        return JSONResponse(
-            {
-                **self.sandbox.stats.as_json(),
-                "patients": len(store.patients),
-                "attachments": len(attachments),
-                "attachments_processing": sum(not a.processing_completed for a in attachments),
-                "temp_objects": len(store.objects),
-            }
-        )
+        return JSONResponse({**self.sandbox.stats.as_json(), **self.sandbox.store.counts()})
 
     async def reset_stats(self, request: Request) -> Response:
         self.sandbox.stats = Stats()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(
             "two --api-key values differ only in their shard suffix: Cliniko treats them as one key"
         )
+    # Everything the sandbox writes is private: its database holds the S3 signing secret.
+    os.umask(0o077)
     temporary = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="cliniko-sandbox-")) if temporary else args.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
     limit, window = args.rate_limit
     settings = SandboxSettings(
         data_dir=data_dir,

@@ -18,7 +18,7 @@ from cliniko_provider.sandbox.config import (
     bucket_of,
     region_of,
 )
-from cliniko_provider.sandbox.store import Account, Attachment, Patient, Store, utc_now_iso
+from cliniko_provider.sandbox.store import Account, Attachment, Patient, Store, StoredObject, utc_now_iso
 from cliniko_provider.sandbox.traffic import FaultInjector, RateLimiter, Stats
 
 if TYPE_CHECKING:
@@ -60,8 +60,10 @@ class Sandbox:
         self.transports: dict[tuple[str, int], asyncio.Transport] = {}
 
     def account_for_key(self, api_key: str) -> Account | None:
+        """The account of a configured key; storage use is read afresh from the store."""
         account = self.store.account_for_key(api_key)
-        return account if account in self.accounts_by_key.values() else None
+        configured = {known.id for known in self.accounts_by_key.values()}
+        return account if account is not None and account.id in configured else None
 
     # -- storage limit -------------------------------------------------------------------
 
@@ -111,9 +113,8 @@ class Sandbox:
     # -- attachments and their processing --------------------------------------------------
 
     def create_attachment(
-        self, account: Account, patient: Patient, bucket: str, key: str, description: str | None
+        self, account: Account, patient: Patient, obj: StoredObject, description: str | None
     ) -> Attachment:
-        obj = self.store.objects[(bucket, key)]
         if self.settings.storage_limit is not None and obj.size > self.storage_left(account):
             raise StorageLimitReached
         now = utc_now_iso()
@@ -125,53 +126,57 @@ class Sandbox:
             user_id=account.user_id,
             description=description,
             upload_size=obj.size,
-            upload_filename=key.rsplit("/", 1)[-1],
-            source_bucket=bucket,
-            source_key=key,
+            upload_filename=obj.key.rsplit("/", 1)[-1],
+            source_bucket=obj.bucket,
+            source_key=obj.key,
             source_path=obj.path,
             process_after=time.time() + delay,
             created_at=now,
             updated_at=now,
         )
-        obj.claimed_by = attachment.id
-        self.store.attachments[attachment.id] = attachment
-        self.store.save()
+        self.store.add_attachment(attachment)
         self._wake_processor.set()
         return attachment
 
     def _finish_processing(self, attachment: Attachment) -> None:
-        """Move the upload out of temp into the attachment's own place and fill in the record."""
+        """Move the upload out of temp into the attachment's own place and fill in the record.
+
+        The file moves first: after a crash between the two steps the next run finds it moved.
+        """
         source = self.store.data_dir / attachment.source_path
         target = self.store.attachments_dir / str(attachment.id)
         if source.exists():
             os.replace(source, target)
         elif not target.exists():
             log.warning("attachment %s: uploaded object is missing; left unprocessed", attachment.id)
-            attachment.process_after = float("inf")
+            self.store.update_attachment(attachment, process_after=float("inf"))
             return
-        self.store.drop_object(attachment.source_bucket, attachment.source_key, attachment.source_path)
         now = utc_now_iso()
-        attachment.content_path = str(target.relative_to(self.store.data_dir))
-        attachment.filename = attachment.upload_filename
-        attachment.content_type = (
-            mimetypes.guess_type(attachment.upload_filename)[0] or "application/octet-stream"
-        )
-        attachment.size = target.stat().st_size
-        attachment.processed_at = now
-        attachment.updated_at = now
-        attachment.processing_completed = True
+        with self.store.transaction():
+            self.store.drop_object(attachment.source_bucket, attachment.source_key, attachment.source_path)
+            self.store.update_attachment(
+                attachment,
+                content_path=str(target.relative_to(self.store.data_dir)),
+                filename=attachment.upload_filename,
+                content_type=mimetypes.guess_type(attachment.upload_filename)[0]
+                or "application/octet-stream",
+                size=target.stat().st_size,
+                processed_at=now,
+                updated_at=now,
+                processing_completed=True,
+            )
 
     async def process_forever(self) -> None:
         """Finish attachments as they fall due; runs for the server's lifetime, resumes after restarts."""
         while True:
             now = time.time()
-            pending = [a for a in self.store.attachments.values() if not a.processing_completed]
-            due = [a for a in pending if a.process_after <= now]
+            due = self.store.due_attachments(now)
             for attachment in due:
                 self._finish_processing(attachment)
+                await asyncio.sleep(0)  # a long batch must not hold up the requests
             if due:
-                self.store.save()
-            next_due = min((a.process_after for a in pending if a.process_after > now), default=now + 60)
+                continue
+            next_due = self.store.next_due() or now + 60
             self._wake_processor.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(

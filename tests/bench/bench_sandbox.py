@@ -1,8 +1,11 @@
-"""Benchmark the sandbox: server memory during a 1 GiB upload, upload speed, small-request rate.
+"""Benchmark the sandbox: write and filter cost as it fills, memory during a 1 GiB upload, request rate.
 
-Run: `.venv/bin/python -m tests.bench.bench_sandbox` (about a minute; needs curl and ~2 GiB of disk).
-The upload uses a real presign and `curl -F` exactly as Cliniko's guide does; the server's RSS
-is sampled from /proc/<pid>/status while it receives the file.
+Run: `.venv/bin/python -m tests.bench.bench_sandbox` (about three minutes; needs curl and ~2 GiB of
+disk). The store is filled through the API to 10,000 patients and 10,000 attachments; at 10, 1,000
+and 10,000 records the median latency of single writes (create a patient; create an attachment from
+an upload) and of the filters the provider uses is printed. The upload uses a real presign and
+`curl -F` exactly as Cliniko's guide does; the server's RSS is sampled from /proc/<pid>/status
+while it receives the file.
 """
 
 from __future__ import annotations
@@ -10,19 +13,24 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from cliniko_provider.sandbox.process import SandboxProcess
 
 API_KEY = "sandbox-bench-key-au1"
 USER_AGENT = "Sandbox bench (bench@example.com)"
 UPLOAD_BYTES = 1024**3
+CHECKPOINTS = (10, 1_000, 10_000)
+SAMPLES = 30
 REQUEST_SECONDS = 5.0
 MB = 1024 * 1024
 
@@ -69,6 +77,126 @@ def call(sandbox: SandboxProcess, method: str, path: str, body: object = None) -
     if response.status >= 300:
         raise RuntimeError(f"{method} {path}: {response.status} {data[:200]!r}")
     return dict(json.loads(data))
+
+
+class Writer:
+    """Creates patients and attachments through the API on one keep-alive connection."""
+
+    def __init__(self, sandbox: SandboxProcess) -> None:
+        self.connection, self.headers = api_connection(sandbox)
+        self.s3 = http.client.HTTPConnection(urlsplit(sandbox.base_url).netloc, timeout=60)
+
+    def request(self, method: str, path: str, body: object = None) -> tuple[dict[str, object], float]:
+        payload = json.dumps(body) if body is not None else None
+        started = time.perf_counter()
+        self.connection.request(method, path, body=payload, headers=self.headers)
+        response = self.connection.getresponse()
+        data = response.read()
+        elapsed = time.perf_counter() - started
+        if response.status >= 300:
+            raise RuntimeError(f"{method} {path}: {response.status} {data[:200]!r}")
+        return dict(json.loads(data)), elapsed
+
+    def filtered(self, path: str, *filters: str) -> float:
+        """The median time of five identical list requests."""
+        query = "&".join(f"q[]={quote(item, safe='')}" for item in filters)
+        return statistics.median(self.request("GET", f"{path}?{query}")[1] for _ in range(5))
+
+    def patient(self, number: int) -> tuple[str, float]:
+        body = {
+            "first_name": "Bench",
+            "last_name": f"Patient {number}",
+            "email": f"patient{number}@example.com",
+            "old_reference_id": f"REF-{number}",
+        }
+        record, elapsed = self.request("POST", "/v1/patients", body)
+        return str(record["id"]), elapsed
+
+    def attachment(self, patient_id: str, number: int) -> float:
+        """Presign and upload untimed; return the time of the write itself (the create)."""
+        post, _ = self.request("GET", f"/v1/patients/{patient_id}/attachment_presigned_post")
+        fields = post["fields"]
+        assert isinstance(fields, dict)
+        boundary = "bench-boundary"
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            for name, value in fields.items()
+        ]
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="report-{number}.pdf"'
+            f"\r\nContent-Type: application/pdf\r\n\r\n%PDF-1.4 {number}\r\n--{boundary}--\r\n"
+        )
+        body = "".join(parts).encode()
+        url = urlsplit(str(post["url"]))
+        self.s3.request(
+            "POST", url.path, body=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
+        answer = self.s3.getresponse()
+        xml = answer.read().decode()
+        match = re.search(r"<Key>(.*?)</Key>", xml)
+        assert answer.status == 201 and match, xml
+        key = match[1].replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+        create = {
+            "patient_id": patient_id,
+            "upload_url": f"{post['url']}{key}",
+            "description": f"Nightly report {number} [ref:{number:012x}]",
+        }
+        _, elapsed = self.request("POST", "/v1/patient_attachments", create)
+        return elapsed
+
+
+def bench_write_cost(sandbox: SandboxProcess) -> None:
+    """Fill the store to each checkpoint (4 connections), then time single writes and filters."""
+    writers = [Writer(sandbox) for _ in range(4)]
+    patients: list[str] = []
+    attachments = 0
+
+    def fill(writer: Writer, numbers: range) -> None:
+        for number in numbers:
+            patient_id, _ = writer.patient(number)
+            patients.append(patient_id)
+            writer.attachment(patient_id, number)
+
+    print(
+        "records | write: patient  attachment | filter: old_reference_id  email  id:=  created_at  "
+        "description:~  ~~worst"
+    )
+    for checkpoint in CHECKPOINTS:
+        missing = checkpoint - len(patients)
+        if missing > 0:
+            start = len(patients)
+            chunks = [range(start + i, start + missing, len(writers)) for i in range(len(writers))]
+            with ThreadPoolExecutor(len(writers)) as pool:
+                list(pool.map(fill, writers, chunks))
+            attachments = len(patients)
+        writer = writers[0]
+        patient_times, attachment_times = [], []
+        for sample in range(SAMPLES):
+            number = 1_000_000 + checkpoint + sample
+            patient_id, elapsed = writer.patient(number)
+            patient_times.append(elapsed)
+            attachment_times.append(writer.attachment(patient_id, number))
+
+        def filtered(path: str, *filters: str) -> float:
+            return writers[0].filtered(path, *filters)
+
+        middle = patients[len(patients) // 2]
+        worst = "%" + "a%" * 127
+        figures = [
+            filtered("/v1/patients", f"old_reference_id:=REF-{len(patients) // 2}"),
+            filtered("/v1/patients", f"email:=patient{len(patients) // 2}@example.com"),
+            filtered("/v1/patients", f"id:={middle}"),
+            filtered("/v1/patient_attachments", "created_at:>2999-01-01T00:00:00Z"),
+            filtered("/v1/patient_attachments", "description:~[ref:0000000003e8]"),
+            filtered("/v1/patient_attachments", f"description:~~{worst}"),
+        ]
+        print(
+            f"{checkpoint:>7,} | {statistics.median(patient_times) * 1000:12.2f} ms"
+            f" {statistics.median(attachment_times) * 1000:8.2f} ms | "
+            + "  ".join(f"{value * 1000:.2f} ms" for value in figures),
+            flush=True,
+        )
+    print(f"(writes are medians of {SAMPLES}; filters of 5; {attachments:,} attachments at the end)")
 
 
 def bench_upload(sandbox: SandboxProcess, patient_id: str, work_dir: Path) -> None:
@@ -133,6 +261,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sandbox-bench-") as work:
         work_dir = Path(work)
         args = ("--api-key", API_KEY, "--rate-limit", "100000000/60", "--processing-delay", "0")
+        with SandboxProcess(*args, data_dir=work_dir / "store") as sandbox:
+            bench_write_cost(sandbox)
         with SandboxProcess(*args, data_dir=work_dir / "data") as sandbox:
             patient = call(sandbox, "POST", "/patients", {"first_name": "Bench", "last_name": "Mark"})
             patient_id = str(patient["id"])

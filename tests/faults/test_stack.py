@@ -19,6 +19,7 @@ import base64
 import json
 import re
 import shutil
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -90,13 +91,12 @@ def scan(name: str, data: bytes, needles: dict[str, bytes], signatures: set[byte
 
 def make_pending_due(data_dir: Path) -> int:
     """With the sandbox stopped: make every attachment still processing due now; return how many."""
-    state_file = data_dir / "state.json"
-    state = json.loads(state_file.read_text())
-    pending = [row for row in state["attachments"] if not row["processing_completed"]]
-    for row in pending:
-        row["process_after"] = time.time()
-    state_file.write_text(json.dumps(state))
-    return len(pending)
+    with sqlite3.connect(data_dir / "sandbox.db") as db:
+        changed = db.execute(
+            "UPDATE attachments SET process_after = ? WHERE processing_completed = 0", (time.time(),)
+        ).rowcount
+    db.close()
+    return changed
 
 
 def test_5_triggerer_killed_while_105_waits_are_deferred_and_no_secret_anywhere(

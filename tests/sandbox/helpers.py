@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import re
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -137,3 +139,16 @@ def set_faults(sandbox: SandboxProcess, **changes: Any) -> dict[str, Any]:
 
 def stats(sandbox: SandboxProcess) -> dict[str, Any]:
     return dict(requests.get(f"{sandbox.root_url}/_sandbox/stats", timeout=10).json())
+
+
+def query_store(data_dir: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one SQL statement on a sandbox's database (`sandbox.db`) and return its rows."""
+    with sqlite3.connect(data_dir / "sandbox.db") as db:
+        rows = db.execute(sql, params).fetchall()
+    db.close()
+    return rows
+
+
+def store_secret(data_dir: Path) -> str:
+    """The S3 signing secret a sandbox keeps in its database."""
+    return str(query_store(data_dir, "SELECT value FROM meta WHERE name = 's3_secret_key'")[0][0])

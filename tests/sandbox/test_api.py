@@ -257,6 +257,33 @@ def test_sorting(api: Client, family: tuple[str, list[dict[str, Any]]]) -> None:
     assert api.get("/patients", params={"sort": "nope"}).status_code == 422
 
 
+def test_sorting_by_several_fields(api: Client, family: tuple[str, list[dict[str, Any]]]) -> None:
+    surname, _ = family
+    twin = api.create_patient(first_name="Bob", last_name=surname, old_reference_id="R-0")
+
+    def order(sort: str, **params: str) -> list[tuple[str, str | None]]:
+        response = api.get("/patients", params={"q[]": f"last_name:={surname}", "sort": sort, **params})
+        assert response.status_code == 200, response.text
+        return [(p["first_name"], p["old_reference_id"]) for p in response.json()["patients"]]
+
+    by_name = [("Alice", "R-1"), ("Bob", "R-0"), ("Bob", None), ("Carol", "R-3"), ("alicia", None)]
+    assert order("first_name,old_reference_id") == by_name
+    assert order("first_name, old_reference_id:desc") == [by_name[0], by_name[2], by_name[1], *by_name[3:]]
+    assert order("first_name:desc,old_reference_id") == [
+        *by_name[:0:-1][:2],
+        by_name[1],
+        by_name[2],
+        by_name[0],
+    ]
+    # Nulls last when ascending, then by id; `order` is the direction of fields that name none.
+    nulls_last = [("Bob", "R-0"), ("Alice", "R-1"), ("Carol", "R-3"), ("Bob", None), ("alicia", None)]
+    assert order("old_reference_id,id") == nulls_last
+    assert order("old_reference_id", order="desc") == nulls_last[::-1]
+    for bad in ("first_name,nope", "first_name:sideways", "first_name,", ","):
+        assert api.get("/patients", params={"sort": bad}).status_code == 422, bad
+    assert twin["old_reference_id"] == "R-0"
+
+
 def test_pagination_links_and_totals(api: Client, family: tuple[str, list[dict[str, Any]]]) -> None:
     surname, _ = family
     params = {"q[]": f"last_name:={surname}", "per_page": "3"}

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from cliniko_provider.sandbox.process import SandboxProcess
-from tests.sandbox.helpers import USER_AGENT, Client, set_faults, stats
+from tests.sandbox.helpers import USER_AGENT, Client, query_store, set_faults, stats, store_secret
 
 Start = Callable[..., SandboxProcess]
 COMMAND = [sys.executable, "-m", "cliniko_provider.sandbox"]
@@ -35,7 +38,7 @@ def test_ready_line_and_clean_stop(signum: int, tmp_path: Path) -> None:
     stdout, stderr = process.communicate(timeout=10)
     assert process.returncode == 0, stderr
     assert stdout == ""  # exactly one line on stdout
-    assert (tmp_path / "state.json").exists()
+    assert (tmp_path / "sandbox.db").exists()
 
 
 @pytest.mark.slow
@@ -109,13 +112,13 @@ def test_fixed_port_and_restart_keep_state_and_resume_processing(
     assert sandbox.stop() == 0
 
 
-def test_state_file_holds_no_api_keys(sandbox: SandboxProcess, api: Client) -> None:
+def test_state_files_hold_no_api_keys(sandbox: SandboxProcess, api: Client) -> None:
     api.get("/user")
     assert sandbox.data_dir is not None
-    state = (sandbox.data_dir / "state.json").read_text()
-    assert api.session.auth is not None
-    assert "sandbox-au-test-key" not in state
-    assert json.loads(state)["accounts"]
+    state = b"".join(path.read_bytes() for path in sandbox.data_dir.glob("sandbox.db*"))
+    assert b"sandbox-au-test-key" not in state
+    digests = {row[0] for row in query_store(sandbox.data_dir, "SELECT key_digest FROM accounts")}
+    assert hashlib.sha256(b"sandbox-au-test-key").hexdigest() in digests
 
 
 def test_two_keys_on_different_shards_for_one_key_are_refused(tmp_path: Path) -> None:
@@ -184,3 +187,89 @@ def test_upload_guide_curl_commands(sandbox: SandboxProcess, api: Client, tmp_pa
     record = api.wait_processed(json.loads(body)["id"])
     assert record["filename"] == "test.pdf" and record["content_type"] == "application/pdf"
     assert stats(sandbox)["uploads"] >= 1
+
+
+def test_acknowledged_writes_survive_kill_9(start_sandbox: Start, tmp_path: Path) -> None:
+    """Writes answered a moment before SIGKILL are all there after a restart on the same data dir."""
+    sandbox = start_sandbox("--processing-delay", "30")
+    api = Client(sandbox, "sandbox-api-key-au1")
+    patient = api.create_patient()
+    attachment = api.attach(patient["id"], b"acknowledged", "kept.txt", description="kept")
+    _, upload_url = api.upload(patient["id"], b"uploaded, not attached")
+
+    def create(number: int) -> str:
+        return str(
+            Client(sandbox, "sandbox-api-key-au1").create_patient(old_reference_id=f"K-{number}")["id"]
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        created = list(pool.map(create, range(40)))
+    archived = api.post(f"/patients/{created[0]}/archive")
+    assert archived.status_code == 204
+    sandbox.kill()
+
+    sandbox.start()
+    api = Client(sandbox, "sandbox-api-key-au1")
+    listed = api.get("/patients", params={"q[]": ["old_reference_id:~K-", "archived_at:*"], "per_page": 100})
+    assert sorted(p["id"] for p in listed.json()["patients"]) == sorted(created)
+    assert api.get(f"/patients/{created[0]}").json()["archived_at"] is not None
+    assert api.get(f"/patient_attachments/{attachment['id']}").json()["description"] == "kept"
+    again = api.post("/patient_attachments", json={"patient_id": patient["id"], "upload_url": upload_url})
+    assert again.status_code == 201, again.text
+
+
+def test_data_dir_is_private(start_sandbox: Start, tmp_path: Path) -> None:
+    data_dir = tmp_path / "shared-looking"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    sandbox = start_sandbox("--processing-delay", "0", data_dir=data_dir)
+    api = Client(sandbox, "sandbox-api-key-au1")
+    patient = api.create_patient()
+    api.wait_processed(api.attach(patient["id"], b"private")["id"])
+    api.upload(patient["id"], b"private too")
+    modes = {
+        str(path.relative_to(data_dir)): (path.is_dir(), stat.S_IMODE(path.stat().st_mode))
+        for path in [data_dir, *data_dir.rglob("*")]
+    }
+    assert {"sandbox.db", "objects", "attachments"} <= set(modes)
+    assert len([name for name in modes if name.startswith(("objects/", "attachments/"))]) == 2
+    wrong = {
+        name: oct(mode) for name, (is_dir, mode) in modes.items() if mode != (0o700 if is_dir else 0o600)
+    }
+    assert wrong == {}
+
+
+def test_a_data_dir_from_before_sqlite_is_imported_once(start_sandbox: Start, tmp_path: Path) -> None:
+    data_dir = tmp_path / "old"
+    data_dir.mkdir()
+    digest = hashlib.sha256(b"sandbox-api-key").hexdigest()
+    now = "2026-01-02T03:04:05Z"
+    state = {
+        "version": 1,
+        "s3_secret_key": "old-secret",
+        "last_id": 99,
+        "accounts": [{"id": 7, "user_id": 8, "shard": "au1", "key_digest": digest, "created_at": now}],
+        "patients": [
+            {
+                "id": 42,
+                "account_id": 7,
+                "first_name": "Old",
+                "last_name": "Timer",
+                "email": None,
+                "date_of_birth": None,
+                "old_reference_id": "OLD-1",
+                "created_at": now,
+                "updated_at": now,
+                "archived_at": None,
+            }
+        ],
+        "attachments": [],
+        "objects": [],
+    }
+    (data_dir / "state.json").write_text(json.dumps(state))
+    sandbox = start_sandbox(data_dir=data_dir)
+    api = Client(sandbox, "sandbox-api-key-au1")
+    assert api.get("/patients", params={"q[]": "old_reference_id:=OLD-1"}).json()["patients"][0]["id"] == "42"
+    assert not (data_dir / "state.json").exists() and (data_dir / "state.json.imported").exists()
+    assert store_secret(data_dir) == "old-secret"
+    assert int(api.create_patient()["id"]) > 99

@@ -33,6 +33,7 @@ from tests.sandbox.helpers import (
     s3_post,
     set_faults,
     stats,
+    store_secret,
     xml_value,
 )
 
@@ -53,7 +54,7 @@ def _s3_client(access_key: str, secret: str, region: str) -> Any:
 
 def sandbox_secret(sandbox: SandboxProcess) -> str:
     assert sandbox.data_dir is not None
-    return str(json.loads((sandbox.data_dir / "state.json").read_text())["s3_secret_key"])
+    return store_secret(sandbox.data_dir)
 
 
 def signed_fields(
