@@ -59,6 +59,18 @@ def get_provider_info() -> dict[str, Any]:
                         "label": "Request timeout (seconds)",
                         "schema": {"type": ["number", "null"], "default": 60},
                     },
+                    "requests_per_minute": {
+                        "label": "Requests per minute",
+                        "description": "The API key's budget, shared by every process that uses the key "
+                        "(Cliniko allows 200 a minute per key).",
+                        "schema": {"type": ["number", "null"], "default": 200, "minimum": 1},
+                    },
+                    "redis_conn_id": {
+                        "label": "Redis connection id (optional)",
+                        "description": "An Airflow Redis connection: every worker and triggerer on every "
+                        "machine then shares the key's budget. Empty: shared by one machine's processes.",
+                        "schema": {"type": ["string", "null"]},
+                    },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["login", "schema", "port", "extra"],
@@ -68,6 +80,7 @@ def get_provider_info() -> dict[str, Any]:
                         "host": "Leave empty for real Cliniko (shard from the key); "
                         "e.g. http://127.0.0.1:8765/v1 for the sandbox",
                         "user_agent": "Acme Reports (ops@acme.example)",
+                        "redis_conn_id": "redis_default",
                     },
                 },
             }

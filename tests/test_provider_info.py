@@ -54,3 +54,20 @@ def test_airflow_providers_list_shows_the_provider() -> None:
     )
     listed = {item["package_name"]: item for item in json.loads(result.stdout)}
     assert listed["airflow-provider-cliniko"]["version"] == "0.1.0"
+
+
+def test_the_form_has_every_extra_the_settings_read() -> None:
+    import dataclasses
+
+    from cliniko_provider.utils.settings import ClinikoSettings
+
+    (conn_type,) = get_provider_info()["connection-types"]
+    read_from_extra = {field.name for field in dataclasses.fields(ClinikoSettings)} - {
+        "conn_id",
+        "api_key",
+        "base_url",
+    }
+    assert set(conn_type["conn-fields"]) == read_from_extra
+    redis_field = conn_type["conn-fields"]["redis_conn_id"]
+    assert "default" not in redis_field["schema"]  # empty by default: the machine budget
+    assert conn_type["conn-fields"]["requests_per_minute"]["schema"]["default"] == 200

@@ -141,3 +141,21 @@ def test_validate_id_accepts_numbers(value: object, expected: str) -> None:
 def test_validate_id_refuses_the_rest(value: object) -> None:
     with pytest.raises(ClinikoInputError, match="patient_id must be a Cliniko numeric id"):
         validate_id("patient_id", value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", None), ("redis_default", "redis_default"), (" cluster.redis-1 ", "cluster.redis-1")],
+)
+def test_redis_conn_id_is_read(value: object, expected: str | None) -> None:
+    extra = {"user_agent": UA} if value is None else {"user_agent": UA, "redis_conn_id": value}
+    settings = ClinikoSettings.from_connection(Conn(password="key-au1", extra_dejson=extra))
+    assert settings.redis_conn_id == expected
+    assert settings.requests_per_minute == 200.0
+
+
+@pytest.mark.parametrize("value", ["redis default", "redis://127.0.0.1:6379", "ré", 6379, ["r"], "x" * 251])
+def test_malformed_redis_conn_id_names_the_field_and_the_fix(value: object) -> None:
+    extra = {"user_agent": UA, "redis_conn_id": value}
+    with pytest.raises(ClinikoConfigError, match=r"'redis_conn_id' must be the id of an Airflow connection"):
+        ClinikoSettings.from_connection(Conn(password="key-au1", extra_dejson=extra))

@@ -7,7 +7,8 @@ budget (``reserve``); after a 429 with a sane reset, every user of the key holds
 - :class:`ProcessBudget`: this process only.
 - :class:`MachineBudget` (the default): every process of this OS user on this machine, through a
   small state file in a directory private to the user.
-- a cluster backend (Redis) plugs in through :func:`budget_for`.
+- :class:`~cliniko_provider.utils.budget_redis.RedisBudget`: every process of every machine that
+  reaches one Redis (the connection's ``redis_conn_id``), with the machine budget as its fallback.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class BudgetSettings(Protocol):
     @property
     def max_rate_limit_wait(self) -> float: ...
 
+    @property
+    def redis_conn_id(self) -> str | None: ...
+
 
 def key_id(api_key: str) -> str:
     """Return a short identifier of an API key (a hash; never the key itself).
@@ -108,15 +112,27 @@ PROCESS_BUDGETS = Budgets()
 
 
 def budget_for(settings: BudgetSettings, budgets: Budgets = PROCESS_BUDGETS) -> RateBudget:
-    """Return this process's budget for the key of a connection (the machine-wide one by default).
+    """Return this process's budget for the key of a connection.
 
-    :param settings: the connection settings (key, requests a minute, longest 429 wait).
+    The cluster budget in Redis when the connection names a ``redis_conn_id`` (the machine budget
+    standing in while Redis cannot be reached), else the machine-wide budget.
+
+    :param settings: the connection settings (key, requests a minute, longest 429 wait, Redis).
     :param budgets: where the process keeps its budgets.
     """
     kid = key_id(settings.api_key)
     per_minute, max_block = settings.requests_per_minute, settings.max_rate_limit_wait
-    return budgets.get(
+    machine = budgets.get(
         ("machine", kid, per_minute, max_block), lambda: MachineBudget(kid, per_minute, max_block)
+    )
+    redis_conn_id = settings.redis_conn_id
+    if not redis_conn_id:
+        return machine
+    from cliniko_provider.utils.budget_redis import RedisBudget
+
+    return budgets.get(
+        ("redis", redis_conn_id, kid, per_minute, max_block),
+        lambda: RedisBudget(kid, per_minute, max_block, redis_conn_id, machine),
     )
 
 

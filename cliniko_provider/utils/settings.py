@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from cliniko_provider.exceptions import ClinikoConfigError
-from cliniko_provider.utils.validation import number_extra
+from cliniko_provider.utils.validation import conn_id_extra, number_extra
 
 KNOWN_SHARDS = frozenset({"au1", "au2", "au3", "au4", "ca1", "uk1", "uk2", "uk3", "eu1", "us1"})
 SHARD_PATTERN = re.compile(r"^[a-z]{2}\d{1,2}$")
@@ -106,7 +106,9 @@ class ClinikoSettings:
     :param max_attempts: attempts per request on 5xx, 429 and connection errors.
     :param max_rate_limit_wait: longest single wait for a 429 to clear, in seconds.
     :param timeout: per-request timeout in seconds.
-    :param requests_per_minute: this process's own request budget for the key.
+    :param requests_per_minute: the key's request budget (every process sharing the budget together).
+    :param redis_conn_id: an Airflow Redis connection that shares the budget across machines, or None
+        for a budget shared by the processes of one machine.
     """
 
     conn_id: str
@@ -117,6 +119,7 @@ class ClinikoSettings:
     max_rate_limit_wait: float = 65.0
     timeout: float = 60.0
     requests_per_minute: float = 200.0
+    redis_conn_id: str | None = None
 
     @classmethod
     def from_connection(cls, conn: ConnectionLike) -> ClinikoSettings:
@@ -155,6 +158,7 @@ class ClinikoSettings:
             max_rate_limit_wait=number_extra(extra, "max_rate_limit_wait", 65.0, 0),
             timeout=number_extra(extra, "timeout", 60.0, 1),
             requests_per_minute=number_extra(extra, "requests_per_minute", 200.0, 1),
+            redis_conn_id=conn_id_extra(extra, "redis_conn_id"),
         )
 
     @property

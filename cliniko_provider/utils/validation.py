@@ -5,6 +5,7 @@ Every check returns the value to use or raises an error naming the problem and t
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from cliniko_provider.exceptions import ClinikoConfigError, ClinikoInputError
@@ -85,6 +86,27 @@ def number_extra(extra: dict[str, Any], name: str, default: float, minimum: floa
             f"raise it, or remove it to use the default {default:g}."
         )
     return number
+
+
+CONN_ID_PATTERN = re.compile(r"^[\w.-]{1,250}$", re.ASCII)
+
+
+def conn_id_extra(extra: dict[str, Any], name: str) -> str | None:
+    """Return an Airflow connection id from the connection's extras (None when empty), or raise.
+
+    :param extra: the connection's extra fields.
+    :param name: the field's name, e.g. ``redis_conn_id``.
+    """
+    value = extra.get(name)
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not CONN_ID_PATTERN.match(value.strip()):
+        raise ClinikoConfigError(
+            f"The Cliniko connection's extra field {name!r} must be the id of an Airflow connection "
+            f"(letters, digits, '_', '-', '.'), got {value!r}: set it to e.g. 'redis_default', or leave "
+            "it empty."
+        )
+    return value.strip()
 
 
 def one_line(text: str) -> str:
