@@ -94,7 +94,7 @@ def test_fixed_port_and_restart_keep_state_and_resume_processing(
     processed = api.attach(patient["id"], b"done")
     api.wait_processed(processed["id"])
     _, waiting_url = api.upload(patient["id"], b"waiting in temp")
-    set_faults(sandbox, processing_delay=2.5)
+    set_faults(sandbox, processing_delay=10)  # still pending after a restart on a busy machine
     pending = api.attach(patient["id"], b"still processing", "pending.txt")
 
     sandbox.kill()  # no clean shutdown
@@ -103,7 +103,7 @@ def test_fixed_port_and_restart_keep_state_and_resume_processing(
     assert api.get(f"/patients/{patient['id']}").json() == patient
     assert api.get(f"/patient_attachments/{processed['id']}/content").content == b"done"
     assert api.get(f"/patient_attachments/{pending['id']}").json()["processing_completed"] is False
-    record = api.wait_processed(pending["id"])
+    record = api.wait_processed(pending["id"], timeout=30)
     assert record["filename"] == "pending.txt"
     assert api.get(record["content"]["links"]["self"]).content == b"still processing"
     # An upload made before the restart can still become an attachment, with the same presign secret.
