@@ -31,6 +31,23 @@ class ClinikoConnectionError(ClinikoError):
     """Cliniko could not be reached (after retries)."""
 
 
+class ClinikoAnswerError(ClinikoError):
+    """Cliniko (or what stands at the connection's host) answered with something unusable: not JSON, not
+    an object, too large, or a link off the base URL."""
+
+
+MESSAGE_LIMIT = 300  # characters of a server's message kept in an exception (and so in XCom)
+
+
+def capped(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """Return ``text`` cut to ``limit`` characters, marking the cut with an ellipsis.
+
+    :param text: the text (e.g. a server's error message).
+    :param limit: the most characters returned.
+    """
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 class ClinikoAPIError(ClinikoError):
     """Cliniko answered with an error status.
 
@@ -44,9 +61,11 @@ class ClinikoAPIError(ClinikoError):
         self, status: int, message: str, errors: Mapping[str, str] | None = None, request: str = ""
     ) -> None:
         self.status = status
-        self.message = message
-        self.errors = dict(errors or {})
-        self.request = request
+        self.message = capped(message)
+        self.errors = {
+            capped(str(name), 60): capped(str(problem), 120) for name, problem in (errors or {}).items()
+        }
+        self.request = capped(request, 120)
         super().__init__(self._describe())
 
     def _describe(self) -> str:
@@ -55,7 +74,9 @@ class ClinikoAPIError(ClinikoError):
             text += f" to {self.request}"
         text += f": {self.message}"
         if self.errors:
-            text += " (" + "; ".join(f"{field} {problem}" for field, problem in self.errors.items()) + ")"
+            text += (
+                " (" + capped("; ".join(f"{name} {problem}" for name, problem in self.errors.items())) + ")"
+            )
         hint = self.hint()
         return f"{text.rstrip('.')}. {hint}" if hint else text
 
@@ -133,9 +154,9 @@ class S3UploadError(ClinikoError):
 
     def __init__(self, status: int, code: str, message: str) -> None:
         self.status = status
-        self.code = code
-        self.message = message
-        super().__init__(f"S3 refused the upload ({status} {code}): {message}")
+        self.code = capped(code, 60)
+        self.message = capped(message)
+        super().__init__(f"S3 refused the upload ({status} {self.code}): {self.message}")
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.status, self.code, self.message))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json as jsonlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class ScriptedAdapter(BaseAdapter):
             response.headers["Content-Type"] = "application/json"
         else:
             content = (body or "").encode()
-        response._content = content
+        response.raw = io.BytesIO(content)  # streamed like a real adapter's answer
         response.headers.update(answer.headers)
         response.url = request.url or ""
         response.request = request

@@ -20,7 +20,6 @@ from cliniko_provider.exceptions import (
     ClinikoInputError,
     ClinikoNotFoundError,
     ClinikoPermissionError,
-    ClinikoRateLimitError,
     ClinikoServerError,
     ClinikoStorageLimitError,
     ClinikoValidationError,
@@ -113,13 +112,32 @@ def test_429_honours_retry_after_without_reset() -> None:
     assert clock.sleeps == [7.0]
 
 
-def test_429_with_a_reset_beyond_the_bound_fails_without_waiting() -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-RateLimit-Reset": "1600"},  # past the 65 s bound
+        {"X-RateLimit-Reset": str(86_400 + 1000)},  # a day ahead
+        {"X-RateLimit-Reset": "1000000000"},  # milliseconds (read as seconds: years ahead)
+        {"X-RateLimit-Reset": "nan"},
+        {"X-RateLimit-Reset": "inf"},
+        {"X-RateLimit-Reset": "1e999"},
+        {"X-RateLimit-Reset": "soon"},
+        {"Retry-After": "-5"},
+        {"Retry-After": "86400"},
+        {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"},
+        {"Retry-After": "not a date"},
+        {},
+    ],
+)
+def test_an_absurd_429_reset_is_a_bounded_backoff_shared_with_no_one(headers: dict[str, str]) -> None:
     clock = FakeClock(start=1_000.0)
-    hook, adapter, _ = make_hook(Answer(429, "Too many", {"X-RateLimit-Reset": "1600"}), clock=clock)
-    with pytest.raises(ClinikoRateLimitError, match="200 a minute"):
-        hook.get_patient(3)
-    assert clock.sleeps == []
-    assert len(adapter.requests) == 1
+    hook, adapter, _ = make_hook(Answer(429, "Too many", headers), Answer(200, {"id": "3"}), clock=clock)
+    assert hook.get_patient(3) == {"id": "3"}
+    assert clock.sleeps == [0.75]  # the first backoff (rand=0.5), nothing else
+    assert len(adapter.requests) == 2
+    other, _, _ = make_hook(Answer(200, {}), clock=clock)
+    other.get_patient(4)
+    assert clock.sleeps == [0.75]  # the other user of the key is not held back
 
 
 def test_429_makes_every_user_of_the_key_wait() -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from cliniko_provider.exceptions import ClinikoConfigError, ClinikoInputError
+from cliniko_provider.exceptions import ClinikoAnswerError, ClinikoConfigError, ClinikoInputError
 from cliniko_provider.utils.settings import (
     KNOWN_SHARDS,
     ClinikoSettings,
@@ -76,7 +77,6 @@ def test_user_agent_without_name_and_email_is_refused(agent: str) -> None:
         ("http://[::1]:8765/v1/", "http://[::1]:8765/v1"),
         ("http://127.9.9.9/v1", "http://127.9.9.9/v1"),
         ("https://proxy.example.com/cliniko/v1", "https://proxy.example.com/cliniko/v1"),
-        ("proxy.example.com", "https://proxy.example.com/v1"),
     ],
 )
 def test_host_override(host: str, expected: str) -> None:
@@ -106,10 +106,95 @@ def test_extra_numbers_are_read_and_checked() -> None:
         ClinikoSettings.from_connection(
             Conn(password="k-au1", extra_dejson={"user_agent": UA, "max_attempts": "x"})
         )
-    with pytest.raises(ClinikoConfigError, match="'max_attempts' must be >= 1"):
+    with pytest.raises(ClinikoConfigError, match="'max_attempts' must be from 1 to 20, got 0"):
         ClinikoSettings.from_connection(
             Conn(password="k-au1", extra_dejson={"user_agent": UA, "max_attempts": 0})
         )
+
+
+def settings_with(**extra: object) -> ClinikoSettings:
+    return ClinikoSettings.from_connection(Conn(password="k-au1", extra_dejson={"user_agent": UA, **extra}))
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high", "attribute"),
+    [
+        ("max_attempts", 1, 20, "max_attempts"),
+        ("max_rate_limit_wait", 0, 3600, "max_rate_limit_wait"),
+        ("timeout", 1, 3600, "timeout"),
+        ("requests_per_minute", 1, 1_000_000, "requests_per_minute"),
+    ],
+)
+def test_numeric_extras_take_exactly_their_range(name: str, low: float, high: float, attribute: str) -> None:
+    assert getattr(settings_with(**{name: low}), attribute) == low
+    assert getattr(settings_with(**{name: str(high)}), attribute) == high
+    below = low - 1 if name == "max_attempts" else low - 0.001
+    above = high + 1 if name == "max_attempts" else high + 0.001
+    for value in (below, above):
+        expected = f"'{name}' must be from {low} to {high}, got {value!r}:"
+        with pytest.raises(ClinikoConfigError, match=re.escape(expected)):
+            settings_with(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("nan", "a finite number"),
+        ("inf", "a finite number"),
+        ("-Infinity", "a finite number"),
+        (float("nan"), "a finite number"),
+        ("1e999", "a finite number"),
+        (True, "a number"),
+        ([], "a number"),
+        ("ten", "a number"),
+    ],
+)
+def test_numeric_extras_must_be_finite_numbers(value: object, kind: str) -> None:
+    with pytest.raises(ClinikoConfigError, match=f"'timeout' must be {kind}, got"):
+        settings_with(timeout=value)
+
+
+def test_a_count_must_be_whole() -> None:
+    assert settings_with(max_attempts="3.0").max_attempts == 3
+    with pytest.raises(ClinikoConfigError, match=r"'max_attempts' must be a whole number, got 2\.5"):
+        settings_with(max_attempts=2.5)
+
+
+@pytest.mark.parametrize(
+    ("user_agent", "named"),
+    [
+        ("Acmé Reports (ops@acme.example)", "U+00E9"),
+        ("Acme\tReports (ops@acme.example)", "U+0009"),
+        ("Acme Reports (ops@acme.example)\x7f", "U+007F"),
+        ("Acme \u2028Reports (ops@acme.example)", "U+2028"),
+    ],
+)
+def test_user_agent_must_be_printable_ascii(user_agent: str, named: str) -> None:
+    with pytest.raises(ClinikoConfigError, match=re.escape(f"User-Agent holding the character {named} (")):
+        settings_with(user_agent=user_agent)
+
+
+def test_user_agent_edges_of_printable_ascii_pass() -> None:
+    agent = "~ Acme Reports (ops@acme.example)"
+    assert settings_with(user_agent=agent).user_agent == agent
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("http://evil.example\\@127.0.0.1/v1", "backslash"),
+        ("http://127.0.0.1\\evil/v1", "backslash"),
+        ("http://user:pw@127.0.0.1:8765/v1", "user name or password"),
+        ("http://evil.example@127.0.0.1/v1", "user name or password"),
+        ("proxy.example.com", "has no scheme"),
+        ("127.0.0.1:8765/v1", "has no scheme"),
+        ("http://127.0.0.1:99999/v1", "port"),
+        ("http://127.0.0.1:x/v1", "port"),
+    ],
+)
+def test_host_setting_refuses_ambiguous_urls(host: str, problem: str) -> None:
+    with pytest.raises(ClinikoConfigError, match=problem):
+        normalise_base_url(host)
 
 
 def test_headers_and_repr_keep_the_key_out_of_sight() -> None:
@@ -126,7 +211,36 @@ def test_headers_and_repr_keep_the_key_out_of_sight() -> None:
 def test_url_and_describe() -> None:
     settings = ClinikoSettings.from_connection(Conn(password="k-au1", host="http://127.0.0.1:1/v1"))
     assert settings.url("/patients/1") == "http://127.0.0.1:1/v1/patients/1"
-    assert settings.url("http://other/x?page=2") == "http://other/x?page=2"
+    assert settings.url("http://127.0.0.1:1/v1/patients?page=2") == "http://127.0.0.1:1/v1/patients?page=2"
+    assert settings.url("HTTP://127.0.0.1:1/v1/x") == "HTTP://127.0.0.1:1/v1/x"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://other/v1/patients?page=2",
+        "http://127.0.0.1:2/v1/patients",
+        "http://127.0.0.1/v1/patients",
+        "https://127.0.0.1:1/v1/patients",
+        "http://localhost:1/v1/patients",
+        "http://127.0.0.1:1@evil.example/v1",
+        "http://127.0.0.1:1\\@evil.example/v1",
+        "ftp://127.0.0.1:1/v1",
+    ],
+)
+def test_an_absolute_url_off_the_base_url_is_refused(url: str) -> None:
+    settings = ClinikoSettings.from_connection(Conn(password="k-au1", host="http://127.0.0.1:1/v1"))
+    with pytest.raises(
+        ClinikoAnswerError, match=re.escape("not the connection's base URL http://127.0.0.1:1/v1")
+    ):
+        settings.url(url)
+
+
+def test_default_ports_are_the_same_origin() -> None:
+    settings = ClinikoSettings.from_connection(Conn(password="k-au1"))
+    assert settings.url("https://api.au1.cliniko.com:443/v1/x") == "https://api.au1.cliniko.com:443/v1/x"
+    with pytest.raises(ClinikoAnswerError):
+        settings.url("http://api.au1.cliniko.com/v1/x")
     assert settings.describe("GET", "http://127.0.0.1:1/v1/patients/1?q[]=x") == "GET /patients/1"
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -16,6 +17,7 @@ from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
 from cliniko_provider.exceptions import (
+    ClinikoAnswerError,
     ClinikoAPIError,
     ClinikoAttachmentGoneError,
     ClinikoConnectionError,
@@ -24,11 +26,20 @@ from cliniko_provider.exceptions import (
     ClinikoNotFoundError,
     ClinikoServerError,
     S3UploadError,
-    S3UploadRejectedError,
 )
 from cliniko_provider.utils.budget import RateBudget, budget_for
-from cliniko_provider.utils.errors import error_for_answer
-from cliniko_provider.utils.retry import RetryPolicy
+from cliniko_provider.utils.errors import decode_json_object, error_for_answer
+from cliniko_provider.utils.retry import (
+    API_CALL,
+    API_CREATE,
+    S3_UPLOAD,
+    S3_UPLOAD_REFRESHING,
+    UNPACED_CALL,
+    Failure,
+    RetryPolicy,
+    RetryRunner,
+    final,
+)
 from cliniko_provider.utils.s3_form import (
     MultipartBody,
     Opener,
@@ -52,6 +63,58 @@ from cliniko_provider.utils.validation import check_description, check_upload_fi
 JsonDict = dict[str, Any]
 Params = Mapping[str, Any] | list[tuple[str, Any]] | None
 PER_PAGE = 100
+CHUNK = 64 * 1024
+MAX_ANSWER_BYTES = 32 * 1024 * 1024  # an API answer larger than this is refused, not read
+MAX_ERROR_BYTES = 64 * 1024  # of an error answer (and of S3's answers), only this much is read
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A successful API answer, its body read whole (at most ``MAX_ANSWER_BYTES``).
+
+    :param status: the HTTP status.
+    :param headers: the headers.
+    :param content: the body.
+    """
+
+    status: int
+    headers: Mapping[str, str] = field(repr=False)
+    content: bytes = field(repr=False)
+
+    def json_object(self, what: str) -> JsonDict:
+        """Decode the body as a JSON object, or raise a clear error naming what came instead.
+
+        :param what: the request, for the message (``"GET /patients"``).
+        """
+        return decode_json_object(self.content, self.headers.get("Content-Type", ""), what)
+
+
+def read_capped(chunks: Iterable[bytes], cap: int) -> bytes:
+    """Read a streamed body, stopping once it holds more than ``cap`` bytes (at most ``cap + 1`` kept).
+
+    :param chunks: the body's chunks.
+    :param cap: the bytes wanted at most.
+    """
+    body = bytearray()
+    for chunk in chunks:
+        body += chunk
+        if len(body) > cap:
+            break
+    return bytes(body[: cap + 1])
+
+
+async def aread_capped(chunks: AsyncIterator[bytes], cap: int) -> bytes:
+    """The async twin of :func:`read_capped`.
+
+    :param chunks: the body's chunks.
+    :param cap: the bytes wanted at most.
+    """
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > cap:
+            break
+    return bytes(body[: cap + 1])
 
 
 def equality_filters(*filters: str, **equals: object) -> list[str]:
@@ -120,46 +183,47 @@ class _ClinikoBase(BaseHook):
             raise ClinikoError("Connection settings not loaded yet")
         return self._settings
 
-    def _after_answer(
+    def _runner(
         self,
-        attempt: int,
-        status: int | None,
-        headers: Mapping[str, str],
-        body: str,
-        what: str,
-        *,
-        idempotent: bool = True,
-    ) -> float:
-        """Decide what follows a failed answer: return the wait before the next attempt, or raise.
-
-        A request that is not idempotent (a create) is retried only after a 429, which Cliniko answers
-        before doing anything; after a 5xx or a broken connection it may have been carried out.
-        """
-        now = self._clock()
-        policy = self.policy
-        wait = policy.delay(attempt, status, headers, now, self._rand)
-        if status == 429:
-            reset = policy.rate_limit_wait(headers, now)
-            if reset is not None:
-                self.budget.block_until(now + reset)
-        elif not idempotent:
-            wait = None
-        if wait is None:
-            if status is None:
-                raise ClinikoConnectionError(
-                    f"Could not reach Cliniko at {self._require_settings().base_url} for {what} after "
-                    f"{attempt} attempt(s): {body}. Check the host/network; the task's retries may succeed."
-                )
-            raise error_for_answer(status, body, what)
-        self.log.warning(
-            "Cliniko %s: %s on attempt %d of %d; retrying in %.1f s",
-            what,
-            status or "connection error",
-            attempt,
-            policy.max_attempts,
-            wait,
+        sleep: Callable[[float], None] = time.sleep,
+        asleep: Callable[[float], Awaitable[object]] | None = None,
+    ) -> RetryRunner:
+        return RetryRunner(
+            self.policy,
+            self.budget,
+            clock=self._clock,
+            sleep=sleep,
+            asleep=asleep,
+            rand=self._rand,
+            logger=self.log,
         )
-        return wait
+
+    def _api_answer(
+        self, status: int, headers: Mapping[str, str], content: bytes, what: str
+    ) -> Answer | Failure:
+        """Turn one API answer into the result (any status below 400) or a failure carrying its error."""
+        if len(content) > MAX_ANSWER_BYTES and status < 400:
+            raise ClinikoAnswerError(
+                f"Cliniko's answer to {what} is larger than {format_bytes(MAX_ANSWER_BYTES)}; not "
+                "reading it. Check the connection's host points at Cliniko's API."
+            )
+        if status < 400:
+            return Answer(status, headers, content)
+        text = content[:MAX_ERROR_BYTES].decode("utf-8", "replace")
+        error = error_for_answer(status, text, what)
+        return Failure(status, headers, final(error), error.message)
+
+    def _connection_failure(self, error: BaseException, what: str) -> Failure:
+        reason = network_reason(error)
+        base_url = self._require_settings().base_url
+
+        def final(attempts: int) -> Exception:
+            return ClinikoConnectionError(
+                f"Could not reach Cliniko at {base_url} for {what} after {attempts} attempt(s): {reason}. "
+                "Check the host/network; the task's retries may succeed."
+            )
+
+        return Failure(None, {}, final, reason)
 
     @staticmethod
     def _next_link(page: JsonDict) -> str | None:
@@ -214,14 +278,6 @@ class ClinikoHook(_ClinikoBase):
         """Return the configured ``requests`` session."""
         return self.session
 
-    def wait_for_budget(self) -> None:
-        """Wait for this process's rate budget to allow one more request."""
-        self.settings  # noqa: B018 - loads and masks the settings
-        wait = self.budget.reserve(self._clock())
-        if wait > 0:
-            self.log.info("Pacing requests to stay under Cliniko's rate limit: waiting %.1f s", wait)
-            self._sleep(wait)
-
     def request(
         self,
         method: str,
@@ -230,53 +286,41 @@ class ClinikoHook(_ClinikoBase):
         params: Params = None,
         json: JsonDict | None = None,
         idempotent: bool = True,
-    ) -> requests.Response:
-        """Send one API request with the shared retry policy; return the successful answer.
+    ) -> Answer:
+        """Send one API request through the retry runner; return the successful answer, its body read.
 
         :param method: HTTP method.
-        :param path_or_url: path under the base URL (``/patients/1``) or an absolute URL.
+        :param path_or_url: path under the base URL (``/patients/1``), or an absolute URL on the base URL's
+            scheme, host and port (a ``links.next``); any other URL is refused before a request is sent.
         :param params: query parameters.
         :param json: JSON body.
         :param idempotent: False for requests that must not be repeated after a 5xx (creates).
         """
         url = self.settings.url(path_or_url)
         what = self.settings.describe(method, url)
-        attempt = 0
-        while True:
-            attempt += 1
-            self.wait_for_budget()
+
+        def attempt() -> Answer | Failure:
             try:
-                response = self.session.request(
-                    method, url, params=params, json=json, timeout=self.settings.timeout
-                )
+                with self.session.request(
+                    method, url, params=params, json=json, timeout=self.settings.timeout, stream=True
+                ) as response:
+                    content = read_capped(response.iter_content(CHUNK), MAX_ANSWER_BYTES)
+                    status, headers = response.status_code, response.headers
             except requests.RequestException as error:
-                text = network_reason(error)
-                self._sleep(self._after_answer(attempt, None, {}, text, what, idempotent=idempotent))
-                continue
-            self.log.debug("Cliniko %s -> %s", what, response.status_code)
-            if response.status_code < 400:
-                return response
-            self._sleep(
-                self._after_answer(
-                    attempt,
-                    response.status_code,
-                    response.headers,
-                    response.text,
-                    what,
-                    idempotent=idempotent,
-                )
-            )
+                return self._connection_failure(error, what)
+            self.log.debug("Cliniko %s -> %s", what, status)
+            return self._api_answer(status, headers, content, what)
+
+        return self._runner(self._sleep).run(what, attempt, API_CALL if idempotent else API_CREATE)
 
     def get_json(self, path_or_url: str, params: Params = None) -> JsonDict:
         """GET and decode a JSON object.
 
-        :param path_or_url: path under the base URL or an absolute URL.
+        :param path_or_url: path under the base URL or an absolute URL (see :meth:`request`).
         :param params: query parameters.
         """
-        data = self.request("GET", path_or_url, params=params).json()
-        if not isinstance(data, dict):
-            raise ClinikoError(f"Cliniko answered {path_or_url} with JSON that is not an object")
-        return data
+        url = self.settings.url(path_or_url)
+        return self.request("GET", url, params=params).json_object(self.settings.describe("GET", url))
 
     def paginate(self, path: str, resource: str, params: Params = None) -> Iterator[JsonDict]:
         """Yield every item of a list endpoint, fetching pages lazily by following ``links.next``.
@@ -315,12 +359,15 @@ class ClinikoHook(_ClinikoBase):
     def create_patient(self, first_name: str, last_name: str, **fields: object) -> JsonDict:
         """Create a patient (used by demos and tests).
 
+        A create: never repeated after a 5xx or a broken connection, since Cliniko may have made it; look
+        the patient up (:meth:`find_patients`) before trying again.
+
         :param first_name: first name.
         :param last_name: last name.
         :param fields: other patient fields (``email``, ``old_reference_id``...).
         """
         body: JsonDict = {"first_name": first_name, "last_name": last_name, **fields}
-        return self._json_object(self.request("POST", "/patients", json=body))
+        return self.request("POST", "/patients", json=body, idempotent=False).json_object("POST /patients")
 
     def match_patients(self, references: Iterable[str], emails: Iterable[str] = ()) -> dict[str, JsonDict]:
         """Find patients by ``old_reference_id`` and by email, in as few requests as possible.
@@ -395,7 +442,8 @@ class ClinikoHook(_ClinikoBase):
         body: JsonDict = {"patient_id": validate_id("patient_id", patient_id), "upload_url": upload_url}
         if description:
             body["description"] = check_description(description)
-        return self._json_object(self.request("POST", "/patient_attachments", json=body, idempotent=False))
+        answer = self.request("POST", "/patient_attachments", json=body, idempotent=False)
+        return answer.json_object("POST /patient_attachments")
 
     def get_attachment(self, attachment_id: int | str) -> JsonDict:
         """Return one attachment record.
@@ -471,18 +519,11 @@ class ClinikoHook(_ClinikoBase):
     def test_connection(self) -> tuple[bool, str]:
         """Check the key, User-Agent and host with one call to ``GET /user``; return (ok, one-line reason)."""
         try:
-            user = self._json_object(self.request("GET", "/user", idempotent=False))
+            user = self.request("GET", "/user", idempotent=False).json_object("GET /user")
         except ClinikoError as error:
             return False, one_line(str(error))
         name = " ".join(str(user.get(part) or "") for part in ("first_name", "last_name")).strip()
         return True, f"Connected to Cliniko at {self.settings.base_url} as {name or 'the key user'}."
-
-    @staticmethod
-    def _json_object(response: requests.Response) -> JsonDict:
-        data = response.json()
-        if not isinstance(data, dict):
-            raise ClinikoError("Cliniko answered with JSON that is not an object")
-        return data
 
     # --- Upload: the S3 step and the three-step flow of the upload guide ------------------------------
 
@@ -501,69 +542,73 @@ class ClinikoHook(_ClinikoBase):
         filename: str,
         *,
         progress: Progress | None = None,
+        refresh_presign: Callable[[], JsonDict] | None = None,
     ) -> str:
         """POST one file to S3 with a presign's fields (streamed, exact Content-Length); return S3's ``Key``.
 
-        S3 5xx answers and broken connections are retried with the shared :class:`RetryPolicy`. Any
-        other S3 error raises :class:`S3UploadRejectedError` with S3's Code and Message (a 403 usually
-        means the presign expired: :meth:`upload_to_patient` then fetches a fresh one).
+        Goes through the retry runner: S3 5xx answers (``503 SlowDown`` included) and broken connections
+        are retried; a 403 (the presign expired or was refused) fetches a fresh presign when
+        ``refresh_presign`` is given; any other S3 error raises :class:`S3UploadRejectedError` with S3's
+        Code and Message. Only the first 64 KiB of S3's answer is read.
 
         :param presign: ``{"url": ..., "fields": {...}}`` from :meth:`get_presigned_post` (never logged).
         :param opener: opens the file for binary reading; called once per attempt.
         :param size: the file's exact size in bytes.
         :param filename: the file part's name; S3 puts it in place of ``${filename}`` in the key.
         :param progress: called with the bytes sent so far; by default large files log progress lines.
+        :param refresh_presign: fetches a fresh presign after a 403, at most ``PRESIGN_REFRESHES`` times.
         """
+        current = presign
+
+        def refresh() -> None:
+            nonlocal current
+            if refresh_presign is not None:
+                current = refresh_presign()
+
+        return self._runner(self._sleep).run(
+            "S3 upload",
+            lambda: self._s3_attempt(current, opener, size, filename, progress),
+            S3_UPLOAD_REFRESHING if refresh_presign is not None else S3_UPLOAD,
+            refresh,
+        )
+
+    def _s3_attempt(
+        self, presign: JsonDict, opener: Opener, size: int, filename: str, progress: Progress | None
+    ) -> str | Failure:
+        """POST the file once; return S3's ``Key``, or the failure."""
         url = str(presign["url"])
         fields = [(str(name), str(value)) for name, value in dict(presign["fields"]).items()]
-        attempt = 0
-        while True:
-            attempt += 1
-            reporter = progress or UploadProgress(size, self.log.info, self._clock)
-            body = MultipartBody(
-                fields, opener, size, filename, content_type=guess_content_type(filename), progress=reporter
+        reporter = progress or UploadProgress(size, self.log.info, self._clock)
+        body = MultipartBody(
+            fields, opener, size, filename, content_type=guess_content_type(filename), progress=reporter
+        )
+        started = self._clock()
+        try:
+            with self.s3_session.post(
+                url,
+                data=body,
+                headers={"Content-Type": body.content_type},
+                timeout=self.settings.timeout,
+                stream=True,
+            ) as response:
+                content = read_capped(response.iter_content(CHUNK), MAX_ERROR_BYTES)
+                status, headers = response.status_code, response.headers
+        except requests.RequestException as error:
+            reason = network_reason(error)
+            return Failure(None, {}, final(S3UploadError(0, "ConnectionError", reason)), reason)
+        answer = parse_s3_xml(content)
+        if status < 300:
+            key = answer.get("Key") or expected_key(fields, filename)
+            elapsed = max(self._clock() - started, 1e-6)
+            self.log.info(
+                "Uploaded %s to S3 in %.1f s (%s/s)",
+                format_bytes(size),
+                elapsed,
+                format_bytes(size / elapsed),
             )
-            started = self._clock()
-            try:
-                response = self.s3_session.post(
-                    url,
-                    data=body,
-                    headers={"Content-Type": body.content_type},
-                    timeout=self.settings.timeout,
-                )
-            except requests.RequestException as error:
-                failure = S3UploadError(0, "ConnectionError", network_reason(error))
-                headers: Mapping[str, str] = {}
-            else:
-                answer = parse_s3_xml(response.content)
-                if response.status_code < 300:
-                    key = answer.get("Key") or expected_key(fields, filename)
-                    elapsed = max(self._clock() - started, 1e-6)
-                    self.log.info(
-                        "Uploaded %s to S3 in %.1f s (%s/s)",
-                        format_bytes(size),
-                        elapsed,
-                        format_bytes(size / elapsed),
-                    )
-                    return key
-                failure = s3_error(response.status_code, answer, response.text)
-                headers = response.headers
-            wait = None
-            if failure.status != 403:
-                status = failure.status or None
-                wait = self.policy.delay(attempt, status, headers, self._clock(), self._rand)
-            if wait is None:
-                raise failure
-            self.log.warning(
-                "S3 upload attempt %d of %d failed (%s %s: %s); retrying in %.1f s",
-                attempt,
-                self.policy.max_attempts,
-                failure.status or "connection",
-                failure.code,
-                failure.message,
-                wait,
-            )
-            self._sleep(wait)
+            return key
+        failure = s3_error(status, answer, content.decode("utf-8", "replace"))
+        return Failure(status, headers, final(failure), f"{failure.code}: {failure.message}")
 
     def upload_to_patient(
         self, patient_id: int | str, source: UploadSource, filename: str, *, progress: Progress | None = None
@@ -578,24 +623,17 @@ class ClinikoHook(_ClinikoBase):
         :param filename: the name Cliniko shows.
         :param progress: see :meth:`upload_file`.
         """
-        refreshes = 0
-        while True:
+        presign = self._patient_call(patient_id, self.get_presigned_post)
+
+        def refresh() -> JsonDict:
+            nonlocal presign
             presign = self._patient_call(patient_id, self.get_presigned_post)
-            try:
-                key = self.upload_file(presign, source.opener, source.size, filename, progress=progress)
-            except S3UploadRejectedError as error:
-                if error.status != 403 or refreshes >= PRESIGN_REFRESHES:
-                    raise
-                refreshes += 1
-                self.log.warning(
-                    "S3 refused the presigned upload (%s: %s); fetching a fresh presign (%d of %d)",
-                    error.code,
-                    error.message,
-                    refreshes,
-                    PRESIGN_REFRESHES,
-                )
-                continue
-            return join_upload_url(str(presign["url"]), key)
+            return presign
+
+        key = self.upload_file(
+            presign, source.opener, source.size, filename, progress=progress, refresh_presign=refresh
+        )
+        return join_upload_url(str(presign["url"]), key)
 
     def find_attachment_by_marker(self, patient_id: int | str, marker: str) -> JsonDict | None:
         """Return the patient's oldest non-archived attachment whose description holds ``marker``, if any.
@@ -660,9 +698,8 @@ class ClinikoHook(_ClinikoBase):
         self, patient_id: str, upload_url: str, description: str | None, marker: str | None
     ) -> JsonDict:
         """Create the record; after a 5xx or a broken connection, look it up before trying again."""
-        attempt = 0
-        while True:
-            attempt += 1
+
+        def attempt() -> JsonDict | Failure:
             try:
                 return self.create_attachment(patient_id, upload_url, description)
             except (ClinikoServerError, ClinikoConnectionError) as error:
@@ -672,12 +709,10 @@ class ClinikoHook(_ClinikoBase):
                 if found is not None:
                     self.log.info("The create failed (%s), but attachment %s exists", error, found.get("id"))
                     return found
-                status = getattr(error, "status", None)
-                wait = self.policy.delay(attempt, status, {}, self._clock(), self._rand)
-                if wait is None:
-                    raise
-                self.log.warning("The create failed and no record was made; retrying in %.1f s", wait)
-                self._sleep(wait)
+                return Failure(getattr(error, "status", None), {}, final(error), "no record was made")
+
+        # Each attempt is already paced (its requests book their own slots).
+        return self._runner(self._sleep).run("POST /patient_attachments", attempt, UNPACED_CALL)
 
     def _patient_call(self, patient_id: int | str, call: Callable[[str], T]) -> T:
         """Run a patient-scoped call, turning Cliniko's 404 into a clear input error."""
@@ -708,7 +743,7 @@ def network_reason(error: BaseException) -> str:
     return one_line(f"{type(reason).__name__}: {reason}")[:300]
 
 
-PRESIGN_REFRESHES = 2  # fresh presigns fetched after S3 answers 403, per upload
+PRESIGN_REFRESHES = RetryPolicy.max_refreshes  # fresh presigns fetched after S3 answers 403, per upload
 T = TypeVar("T")
 
 
@@ -760,8 +795,8 @@ class ClinikoAsyncHook(_ClinikoBase):
 
     async def arequest(
         self, method: str, path_or_url: str, *, params: Params = None, json: JsonDict | None = None
-    ) -> httpx.Response:
-        """Send one API request with the shared retry policy; return the successful answer.
+    ) -> Answer:
+        """Send one API request through the retry runner; return the successful answer, its body read.
 
         :param method: HTTP method.
         :param path_or_url: path under the base URL or an absolute URL.
@@ -772,34 +807,28 @@ class ClinikoAsyncHook(_ClinikoBase):
         settings = self._require_settings()
         url = settings.url(path_or_url)
         what = settings.describe(method, url)
-        attempt = 0
-        while True:
-            attempt += 1
-            wait = await self.budget.areserve(self._clock())
-            if wait > 0:
-                await self._asleep(wait)
+
+        async def attempt() -> Answer | Failure:
             try:
-                response = await client.request(method, url, params=params, json=json)
+                async with client.stream(method, url, params=params, json=json) as response:
+                    content = await aread_capped(response.aiter_bytes(CHUNK), MAX_ANSWER_BYTES)
+                    status, headers = response.status_code, response.headers
             except httpx.HTTPError as error:
-                text = network_reason(error)
-                await self._asleep(self._after_answer(attempt, None, {}, text, what))
-                continue
-            if response.status_code < 400:
-                return response
-            await self._asleep(
-                self._after_answer(attempt, response.status_code, response.headers, response.text, what)
-            )
+                return self._connection_failure(error, what)
+            return self._api_answer(status, headers, content, what)
+
+        return await self._runner(asleep=self._asleep).arun(what, attempt)
 
     async def aget_json(self, path_or_url: str, params: Params = None) -> JsonDict:
         """GET and decode a JSON object.
 
-        :param path_or_url: path under the base URL or an absolute URL.
+        :param path_or_url: path under the base URL or an absolute URL (see :meth:`arequest`).
         :param params: query parameters.
         """
-        data = (await self.arequest("GET", path_or_url, params=params)).json()
-        if not isinstance(data, dict):
-            raise ClinikoError(f"Cliniko answered {path_or_url} with JSON that is not an object")
-        return data
+        settings = await self.aget_settings()
+        url = settings.url(path_or_url)
+        answer = await self.arequest("GET", url, params=params)
+        return answer.json_object(settings.describe("GET", url))
 
     async def aget_attachment(self, attachment_id: int | str) -> JsonDict:
         """Return one attachment record.

@@ -1,10 +1,12 @@
-"""The error map: what Cliniko's error answers mean, as typed exceptions."""
+"""The error map: what Cliniko's answers mean, as typed exceptions (error statuses, unusable bodies)."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from cliniko_provider.exceptions import (
+    ClinikoAnswerError,
     ClinikoAPIError,
     ClinikoAuthError,
     ClinikoClientError,
@@ -15,6 +17,43 @@ from cliniko_provider.exceptions import (
     ClinikoStorageLimitError,
     ClinikoValidationError,
 )
+from cliniko_provider.utils.validation import one_line
+
+EXCERPT_LIMIT = 80
+
+
+def excerpt(content: bytes, limit: int = EXCERPT_LIMIT) -> str:
+    """Return the start of a body as one short line of printable text (for messages).
+
+    :param content: the body.
+    :param limit: the most characters returned.
+    """
+    text = one_line(content[: limit * 4].decode("utf-8", "replace"))
+    text = "".join(char if char.isprintable() else "?" for char in text)
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def decode_json_object(content: bytes, content_type: str, what: str) -> dict[str, Any]:
+    """Decode an answer that must be a JSON object; otherwise raise a clear :class:`ClinikoAnswerError`.
+
+    :param content: the body.
+    :param content_type: the answer's ``Content-Type`` (named in the message).
+    :param what: the request, ``"METHOD /path"``.
+    """
+    data: Any = None
+    try:
+        data = json.loads(content)
+        kind = f"JSON that is not an object ({type(data).__name__})"
+    except ValueError:  # UnicodeDecodeError included
+        kind = "something that is not JSON"
+    if isinstance(data, dict):
+        return data
+    raise ClinikoAnswerError(
+        f"Cliniko answered {what} with {kind}: Content-Type {excerpt(content_type.encode(), 60)!r}, body "
+        f"starting {excerpt(content)!r}. Check that the connection's host is Cliniko's API (e.g. "
+        "https://api.au1.cliniko.com/v1, or leave it empty) and not a web page or a proxy."
+    )
+
 
 _CLIENT_ERRORS: dict[int, type[ClinikoClientError]] = {
     401: ClinikoAuthError,

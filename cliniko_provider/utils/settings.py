@@ -6,11 +6,12 @@ import base64
 import ipaddress
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from cliniko_provider.exceptions import ClinikoConfigError
+from cliniko_provider.exceptions import ClinikoAnswerError, ClinikoConfigError
 from cliniko_provider.utils.validation import conn_id_extra, number_extra
 
 KNOWN_SHARDS = frozenset({"au1", "au2", "au3", "au4", "ca1", "uk1", "uk2", "uk3", "eu1", "us1"})
@@ -19,6 +20,15 @@ DEFAULT_SHARD = "au1"
 # Cliniko asks for "<App or vendor name> (<contact email>)".
 USER_AGENT_PATTERN = re.compile(r"^.*\S.*\(\s*[^\s@()]+@[^\s@()]+\.[^\s@()]+\s*\)\s*$")
 USER_AGENT_EXAMPLE = "Acme Reports (ops@acme.example)"
+# Upper bounds of the numeric extras: past them a setting is a mistake (or would overflow a wait).
+MAX_ATTEMPTS = 20
+MAX_RATE_LIMIT_WAIT = 3600.0
+MAX_TIMEOUT = 3600.0
+MAX_REQUESTS_PER_MINUTE = 1_000_000.0
+
+
+def _describe_char(char: str) -> str:
+    return f"the character U+{ord(char):04X} ({unicodedata.name(char, 'a control character')})"
 
 
 class ConnectionLike(Protocol):
@@ -78,14 +88,25 @@ def normalise_base_url(host: str) -> str:
     :param host: the connection's host field, e.g. ``http://127.0.0.1:8765/v1``.
     """
     url = host.strip()
-    if "://" not in url:
-        url = "https://" + url
+    example = "give a base URL such as http://127.0.0.1:8765/v1 (the sandbox), or leave it empty for Cliniko"
+    problem = ""
+    if "\\" in url:
+        problem = "holds a backslash, which clients read differently"
+    elif "://" not in url:
+        problem = "has no scheme (http:// or https://)"
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ClinikoConfigError(
-            f"The Cliniko connection's host {host!r} is not an http(s) URL; leave it empty for real "
-            "Cliniko or give a base URL such as http://127.0.0.1:8765/v1 (the sandbox)."
-        )
+    if not problem and (parts.scheme not in ("http", "https") or not parts.hostname):
+        problem = "is not an http(s) URL"
+    elif not problem and "@" in parts.netloc:
+        problem = "holds a user name or password before '@'; the API key goes in the Password field"
+    if not problem:
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in range
+        except ValueError:
+            problem = "has a port that is not a number from 0 to 65535"
+    if problem:
+        raise ClinikoConfigError(f"The Cliniko connection's host {host!r} {problem}: {example}.")
+    assert parts.hostname is not None  # checked above
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ClinikoConfigError(
             f"Plain http:// is refused for the non-loopback host {parts.hostname!r}: Cliniko requires TLS. "
@@ -93,6 +114,18 @@ def normalise_base_url(host: str) -> str:
         )
     path = parts.path.rstrip("/") or "/v1"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def _port(parts: SplitResult) -> int | None:
+    try:
+        return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, _port(parts)
 
 
 @dataclass(frozen=True)
@@ -144,6 +177,13 @@ class ClinikoSettings:
                 f"The Cliniko connection {conn.conn_id!r} has no User-Agent: Cliniko requires one. Set the "
                 f"extra field 'user_agent' to your app name and a contact email, e.g. {USER_AGENT_EXAMPLE!r}."
             )
+        bad = next((char for char in user_agent if not " " <= char <= "~"), None)
+        if bad is not None:
+            raise ClinikoConfigError(
+                f"The Cliniko connection {conn.conn_id!r} has a User-Agent holding {_describe_char(bad)}; "
+                "HTTP headers take printable ASCII only. Spell it in plain ASCII, e.g. "
+                f"{USER_AGENT_EXAMPLE!r}."
+            )
         if not USER_AGENT_PATTERN.match(user_agent):
             raise ClinikoConfigError(
                 f"The Cliniko connection {conn.conn_id!r} has the User-Agent {user_agent!r}, but Cliniko "
@@ -154,10 +194,10 @@ class ClinikoSettings:
             api_key=api_key,
             base_url=base_url,
             user_agent=user_agent,
-            max_attempts=int(number_extra(extra, "max_attempts", 5, 1)),
-            max_rate_limit_wait=number_extra(extra, "max_rate_limit_wait", 65.0, 0),
-            timeout=number_extra(extra, "timeout", 60.0, 1),
-            requests_per_minute=number_extra(extra, "requests_per_minute", 200.0, 1),
+            max_attempts=int(number_extra(extra, "max_attempts", 5, 1, MAX_ATTEMPTS, whole=True)),
+            max_rate_limit_wait=number_extra(extra, "max_rate_limit_wait", 65.0, 0, MAX_RATE_LIMIT_WAIT),
+            timeout=number_extra(extra, "timeout", 60.0, 1, MAX_TIMEOUT),
+            requests_per_minute=number_extra(extra, "requests_per_minute", 200.0, 1, MAX_REQUESTS_PER_MINUTE),
             redis_conn_id=conn_id_extra(extra, "redis_conn_id"),
         )
 
@@ -176,13 +216,23 @@ class ClinikoSettings:
         }
 
     def url(self, path_or_url: str) -> str:
-        """Return an absolute URL: ``path_or_url`` as is when absolute, else joined to the base URL.
+        """Return an absolute URL on the base URL: a path joined to it, or an absolute URL it allows.
+
+        An absolute URL (a ``links.next`` from an answer) is followed only when its scheme, host and
+        port are the base URL's: the API key is never sent anywhere else.
 
         :param path_or_url: ``/patients/1`` or a full URL (e.g. a ``links.next``).
         """
-        if "://" in path_or_url:
-            return path_or_url
-        return self.base_url + "/" + path_or_url.lstrip("/")
+        if "://" not in path_or_url:
+            return self.base_url + "/" + path_or_url.lstrip("/")
+        if _origin(path_or_url) != _origin(self.base_url) or "\\" in path_or_url:
+            parts = urlsplit(path_or_url)
+            raise ClinikoAnswerError(
+                f"Cliniko's answer pointed at {parts.scheme}://{parts.hostname or '?'}:{_port(parts)}, which "
+                f"is not the connection's base URL {self.base_url}; not following it, so the API key is not "
+                "sent there. Check the connection's host."
+            )
+        return path_or_url
 
     def describe(self, method: str, url: str) -> str:
         """Return ``"METHOD /path"`` for messages: the URL without host or query (no secrets there)."""

@@ -5,6 +5,7 @@ Every check returns the value to use or raises an error naming the problem and t
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -62,28 +63,41 @@ def check_description(description: str) -> str:
     return description
 
 
-def number_extra(extra: dict[str, Any], name: str, default: float, minimum: float) -> float:
-    """Return a numeric extra field of the connection, or its default when unset.
+def number_extra(
+    extra: dict[str, Any], name: str, default: float, minimum: float, maximum: float, *, whole: bool = False
+) -> float:
+    """Return a numeric extra field of the connection (finite, within bounds), or its default when unset.
 
     :param extra: the connection's extra fields.
     :param name: the field's name.
     :param default: the value when unset.
     :param minimum: the smallest value accepted.
+    :param maximum: the largest value accepted.
+    :param whole: True when only whole numbers make sense (a count).
     """
     value = extra.get(name)
     if value in (None, ""):
         return default
+    fix = f"set it to a number such as {default:g}, or remove it to use that default"
     try:
-        number = float(value)
-    except (TypeError, ValueError):
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    kind = "a number"
+    if number is not None and not math.isfinite(number):
+        kind = "a finite number"
+    elif number is not None and whole and not number.is_integer():
+        kind = "a whole number"
+    elif number is not None:
+        kind = ""
+    if number is None or kind:
         raise ClinikoConfigError(
-            f"The Cliniko connection's extra field {name!r} must be a number, got {value!r}: set it to a "
-            f"number such as {default:g}, or remove it to use that default."
-        ) from None
-    if number < minimum:
+            f"The Cliniko connection's extra field {name!r} must be {kind}, got {value!r}: {fix}."
+        )
+    if not minimum <= number <= maximum:
         raise ClinikoConfigError(
-            f"The Cliniko connection's extra field {name!r} must be >= {minimum:g}, got {number:g}: "
-            f"raise it, or remove it to use the default {default:g}."
+            f"The Cliniko connection's extra field {name!r} must be from {_plain(minimum)} to "
+            f"{_plain(maximum)}, got {_plain(number)}: {fix}."
         )
     return number
 
@@ -107,6 +121,10 @@ def conn_id_extra(extra: dict[str, Any], name: str) -> str | None:
             "it empty."
         )
     return value.strip()
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else repr(number)
 
 
 def one_line(text: str) -> str:
