@@ -202,3 +202,11 @@ class ClinikoAttachmentGoneError(ClinikoError, AirflowFailException):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.attachment_id, self.reason, self.archived_at, str(self)))
+
+
+class ClinikoBatchError(ClinikoError):
+    """Some uploads of a batch failed, and retrying the task may fix at least one of them."""
+
+
+class ClinikoBatchFinalError(ClinikoBatchError, AirflowFailException):
+    """Some uploads of a batch failed, each for a reason retrying cannot fix (bad input, 4xx answers)."""

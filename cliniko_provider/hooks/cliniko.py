@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -243,7 +244,8 @@ class ClinikoHook(_ClinikoBase):
     """Calls Cliniko's REST API: auth, shard, User-Agent, retries, rate limit and pagination in one place.
 
     The connection's password is the API key; its shard suffix (``-au1``, ``-uk2``...) picks the base URL
-    unless the host field overrides it (e.g. the sandbox). Extra field ``user_agent`` is required.
+    unless the host field overrides it (e.g. the sandbox). Extra field ``user_agent`` is required. Several
+    threads may use one hook at once (each gets its own session; all draw from the key's rate budget).
 
     :param cliniko_conn_id: the Airflow connection id (type ``cliniko``).
     :param sleep: how to wait between attempts (injectable for tests).
@@ -261,18 +263,19 @@ class ClinikoHook(_ClinikoBase):
     ) -> None:
         super().__init__(cliniko_conn_id, clock=clock, rand=rand)
         self._sleep = sleep
+        self._local = threading.local()
+        self._first_sessions: dict[str, requests.Session] = {}
+        self._sessions_lock = threading.Lock()
 
     @cached_property
     def settings(self) -> ClinikoSettings:
         """The validated connection settings."""
         return self._remember(ClinikoSettings.from_connection(self.get_connection(self.cliniko_conn_id)))
 
-    @cached_property
+    @property
     def session(self) -> requests.Session:
-        """A ``requests`` session carrying auth, User-Agent and Accept."""
-        session = requests.Session()
-        session.headers.update(self.settings.headers)
-        return session
+        """This thread's ``requests`` session carrying auth, User-Agent and Accept."""
+        return self._thread_session("api", self.settings.headers)
 
     def get_conn(self) -> requests.Session:
         """Return the configured ``requests`` session."""
@@ -484,11 +487,47 @@ class ClinikoHook(_ClinikoBase):
                 return record
             remaining = deadline - self._clock()
             if remaining <= 0:
-                raise AirflowSensorTimeout(
-                    f"Cliniko had not finished processing attachment {attachment_id} after {timeout:.0f} s. "
-                    "Large files take longer: raise the sensor's timeout, or check the attachment in Cliniko"
-                )
+                raise AirflowSensorTimeout(_not_processed_in_time(str(attachment_id), timeout))
             self._sleep(min(poll_interval, remaining))
+
+    def wait_for_processing_of_many(
+        self, attachment_ids: Iterable[int | str], *, poll_interval: float, timeout: float
+    ) -> dict[str, JsonDict | Exception]:
+        """Poll many attachments, 100 per request, until each is processed or never will be.
+
+        Returns each id's processed record, or the error :meth:`wait_for_processing` would raise for it
+        (:class:`ClinikoAttachmentGoneError`, ``AirflowSensorTimeout``).
+
+        :param attachment_ids: the attachment ids.
+        :param poll_interval: seconds between rounds.
+        :param timeout: seconds to wait in all.
+        """
+        waiting = list(dict.fromkeys(validate_id("attachment_id", item) for item in attachment_ids))
+        outcomes: dict[str, JsonDict | Exception] = {}
+        deadline = self._clock() + timeout
+        while waiting:
+            for start in range(0, len(waiting), PER_PAGE):
+                chunk = waiting[start : start + PER_PAGE]
+                filters = (f"id:={','.join(chunk)}",)
+                found = {str(r.get("id")): r for r in self.list_attachments(*filters, include_archived=True)}
+                for attachment_id in chunk:
+                    record = found.get(attachment_id)
+                    try:
+                        if record is None:
+                            raise ClinikoAttachmentGoneError(attachment_id, "not_found")
+                        if check_processed(record):
+                            outcomes[attachment_id] = record
+                    except ClinikoAttachmentGoneError as error:
+                        outcomes[attachment_id] = error
+            waiting = [item for item in waiting if item not in outcomes]
+            remaining = deadline - self._clock()
+            if waiting and remaining <= 0:
+                for item in waiting:
+                    outcomes[item] = AirflowSensorTimeout(_not_processed_in_time(item, timeout))
+                break
+            if waiting:
+                self._sleep(min(poll_interval, remaining))
+        return outcomes
 
     def list_attachments(
         self, *filters: str, patient_id: int | str | None = None, include_archived: bool = False
@@ -527,11 +566,27 @@ class ClinikoHook(_ClinikoBase):
 
     # --- Upload: the S3 step and the three-step flow of the upload guide ------------------------------
 
-    @cached_property
+    @property
     def s3_session(self) -> requests.Session:
-        """A plain session for S3: User-Agent only, never Cliniko's Authorization header."""
-        session = requests.Session()
-        session.headers["User-Agent"] = self.settings.user_agent
+        """This thread's plain session for S3: User-Agent only, never Cliniko's Authorization header."""
+        return self._thread_session("s3", {"User-Agent": self.settings.user_agent})
+
+    def _thread_session(self, kind: str, headers: Mapping[str, str]) -> requests.Session:
+        """Return this thread's session of one kind, so threads uploading at once can share the hook.
+
+        A ``requests.Session`` is not thread-safe (cookies, state), but its adapters' connection pools
+        are: every thread's session mounts the adapters of the kind's first session.
+        """
+        session: requests.Session | None = getattr(self._local, kind, None)
+        if session is None:
+            session = requests.Session()
+            session.headers.update(headers)
+            with self._sessions_lock:
+                first = self._first_sessions.setdefault(kind, session)
+            if first is not session:
+                for prefix, adapter in list(first.adapters.items()):
+                    session.mount(prefix, adapter)
+            setattr(self._local, kind, session)
         return session
 
     def upload_file(
@@ -725,6 +780,13 @@ class ClinikoHook(_ClinikoBase):
                 "404). Check the id (ClinikoHook.find_patients looks patients up) and that the connection's "
                 "API key belongs to the patient's Cliniko account."
             ) from None
+
+
+def _not_processed_in_time(attachment_id: str, timeout: float) -> str:
+    return (
+        f"Cliniko had not finished processing attachment {attachment_id} after {timeout:.0f} s. "
+        "Large files take longer: raise the sensor's timeout, or check the attachment in Cliniko"
+    )
 
 
 def network_reason(error: BaseException) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
@@ -13,8 +14,28 @@ from airflow.providers.common.compat.sdk import conf
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from cliniko_provider.exceptions import (
+    ClinikoBatchError,
+    ClinikoBatchFinalError,
+    ClinikoError,
+    ClinikoInputError,
+)
 from cliniko_provider.hooks.cliniko import ClinikoHook
-from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger, record_from_event
+from cliniko_provider.triggers.cliniko import (
+    ProcessingCompletedBatchTrigger,
+    ProcessingCompletedTrigger,
+    record_from_event,
+)
+from cliniko_provider.utils.batch import (
+    MAX_CONCURRENCY,
+    SUMMARY_LINES,
+    BatchItem,
+    Identity,
+    describe,
+    failed,
+    failure_summary,
+    parse_upload,
+)
 from cliniko_provider.utils.upload import UploadSource, idempotency_marker, resolve_source
 from cliniko_provider.utils.validation import validate_id
 
@@ -181,3 +202,224 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         ti = context["ti"]
         name = self.filename or source.name
         return "\x1f".join((ti.dag_id, ti.task_id, str(ti.run_id), patient_id, name, str(source.size)))
+
+
+class ClinikoBatchUploadOperator(BaseOperator):
+    """Upload many files in one task, several at once, and return one compact result per file (XCom).
+
+    Each file goes through exactly what :class:`ClinikoAttachmentUploadOperator` does for one (the same
+    checks, streaming, retries and idempotency), on a small pool of threads sharing one hook, so every
+    request draws from the API key's one rate budget. One bad file does not stop the others: when all are
+    done (and processed, with ``wait_for_completion``), the task fails if any failed, naming each one;
+    without retries when no failure can be fixed by retrying (bad input, Cliniko's 4xx answers).
+
+    The result (XCom ``return_value``, pushed even when the task fails) lists, in the order given,
+    ``{"index", "patient_id", "file_path", "attachment_id"}`` per file, plus ``"processed_at"`` once
+    processed, or ``"error"`` (the reason, one line) and ``"retryable"`` for a file that failed. A failed
+    task also leaves every reason in XCom ``cliniko_error``, one line per file.
+
+    **Idempotency** is each file's own, as for a single upload: an item's default key is the DAG, task
+    and run with its patient id, file path, file name and size (not its batch or position, so changing
+    how a night is split into batches does not upload a file again); ``idempotency_key`` in an item
+    overrides it. A retried task finds the files its earlier try uploaded and uploads only the rest.
+
+    **Waiting** for processing takes one deferral for the whole batch
+    (:class:`~cliniko_provider.triggers.cliniko.ProcessingCompletedBatchTrigger`): the triggerer's poller
+    asks about 100 attachments per request. Use ``.expand(uploads=...)`` over batches of about 100 for
+    thousands of files: a task per batch stays far below ``max_map_length`` and shows each batch in the UI.
+
+    :param uploads: the files (templated): a list of dicts with ``patient_id`` and ``file_path``, and
+        optionally ``filename``, ``description`` and ``idempotency_key`` (as the single-file operator's
+        arguments).
+    :param cliniko_conn_id: the Cliniko connection id.
+    :param max_concurrency: files uploaded at once in this task (1 to 10; default 4). The rate budget,
+        not this, bounds the request rate.
+    :param wait_for_completion: wait until Cliniko has processed every uploaded file.
+    :param deferrable: wait in the triggerer instead of a worker slot (default
+        ``[operators] default_deferrable``).
+    :param poll_interval: seconds between checks while waiting.
+    :param timeout: seconds to wait for processing before a file fails with a timeout.
+    :param look_for_existing: ``"always"`` or ``"on_retry"``, as for the single-file operator.
+    """
+
+    template_fields: Sequence[str] = ("uploads",)
+    ui_color = "#e8f4f8"
+
+    def __init__(
+        self,
+        *,
+        uploads: Sequence[Mapping[str, Any]] | str,
+        cliniko_conn_id: str = ClinikoHook.default_conn_name,
+        max_concurrency: int = 4,
+        wait_for_completion: bool = False,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 30.0,
+        timeout: float = 60 * 60.0,
+        look_for_existing: Literal["always", "on_retry"] = "always",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+            raise ValueError(f"max_concurrency must be a whole number, got {max_concurrency!r}")
+        if not 1 <= max_concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"max_concurrency must be from 1 to {MAX_CONCURRENCY}, got {max_concurrency}")
+        if look_for_existing not in ("always", "on_retry"):
+            raise ValueError(f"look_for_existing must be 'always' or 'on_retry', got {look_for_existing!r}")
+        self.uploads = uploads
+        self.cliniko_conn_id = cliniko_conn_id
+        self.max_concurrency = max_concurrency
+        self.wait_for_completion = wait_for_completion
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.timeout = timeout
+        self.look_for_existing = look_for_existing
+
+    @cached_property
+    def hook(self) -> ClinikoHook:
+        """The Cliniko hook, shared by the upload threads."""
+        return ClinikoHook(self.cliniko_conn_id)
+
+    def execute(self, context: Context) -> list[JsonDict]:
+        """Upload every file (finding earlier uploads), then wait for processing if asked to."""
+        uploads = self.uploads
+        try:
+            if isinstance(uploads, (str, bytes, Mapping)) or not isinstance(uploads, Sequence):
+                raise ClinikoInputError(
+                    f"uploads must be a list of dicts, got {type(uploads).__name__}: e.g. "
+                    "[{'patient_id': '123', 'file_path': '/data/a.pdf'}]."
+                )
+            if not uploads:
+                self.log.info("No files to upload")
+                return []
+            self.hook.settings  # noqa: B018 - load the connection once, before the threads share the hook
+        except ClinikoError as error:
+            context["ti"].xcom_push(key="cliniko_error", value=str(error))
+            raise
+        look_first = self.look_for_existing == "always" or context["ti"].try_number > 1
+        results = [describe(index, upload) for index, upload in enumerate(uploads)]
+        items: list[BatchItem] = []
+        first_of: dict[Identity, int] = {}
+        for index, upload in enumerate(uploads):
+            try:
+                item = parse_upload(index, upload)
+                if first_of.setdefault(item.identity, index) != index:
+                    raise ClinikoInputError(
+                        f"uploads[{index}] repeats uploads[{first_of[item.identity]}] (same patient, file, "
+                        "filename and idempotency key): give each file once."
+                    )
+                items.append(item)
+            except ClinikoInputError as error:
+                results[index] = self._failed(results[index], error)
+
+        def run(item: BatchItem) -> None:
+            try:
+                results[item.index].update(self._upload(context, item, look_first))
+            except Exception as error:  # one bad file must not stop the others: its reason is its result
+                results[item.index] = self._failed(results[item.index], error)
+
+        self.log.info("Uploading %d file(s), %d at a time", len(items), self.max_concurrency)
+        with ThreadPoolExecutor(max(1, min(self.max_concurrency, len(items))), "cliniko-upload") as pool:
+            list(pool.map(run, items))
+        pending = [str(r["attachment_id"]) for r in results if "error" not in r and "processed_at" not in r]
+        if self.wait_for_completion and pending:
+            if self.deferrable:
+                self.log.info("Deferring until Cliniko has processed %d attachment(s)", len(pending))
+                self.defer(
+                    trigger=ProcessingCompletedBatchTrigger(
+                        pending,
+                        cliniko_conn_id=self.cliniko_conn_id,
+                        poll_interval=self.poll_interval,
+                        deadline=time.time() + self.timeout,
+                    ),
+                    method_name="execute_complete",
+                    kwargs={"results": results},
+                    timeout=timedelta(seconds=self.timeout + self.poll_interval + 60),
+                )
+            self.log.info("Waiting for Cliniko to process %d attachment(s)", len(pending))
+            outcomes = self.hook.wait_for_processing_of_many(
+                pending, poll_interval=self.poll_interval, timeout=self.timeout
+            )
+            results = self._with_outcomes(results, outcomes)
+        return self._finish(context, results)
+
+    def execute_complete(
+        self, context: Context, event: JsonDict, results: list[JsonDict] | None = None
+    ) -> list[JsonDict]:
+        """Resume after the batch trigger fired: merge each file's outcome into the results.
+
+        :param context: the task context.
+        :param event: the trigger's event, ``{"status": "done", "attachments": {id: payload}}``.
+        :param results: the results the task deferred with.
+        """
+        events = event.get("attachments") if isinstance(event, dict) else None
+        if not isinstance(events, dict) or results is None:
+            raise ClinikoError(f"Unexpected event from the Cliniko batch trigger: {str(event)[:200]}")
+        outcomes: dict[str, JsonDict | Exception] = {}
+        for attachment_id, payload in events.items():
+            try:
+                outcomes[str(attachment_id)] = record_from_event(payload)
+            except Exception as error:  # that file's wait failed: its reason is its result
+                outcomes[str(attachment_id)] = error
+        return self._finish(context, self._with_outcomes(results, outcomes))
+
+    def _upload(self, context: Context, item: BatchItem, look_first: bool) -> JsonDict:
+        """Upload one file (or find its earlier upload); return its part of the result."""
+        source = resolve_source(item.file_path)
+        key = item.idempotency_key or self._default_key(context, item, source)
+        record = self.hook.upload_attachment(
+            item.patient_id,
+            source,
+            filename=item.filename or None,
+            description=item.description,
+            marker=idempotency_marker(key),
+            look_first=look_first,
+        )
+        result: JsonDict = {"attachment_id": str(record["id"])}
+        if record.get("processing_completed") is True:
+            result["processed_at"] = record.get("processed_at")
+        return result
+
+    def _default_key(self, context: Context, item: BatchItem, source: UploadSource) -> str:
+        """An item's default idempotency key: this run of this task, the patient and the file."""
+        ti = context["ti"]
+        name = item.filename or source.name
+        parts = (ti.dag_id, ti.task_id, str(ti.run_id), item.patient_id, source.uri, name, str(source.size))
+        return "\x1f".join(parts)
+
+    def _failed(self, result: JsonDict, error: BaseException) -> JsonDict:
+        self.log.warning("Upload #%d (%s) failed: %s", result["index"], result["file_path"], error)
+        return failed(result, error)
+
+    @staticmethod
+    def _with_outcomes(
+        results: list[JsonDict], outcomes: Mapping[str, JsonDict | Exception]
+    ) -> list[JsonDict]:
+        """Return the results with each waited-for file's outcome: when processed, or why it failed."""
+        merged = []
+        for result in results:
+            outcome = outcomes.get(str(result.get("attachment_id")))
+            if "error" not in result and isinstance(outcome, Exception):
+                result = failed(result, outcome)
+            elif "error" not in result and isinstance(outcome, dict):
+                result = {**result, "processed_at": outcome.get("processed_at")}
+            merged.append(result)
+        return merged
+
+    def _finish(self, context: Context, results: list[JsonDict]) -> list[JsonDict]:
+        """Return the results, or push them with the reasons and fail if any file failed."""
+        failures = [result for result in results if "error" in result]
+        self.log.info(
+            "Cliniko batch: %d of %d file(s) attached, %d failed",
+            len(results) - len(failures),
+            len(results),
+            len(failures),
+        )
+        if not failures:
+            return results
+        ti = context["ti"]
+        ti.xcom_push(key="return_value", value=results)
+        ti.xcom_push(key="cliniko_error", value=failure_summary(results))
+        message = failure_summary(results, limit=SUMMARY_LINES)
+        if any(result["retryable"] for result in failures):
+            raise ClinikoBatchError(message)
+        raise ClinikoBatchFinalError(message)

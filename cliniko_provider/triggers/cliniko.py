@@ -13,7 +13,8 @@ The trigger's event schema lives here too:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from airflow.providers.common.compat.sdk import AirflowSensorTimeout
@@ -60,6 +61,20 @@ def error_event(attachment_id: str, reason: str, message: str, *, retryable: boo
         "message": message,
         "retryable": retryable,
     }
+
+
+COMPACT_FIELDS = ("id", "processing_completed", "processed_at", "filename", "size")
+
+
+def compact_event(event: JsonDict) -> JsonDict:
+    """Return an event with its record cut down to :data:`COMPACT_FIELDS` (a batch event stays small).
+
+    :param event: the payload of a ``ProcessingCompletedTrigger`` event.
+    """
+    record = event.get("attachment")
+    if not isinstance(record, dict):
+        return event
+    return {**event, "attachment": {name: record.get(name) for name in COMPACT_FIELDS}}
 
 
 def record_from_event(event: JsonDict) -> JsonDict:
@@ -163,6 +178,67 @@ class ProcessingCompletedTrigger(BaseTrigger):
             payload.get("reason", ""),
         )
         yield _event(payload)
+
+
+class ProcessingCompletedBatchTrigger(BaseTrigger):
+    """Fire once when every one of many attachments is processed or has failed: one deferral for a batch.
+
+    Each id waits through the connection's shared poller exactly as a :class:`ProcessingCompletedTrigger`
+    does, so a batch of 100 costs about one request per poll round. The event is ``{"status": "done",
+    "attachments": {id: event}}``, each one a single trigger's event with the record cut down by
+    :func:`compact_event`.
+
+    :param attachment_ids: the attachments to wait for.
+    :param cliniko_conn_id: the Airflow connection id (type ``cliniko``).
+    :param poll_interval: seconds between checks of each attachment (at least 0.1).
+    :param deadline: UNIX timestamp after which the ids still waiting get a ``timeout`` event.
+    """
+
+    def __init__(
+        self,
+        attachment_ids: Sequence[str],
+        cliniko_conn_id: str = "cliniko_default",
+        poll_interval: float = 30.0,
+        deadline: float | None = None,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.attachment_ids = list(dict.fromkeys(str(item) for item in attachment_ids))
+        self.cliniko_conn_id = cliniko_conn_id
+        self.poll_interval = float(poll_interval)
+        self.deadline = None if deadline is None else float(deadline)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Return the class path and the keyword arguments that re-create this trigger (no secrets)."""
+        return (
+            "cliniko_provider.triggers.cliniko.ProcessingCompletedBatchTrigger",
+            {
+                "attachment_ids": self.attachment_ids,
+                "cliniko_conn_id": self.cliniko_conn_id,
+                "poll_interval": self.poll_interval,
+                "deadline": self.deadline,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Wait for every id at once through the shared poller and yield exactly one event; never raise."""
+        single = [
+            ProcessingCompletedTrigger(item, self.cliniko_conn_id, self.poll_interval, self.deadline)
+            for item in self.attachment_ids
+        ]
+        payloads = await asyncio.gather(*(_first_payload(trigger) for trigger in single))
+        pairs = zip(self.attachment_ids, payloads, strict=True)
+        outcomes = {item: compact_event(payload) for item, payload in pairs}
+        done = sum(1 for payload in outcomes.values() if payload["status"] == "success")
+        self.log.info("Cliniko batch of %d attachment(s): %d processed", len(outcomes), done)
+        yield _event({"status": "done", "attachments": outcomes})
+
+
+async def _first_payload(trigger: ProcessingCompletedTrigger) -> JsonDict:
+    async for event in trigger.run():
+        payload: JsonDict = event.payload
+        return payload
+    message = "The Cliniko trigger ended without an event"
+    return error_event(trigger.attachment_id, REASON_API_ERROR, message, retryable=True)
 
 
 def _event(payload: JsonDict) -> TriggerEvent:
