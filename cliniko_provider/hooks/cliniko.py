@@ -272,6 +272,9 @@ class ClinikoHook(_ClinikoBase):
         """The validated connection settings."""
         return self._remember(ClinikoSettings.from_connection(self.get_connection(self.cliniko_conn_id)))
 
+    def _require_settings(self) -> ClinikoSettings:
+        return self.settings  # the sync hook loads its settings on first use
+
     @property
     def session(self) -> requests.Session:
         """This thread's ``requests`` session carrying auth, User-Agent and Accept."""

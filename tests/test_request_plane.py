@@ -1,0 +1,374 @@
+"""Hostile answers against plain loopback HTTP stand-ins: what each now gets.
+
+Each stand-in answers from a script and records every request it gets (path and headers), so a test
+can prove what was, and was not, sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cliniko_provider.exceptions import (
+    ClinikoAnswerError,
+    ClinikoServerError,
+    S3UploadRejectedError,
+)
+from cliniko_provider.hooks import cliniko as hook_module
+from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
+from cliniko_provider.utils.budget import PROCESS_BUDGETS, MachineBudget, key_id
+from tests.conftest import REPO, connection_json
+
+KEY = "StAnDiNsEcReT-au1"
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes | Callable[[], Iterator[bytes]] = b"{}"
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class StandIn:
+    """A loopback HTTP server answering each request with the next scripted reply (the last one repeats)."""
+
+    def __init__(self, *replies: Reply) -> None:
+        self.replies = list(replies) or [Reply()]
+        self.seen: list[Seen] = []
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                stand_in.seen.append(Seen(self.command, self.path, dict(self.headers)))
+                reply = stand_in.replies.pop(0) if len(stand_in.replies) > 1 else stand_in.replies[0]
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                if callable(reply.body):
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        for chunk in reply.body():
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    except (BrokenPipeError, ConnectionResetError):
+                        return  # the client stopped reading: what a size cap does
+                    self.wfile.write(b"0\r\n\r\n")
+                else:
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+
+            do_GET = do_POST = answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stand_ins() -> Iterator[Callable[..., StandIn]]:
+    made: list[StandIn] = []
+
+    def make(*replies: Reply) -> StandIn:
+        made.append(StandIn(*replies))
+        return made[-1]
+
+    yield make
+    for item in made:
+        item.close()
+
+
+def use(monkeypatch: pytest.MonkeyPatch, stand_in: StandIn, **extra: Any) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(KEY, f"{stand_in.url}/v1", **extra))
+    PROCESS_BUDGETS.clear()
+
+
+def page(items: list[dict[str, Any]], next_url: str | None) -> Reply:
+    body = {"patients": items, "links": {"next": next_url} if next_url else {}, "total_entries": 3}
+    return Reply(body=json.dumps(body).encode())
+
+
+# --- links from answers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("elsewhere", ["other-port", "other-host", "https", "userinfo"])
+def test_links_next_off_the_base_url_is_never_requested(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, elsewhere: str
+) -> None:
+    other = stand_ins(page([{"id": "2"}], None))
+    api = stand_ins()
+    port = api.url.rsplit(":", 1)[1]
+    next_url = {
+        "other-port": f"{other.url}/v1/patients?page=2",
+        "other-host": f"http://localhost:{port}/v1/patients?page=2",
+        "https": f"https://127.0.0.1:{port}/v1/patients?page=2",
+        "userinfo": f"http://127.0.0.1:{port}@{other.url.removeprefix('http://')}/v1/patients",
+    }[elsewhere]
+    api.replies = [page([{"id": "1"}], next_url)]
+    use(monkeypatch, api)
+    patients = ClinikoHook().find_patients()
+    assert next(patients)["id"] == "1"
+    with pytest.raises(ClinikoAnswerError, match=r"not the connection's base URL.*not following it"):
+        next(patients)
+    assert [seen.path for seen in api.seen] == ["/v1/patients?per_page=100"]
+    assert other.seen == []
+
+
+def test_links_next_on_the_base_url_is_followed(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = stand_ins()
+    api.replies = [page([{"id": "1"}], f"{api.url}/v1/patients?page=2"), page([{"id": "2"}], None)]
+    use(monkeypatch, api)
+    assert [p["id"] for p in ClinikoHook().find_patients()] == ["1", "2"]
+    assert all("Authorization" in seen.headers for seen in api.seen)
+
+
+# --- bodies that are not what was asked for ---------------------------------------------------------
+
+
+HTML = b"<!doctype html><html><head><title>Sign in</title></head><body>" + b"x" * 5000 + b"</body></html>"
+
+
+def test_html_200_is_a_clear_error_naming_what_came(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = stand_ins(Reply(body=HTML, headers={"Content-Type": "text/html; charset=utf-8"}))
+    use(monkeypatch, api)
+    with pytest.raises(ClinikoAnswerError) as caught:
+        ClinikoHook().get_patient(1)
+    message = str(caught.value)
+    assert "Cliniko answered GET /patients/1 with something that is not JSON" in message
+    assert "Content-Type 'text/html; charset=utf-8'" in message
+    assert "'<!doctype html><html><head><title>Sign in</title></head><body>xxxxxxxxxxxxxxxxxx...'" in message
+    assert len(message) < 500 and len(api.seen) == 1
+    ok, reason = ClinikoHook().test_connection()
+    assert not ok and "not JSON" in reason and "Check that the connection's host" in reason
+
+
+@pytest.mark.parametrize(("body", "kind"), [(b"[]", "list"), (b"null", "NoneType"), (b'"x"', "str")])
+def test_json_that_is_not_an_object_is_a_clear_error(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, body: bytes, kind: str
+) -> None:
+    use(monkeypatch, stand_ins(Reply(body=body)))
+    with pytest.raises(ClinikoAnswerError, match=rf"JSON that is not an object \({kind}\)"):
+        ClinikoHook().get_patient(1)
+    ok, reason = ClinikoHook().test_connection()
+    assert not ok and "not an object" in reason
+
+
+async def test_async_html_200_is_the_same_clear_error(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use(monkeypatch, stand_ins(Reply(body=HTML, headers={"Content-Type": "text/html"})))
+    hook = ClinikoAsyncHook()
+    try:
+        with pytest.raises(
+            ClinikoAnswerError, match="GET /patient_attachments/1 with something that is not JSON"
+        ):
+            await hook.aget_attachment(1)
+    finally:
+        await hook.aclose()
+
+
+def endless() -> Iterator[bytes]:
+    while True:
+        yield b"[" * 65536
+
+
+def test_an_api_answer_past_the_cap_is_refused_without_reading_it_all(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hook_module, "MAX_ANSWER_BYTES", 100_000)
+    use(monkeypatch, stand_ins(Reply(body=endless)))
+    with pytest.raises(ClinikoAnswerError, match=r"larger than 97\.7 KiB; not reading it"):
+        ClinikoHook().get_patient(1)
+
+
+async def test_async_api_answer_past_the_cap_is_refused(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hook_module, "MAX_ANSWER_BYTES", 100_000)
+    use(monkeypatch, stand_ins(Reply(body=endless)))
+    hook = ClinikoAsyncHook()
+    try:
+        with pytest.raises(ClinikoAnswerError, match="larger than"):
+            await hook.aget_attachment(1)
+    finally:
+        await hook.aclose()
+
+
+def test_an_answer_exactly_at_the_cap_is_read(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = json.dumps({"id": "1", "pad": "x" * 1000}).encode()
+    monkeypatch.setattr(hook_module, "MAX_ANSWER_BYTES", len(body))
+    use(monkeypatch, stand_ins(Reply(body=body)))
+    assert ClinikoHook().get_patient(1)["id"] == "1"
+    monkeypatch.setattr(hook_module, "MAX_ANSWER_BYTES", len(body) - 1)
+    with pytest.raises(ClinikoAnswerError, match="larger than"):
+        ClinikoHook().get_patient(1)
+
+
+def test_a_huge_error_body_is_capped_in_the_exception(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = "no " * 2_000_000
+    api = stand_ins(
+        Reply(422, json.dumps({"message": message, "errors": {"f" * 500: ["bad " * 500]}}).encode())
+    )
+    use(monkeypatch, api)
+    with pytest.raises(Exception) as caught:
+        ClinikoHook().get_patient(1)
+    assert len(str(caught.value)) < 800
+
+
+def test_a_megabytes_s3_error_body_is_read_capped_and_cut_in_the_message(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    huge = b"<Error><Code>AccessDenied</Code><Message>" + b"m" * 3_000_000 + b"</Message></Error>"
+    s3 = stand_ins(Reply(400, body=huge, headers={"Content-Type": "application/xml"}))
+    use(monkeypatch, stand_ins())
+    source = tmp_path / "a.txt"
+    source.write_bytes(b"abc")
+    presign = {"url": f"{s3.url}/", "fields": {"key": "k/${filename}"}}
+    with pytest.raises(S3UploadRejectedError) as caught:
+        ClinikoHook().upload_file(presign, lambda: source.open("rb"), 3, "a.txt")
+    assert len(str(caught.value)) <= 400 and "HTTP400" in str(caught.value)
+    assert "Authorization" not in s3.seen[0].headers
+
+
+# --- creates -----------------------------------------------------------------------------------------
+
+
+def test_create_patient_is_never_repeated_after_a_5xx(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = stand_ins(Reply(502, b'{"message": "bad gateway"}'), Reply(201, b'{"id": "9"}'))
+    use(monkeypatch, api)
+    with pytest.raises(ClinikoServerError, match="502"):
+        ClinikoHook().create_patient("Ann", "Lee")
+    assert [seen.method for seen in api.seen] == ["POST"]
+
+
+# --- 429s with absurd resets -------------------------------------------------------------------------
+
+ABSURD = {
+    "a-day-ahead": lambda: {"X-RateLimit-Reset": str(int(time.time()) + 86_400)},
+    "milliseconds": lambda: {"X-RateLimit-Reset": str(int(time.time() * 1000) + 5000)},
+    "not-a-number": lambda: {"X-RateLimit-Reset": "soon"},
+    "retry-after-a-day": lambda: {"Retry-After": "86400"},
+}
+
+SECOND_PROCESS = """
+import sys, time
+from cliniko_provider.hooks.cliniko import ClinikoHook
+hook = ClinikoHook()
+hook.settings
+print(hook.budget.reserve(time.time()))
+"""
+
+
+def second_process_wait(state_dir: Path) -> float:
+    """How long a second process of the same key is told to wait before its first request."""
+    env = {**os.environ, "CLINIKO_RATE_STATE_DIR": str(state_dir)}
+    done = subprocess.run(
+        [sys.executable, "-c", SECOND_PROCESS], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def sleeper(slept: list[float]) -> Callable[[float], None]:
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    return sleep
+
+
+@pytest.mark.parametrize("kind", sorted(ABSURD))
+def test_an_absurd_429_is_answered_within_its_bound_and_shared_with_no_one(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str
+) -> None:
+    api = stand_ins(Reply(429, b"{}", {"Content-Type": "application/json", **ABSURD[kind]()}), Reply())
+    use(monkeypatch, api, max_rate_limit_wait=2)
+    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    slept: list[float] = []
+    hook = ClinikoHook(sleep=sleeper(slept))
+    assert hook.get_patient(1) == {}
+    assert len(api.seen) == 2 and 0 < sum(slept) <= 2
+    other = MachineBudget(key_id(KEY), 200, 2, state_dir=tmp_path)  # what another process reads
+    assert other.reserve(time.time()) == 0
+
+
+@pytest.mark.slow  # two Python processes importing Airflow
+def test_a_second_process_of_the_key_is_held_by_a_sane_429_and_not_by_an_absurd_one(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    day_ahead = {"Content-Type": "application/json", **ABSURD["a-day-ahead"]()}
+    api = stand_ins(Reply(429, b"{}", day_ahead), Reply())
+    use(monkeypatch, api, max_rate_limit_wait=60)
+    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    assert ClinikoHook(sleep=lambda seconds: None).get_patient(1) == {}
+    assert second_process_wait(tmp_path) == 0
+    sane = {"Content-Type": "application/json", "Retry-After": "50"}
+    api.replies = [Reply(429, b"{}", sane), Reply()]
+    assert ClinikoHook(sleep=lambda seconds: None).get_patient(1) == {}
+    assert 0 < second_process_wait(tmp_path) <= 50  # the contrast: a usable reset is shared
+
+
+@pytest.mark.parametrize("kind", sorted(ABSURD))
+async def test_async_absurd_429_is_answered_within_its_bound_and_shared_with_no_one(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str
+) -> None:
+    api = stand_ins(Reply(429, b"{}", {"Content-Type": "application/json", **ABSURD[kind]()}), Reply())
+    use(monkeypatch, api, max_rate_limit_wait=2)
+    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    slept: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    hook = ClinikoAsyncHook(asleep=asleep)
+    try:
+        assert await hook.aget_attachment(1) == {}
+    finally:
+        await hook.aclose()
+    assert len(api.seen) == 2 and 0 < sum(slept) <= 2
+    other = MachineBudget(key_id(KEY), 200, 2, state_dir=tmp_path)
+    assert other.reserve(time.time()) == 0
