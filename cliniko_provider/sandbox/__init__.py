@@ -25,6 +25,5 @@ Answers chosen where Cliniko's own behaviour is not publicly confirmed:
 - `GET /patient_attachments/{id}/content` serves the bytes (200) once processed, 404 before.
 - Unknown `q[]` fields or operators, and malformed values: 422 with an `errors.q` message.
 - Injected faults (`--fail-rate`, `--throttle-rate`) carry the header `X-Sandbox-Fault`;
-  injected throttling answers 429 on S3 too (real S3 says 503 SlowDown), so that one retry
-  rule covers both.
+  injected throttling answers 429 on the API and, as real S3 does, 503 `SlowDown` on S3.
 """

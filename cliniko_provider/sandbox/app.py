@@ -19,6 +19,7 @@ from datetime import date
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -74,9 +75,9 @@ def validation_failed(errors: dict[str, str]) -> Response:
     return JSONResponse({"message": "Validation Failed", "errors": errors}, status_code=422)
 
 
-def throttled(reset_at: int, body: str = "Retry later\n", media_type: str = "text/plain") -> Response:
+def throttled(reset_at: int) -> Response:
     headers = {"X-RateLimit-Reset": str(reset_at), "Retry-After": str(max(1, reset_at - int(time.time())))}
-    return Response(body, status_code=429, headers=headers, media_type=media_type)
+    return PlainTextResponse("Retry later\n", status_code=429, headers=headers)
 
 
 def parse_id(text: object) -> int | None:
@@ -100,9 +101,10 @@ def basic_auth_user(request: Request) -> str | None:
     return user if colon and not password and user else None
 
 
-async def read_json_object(request: Request) -> dict[str, Any] | None:
+async def read_json_object(request: Request, default: bytes | None = b"{}") -> dict[str, Any] | None:
+    """The body as a JSON object, or None; an empty body reads as `default`."""
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = json.loads(await request.body() or default or b"")
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
@@ -132,12 +134,9 @@ class Api:
         headers = {"X-Sandbox-Fault": fault or ""}
         if fault == "throttle":
             sandbox.stats.injected_throttles += 1
-            slow_down = S3Error(429, "SlowDown", "Please reduce your request rate.")
-            response = (
-                throttled(int(time.time()) + 1, slow_down.xml(), s3.XML)
-                if for_s3
-                else throttled(int(time.time()) + 1)
-            )
+            if for_s3:  # as real S3 throttles
+                return s3.xml_error(S3Error(503, "SlowDown", "Please reduce your request rate."), headers)
+            response = throttled(int(time.time()) + 1)
             response.headers.update(headers)
             return response
         if fault == "fail":
@@ -444,8 +443,47 @@ class Api:
         ]
 
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+ControlHandler = Callable[[Request], Awaitable[Response]]
+
+
+def forbidden(reason: str) -> Response:
+    return JSONResponse({"message": f"Refused: {reason}"}, status_code=403)
+
+
+def cross_site_reason(request: Request, listen_host: str) -> str | None:
+    """Why a control request may come from a web page rather than a test or a shell, if it may.
+
+    A page in the user's browser can send simple requests to any address, and reach this one
+    under its own domain name by DNS rebinding. It cannot set a loopback Host header, nor send
+    `Content-Type: application/json` across origins without a preflight we never approve.
+    """
+    server = request.scope.get("server")
+    port = server[1] if server else None
+    allowed = LOOPBACK_NAMES | {listen_host.strip("[]")}
+    host = request.url.hostname or ""
+    if host not in allowed or request.url.port not in (port, None if port == 80 else port):
+        return f"the Host header must name this sandbox ({', '.join(sorted(allowed))} with port {port})"
+    origin = request.headers.get("origin")
+    if origin is not None:
+        parsed = URL(origin)
+        if parsed.scheme != "http" or parsed.hostname not in allowed or parsed.port not in (port, None):
+            return f"requests from the web page at {origin} may not use the sandbox controls"
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return "cross-site requests may not use the sandbox controls"
+    if request.method == "POST":
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            return "send a JSON object with Content-Type: application/json"
+    return None
+
+
 class Controls:
-    """Unauthenticated test and benchmark controls under `/_sandbox/`."""
+    """Unauthenticated test and benchmark controls under `/_sandbox/`, for the local user only.
+
+    Every control checks that it is not called from a web page (see `cross_site_reason`);
+    changes take a JSON object body (`{}` for a reset).
+    """
 
     RUNTIME_SETTINGS = (
         "fail_rate",
@@ -459,6 +497,7 @@ class Controls:
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
+        self.listen_host = sandbox.settings.host
 
     def current(self) -> dict[str, Any]:
         settings = self.sandbox.settings
@@ -470,6 +509,8 @@ class Controls:
         return JSONResponse({**self.sandbox.stats.as_json(), **self.sandbox.store.counts()})
 
     async def reset_stats(self, request: Request) -> Response:
+        if await read_json_object(request, default=None) is None:
+            return JSONResponse({"message": "Expected a JSON object, e.g. {}"}, status_code=400)
         self.sandbox.stats = Stats()
         return Response(status_code=204)
 
@@ -477,7 +518,7 @@ class Controls:
         return JSONResponse(self.current())
 
     async def set_faults(self, request: Request) -> Response:
-        body = await read_json_object(request)
+        body = await read_json_object(request, default=None)
         if body is None or not set(body) <= set(self.RUNTIME_SETTINGS):
             unknown = sorted(set(body or {}) - set(self.RUNTIME_SETTINGS))
             return JSONResponse(
@@ -512,12 +553,19 @@ class Controls:
         settings.s3_reset_after_bytes = None if reset_after is None else int(reset_after)
         self.sandbox.limiter.limit, self.sandbox.limiter.window = limit, window
 
+    def guarded(self, handler: ControlHandler) -> ControlHandler:
+        async def endpoint(request: Request) -> Response:
+            reason = cross_site_reason(request, self.listen_host)
+            return forbidden(reason) if reason else await handler(request)
+
+        return endpoint
+
     def routes(self) -> list[Route]:
         return [
-            Route("/_sandbox/stats", self.stats, methods=["GET"]),
-            Route("/_sandbox/stats/reset", self.reset_stats, methods=["POST"]),
-            Route("/_sandbox/faults", self.get_faults, methods=["GET"]),
-            Route("/_sandbox/faults", self.set_faults, methods=["POST"]),
+            Route("/_sandbox/stats", self.guarded(self.stats), methods=["GET"]),
+            Route("/_sandbox/stats/reset", self.guarded(self.reset_stats), methods=["POST"]),
+            Route("/_sandbox/faults", self.guarded(self.get_faults), methods=["GET"]),
+            Route("/_sandbox/faults", self.guarded(self.set_faults), methods=["POST"]),
         ]
 
 

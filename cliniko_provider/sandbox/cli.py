@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     limit, window = args.rate_limit
     settings = SandboxSettings(
         data_dir=data_dir,
+        host=args.host,
         api_keys=api_keys,
         processing_delay=args.processing_delay,
         processing_delay_per_mb=args.processing_delay_per_mb,

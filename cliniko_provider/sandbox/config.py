@@ -55,6 +55,7 @@ class SandboxSettings:
     """Everything the server needs to know; the fault fields may change while it runs."""
 
     data_dir: Path
+    host: str = "127.0.0.1"  # the address it listens on
     api_keys: list[str] = field(default_factory=lambda: [DEFAULT_API_KEY])
     processing_delay: float = 2.0
     processing_delay_per_mb: float = 0.01

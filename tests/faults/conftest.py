@@ -219,7 +219,7 @@ def sandbox_stats(sandbox: SandboxProcess) -> JsonDict:
 
 def reset_stats(sandbox: SandboxProcess) -> None:
     """Zero the sandbox's request counts."""
-    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
+    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=10).raise_for_status()
 
 
 def set_faults(sandbox: SandboxProcess, **faults: Any) -> JsonDict:

@@ -63,7 +63,9 @@ def test_fault_injection_on_api_and_s3(start_sandbox: Start) -> None:
     throttled = api.get("/user")
     assert throttled.status_code == 429 and int(throttled.headers["X-RateLimit-Reset"]) >= int(time.time())
     s3_throttled = s3_post(post["url"], form_parts(post["fields"], file=("a.txt", b"abc")))
-    assert s3_throttled.status_code == 429 and "<Code>SlowDown</Code>" in s3_throttled.text
+    assert s3_throttled.status_code == 503 and "<Code>SlowDown</Code>" in s3_throttled.text
+    assert s3_throttled.headers["Content-Type"] == "application/xml"
+    assert s3_throttled.headers["X-Sandbox-Fault"] == "throttle"
     set_faults(sandbox, throttle_rate=0.0)
     assert api.get("/user").status_code == 200
     counts = stats(sandbox)
@@ -105,7 +107,9 @@ def test_stats_count_and_reset(start_sandbox: Start) -> None:
     assert not any("sandbox-api-key-au1" in key for key in counts["requests_by_key"])  # masked
     assert counts["bytes_received"] > 1000 and counts["uploads"] == 1
     assert (counts["patients"], counts["attachments"]) == (1, 1)
-    assert requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=5).status_code == 204
+    assert requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=5).status_code == 403
+    assert requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json=[], timeout=5).status_code == 400
+    assert requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=5).status_code == 204
     after = stats(sandbox)
     assert after["requests_total"] == 0 and after["attachments"] == 1
 
@@ -157,3 +161,34 @@ def test_storage_limit(start_sandbox: Start) -> None:
     assert full.status_code == 422
     assert full.json()["message"] == "Validation Failed"
     assert full.json()["errors"]["base"].startswith("File storage limit reached")
+
+
+def test_controls_cannot_be_used_from_a_web_page(sandbox: SandboxProcess) -> None:
+    """A page in the user's browser: form posts, other origins, DNS rebinding; all refused (403)."""
+    url = f"{sandbox.root_url}/_sandbox/faults"
+    port = sandbox.port
+    before = requests.get(url, timeout=5).json()
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    attempts = [
+        ({**form}, '{"fail_rate": 1}'),
+        ({"Content-Type": "text/plain"}, '{"fail_rate": 1}'),
+        ({}, '{"fail_rate": 1}'),
+        ({"Content-Type": "application/json", "Origin": "https://evil.example"}, '{"fail_rate": 1}'),
+        ({"Content-Type": "application/json", "Origin": "null"}, '{"fail_rate": 1}'),
+        ({"Content-Type": "application/json", "Origin": f"http://127.0.0.1:{port + 1}"}, '{"fail_rate": 1}'),
+        ({"Content-Type": "application/json", "Host": f"evil.example:{port}"}, '{"fail_rate": 1}'),
+        ({"Content-Type": "application/json", "Host": f"127.0.0.1:{port + 1}"}, '{"fail_rate": 1}'),
+        ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, '{"fail_rate": 1}'),
+    ]
+    for headers, body in attempts:
+        response = requests.post(url, data=body, headers=headers, timeout=5)
+        assert response.status_code == 403, (headers, response.text)
+        assert response.json()["message"].startswith("Refused: ")
+    rebound = requests.get(f"{sandbox.root_url}/_sandbox/stats", headers={"Host": "evil.example"}, timeout=5)
+    assert rebound.status_code == 403
+    reset = requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", headers=form, data="{}", timeout=5)
+    assert reset.status_code == 403
+    assert requests.get(url, timeout=5).json() == before
+    same_origin = {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"}
+    assert requests.post(url, json={}, headers=same_origin, timeout=5).status_code == 200
+    assert requests.post(url, json=[], timeout=5).status_code == 400
