@@ -28,6 +28,7 @@ from cliniko_provider.sandbox import s3
 from cliniko_provider.sandbox.config import bucket_of, parse_rate_limit
 from cliniko_provider.sandbox.core import Sandbox, StorageLimitReached
 from cliniko_provider.sandbox.listing import FieldKind, ListingError, PageRequest, build_query
+from cliniko_provider.sandbox.patient_fields import extra_fields, render_extra
 from cliniko_provider.sandbox.s3_policy import S3Error
 from cliniko_provider.sandbox.store import Account, Attachment, Patient, Record, StoredObject
 from cliniko_provider.sandbox.traffic import Stats, mask_key
@@ -65,6 +66,8 @@ ACCESS_DENIED = "HTTP Basic: Access denied.\n"
 NO_USER_AGENT = "Requires a user agent"
 
 Handler = Callable[[Request, Account], Awaitable[Response]]
+# Routes take every method, so that a path answers 405 (or OPTIONS) with its own `Allow`.
+HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
 
 
 def not_found() -> Response:
@@ -152,34 +155,46 @@ class Api:
             )
         return None
 
-    def route(self, methods: list[str], path: str, handler: Handler) -> Route:
-        label = f"{'/'.join(methods)} {path}"
+    def route(self, path: str, handlers: dict[str, Handler]) -> Route:
+        """One path, its handler per method; other methods answer 405 and OPTIONS 204, with `Allow`."""
+        allowed = sorted({*handlers, "OPTIONS"} | ({"HEAD"} if "GET" in handlers else set()))
+        allow = {"Allow": ", ".join(allowed)}
 
         async def endpoint(request: Request) -> Response:
-            sandbox = self.sandbox
-            sandbox.stats.requests_by_route[label] += 1
-            fault = self.injected_fault(for_s3=False)
-            if fault is not None:
-                return fault
-            if not request.headers.get("user-agent", "").strip():
-                return PlainTextResponse(NO_USER_AGENT, status_code=400)
-            api_key = basic_auth_user(request)
-            account = sandbox.account_for_key(api_key) if api_key else None
-            if api_key is None or account is None:
-                return PlainTextResponse(
-                    ACCESS_DENIED, status_code=401, headers={"WWW-Authenticate": 'Basic realm="Application"'}
-                )
-            sandbox.stats.requests_by_key[mask_key(api_key)] += 1
-            reset_at = sandbox.limiter.admit(account.key_digest, time.time())
-            if reset_at is not None:
-                sandbox.stats.rate_limited += 1
-                return throttled(reset_at)
-            try:
-                return await handler(request, account)
-            except ListingError as error:
-                return validation_failed({"q": str(error)})
+            method = "GET" if request.method == "HEAD" else request.method
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers=allow)
+            handler = handlers.get(method)
+            if handler is None:
+                return JSONResponse({"message": "Method not allowed"}, status_code=405, headers=allow)
+            return await self.call(f"{method} {path}", request, handler)
 
-        return Route(path, endpoint, methods=methods)
+        return Route(path, endpoint, methods=HTTP_METHODS)
+
+    async def call(self, label: str, request: Request, handler: Handler) -> Response:
+        """Count the request, then faults, User-Agent, auth and the rate limit, then the handler."""
+        sandbox = self.sandbox
+        sandbox.stats.requests_by_route[label] += 1
+        fault = self.injected_fault(for_s3=False)
+        if fault is not None:
+            return fault
+        if not request.headers.get("user-agent", "").strip():
+            return PlainTextResponse(NO_USER_AGENT, status_code=400)
+        api_key = basic_auth_user(request)
+        account = sandbox.account_for_key(api_key) if api_key else None
+        if api_key is None or account is None:
+            return PlainTextResponse(
+                ACCESS_DENIED, status_code=401, headers={"WWW-Authenticate": 'Basic realm="Application"'}
+            )
+        sandbox.stats.requests_by_key[mask_key(api_key)] += 1
+        reset_at = sandbox.limiter.admit(account.key_digest, time.time())
+        if reset_at is not None:
+            sandbox.stats.rate_limited += 1
+            return throttled(reset_at)
+        try:
+            return await handler(request, account)
+        except ListingError as error:
+            return validation_failed({"q": str(error)})
 
     def api_url(self, request: Request, path: str) -> str:
         return f"{request.base_url}v1/{path}"
@@ -252,13 +267,7 @@ class Api:
             "email": patient.email,
             "date_of_birth": patient.date_of_birth,
             "old_reference_id": patient.old_reference_id,
-            "title": None,
-            "preferred_first_name": None,
-            "sex": None,
-            "gender_identity": None,
-            "notes": None,
-            "time_zone": None,
-            "patient_phone_numbers": [],
+            **render_extra(patient.extra),
             "created_at": patient.created_at,
             "updated_at": patient.updated_at,
             "archived_at": patient.archived_at,
@@ -322,11 +331,13 @@ class Api:
                 date.fromisoformat(birth if isinstance(birth, str) and len(birth) == 10 else "")
             except ValueError:
                 errors["date_of_birth"] = "is invalid"
+        extra, extra_errors = extra_fields(body)
+        errors.update(extra_errors)
         if errors:
             return validation_failed(errors)
         fields = {name: body.get(name) or None for name in ("email", "date_of_birth", "old_reference_id")}
         patient = self.store.add_patient(
-            account, {"first_name": body["first_name"], "last_name": body["last_name"], **fields}, {}
+            account, {"first_name": body["first_name"], "last_name": body["last_name"], **fields}, extra
         )
         rendered = self.render_patient(request, patient)
         return JSONResponse(rendered, status_code=201, headers={"Location": rendered["links"]["self"]})
@@ -424,22 +435,32 @@ class Api:
         return not_found()
 
     def routes(self) -> list[Route]:
+        table: list[tuple[str, str, Handler]] = [
+            ("GET", "/v1/user", self.get_user),
+            ("GET", "/v1/users/{id}", self.get_user_by_id),
+            ("GET", "/v1/patients", self.list_patients),
+            ("POST", "/v1/patients", self.create_patient),
+            ("GET", "/v1/patients/{id}", self.get_patient),
+            ("POST", "/v1/patients/{id}/archive", self.archive_patient),
+            ("GET", "/v1/patients/{id}/attachment_presigned_post", self.presigned_post),
+            ("GET", "/v1/patients/{id}/patient_attachments", self.list_patient_attachments),
+            ("GET", "/v1/patient_attachments", self.list_attachments),
+            ("POST", "/v1/patient_attachments", self.create_attachment),
+            ("GET", "/v1/patient_attachments/{id}", self.get_attachment),
+            ("DELETE", "/v1/patient_attachments/{id}", self.archive_attachment),
+            ("POST", "/v1/patient_attachments/{id}/archive", self.archive_attachment),
+            ("GET", "/v1/patient_attachments/{id}/content", self.attachment_content),
+        ]
+        by_path: dict[str, dict[str, Handler]] = {}
+        for method, path, handler in table:
+            by_path.setdefault(path, {})[method] = handler
+
+        async def unknown_path(request: Request) -> Response:
+            return await self.call("* /v1/{path}", request, self.unknown)
+
         return [
-            self.route(["GET"], "/v1/user", self.get_user),
-            self.route(["GET"], "/v1/users/{id}", self.get_user_by_id),
-            self.route(["GET"], "/v1/patients", self.list_patients),
-            self.route(["POST"], "/v1/patients", self.create_patient),
-            self.route(["GET"], "/v1/patients/{id}", self.get_patient),
-            self.route(["POST"], "/v1/patients/{id}/archive", self.archive_patient),
-            self.route(["GET"], "/v1/patients/{id}/attachment_presigned_post", self.presigned_post),
-            self.route(["GET"], "/v1/patients/{id}/patient_attachments", self.list_patient_attachments),
-            self.route(["GET"], "/v1/patient_attachments", self.list_attachments),
-            self.route(["POST"], "/v1/patient_attachments", self.create_attachment),
-            self.route(["GET"], "/v1/patient_attachments/{id}", self.get_attachment),
-            self.route(["DELETE"], "/v1/patient_attachments/{id}", self.archive_attachment),
-            self.route(["POST"], "/v1/patient_attachments/{id}/archive", self.archive_attachment),
-            self.route(["GET"], "/v1/patient_attachments/{id}/content", self.attachment_content),
-            self.route(["GET", "POST", "PUT", "PATCH", "DELETE"], "/v1/{path:path}", self.unknown),
+            *(self.route(path, handlers) for path, handlers in by_path.items()),
+            Route("/v1/{path:path}", unknown_path, methods=HTTP_METHODS),
         ]
 
 

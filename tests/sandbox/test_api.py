@@ -306,3 +306,35 @@ def test_per_page_defaults_to_50_and_caps_at_100(api: Client) -> None:
     assert len(api.get("/patients").json()["patients"]) == 50
     assert len(api.get("/patients", params={"per_page": 500}).json()["patients"]) == 100
     assert api.get("/patients", params={"page": "x"}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("path", "allow"),
+    [
+        ("/patients", "GET, HEAD, OPTIONS, POST"),
+        ("/patients/1", "GET, HEAD, OPTIONS"),
+        ("/patients/1/archive", "OPTIONS, POST"),
+        ("/patient_attachments/1", "DELETE, GET, HEAD, OPTIONS"),
+        ("/patients/1/attachment_presigned_post", "GET, HEAD, OPTIONS"),
+    ],
+)
+def test_options_and_unsupported_methods_name_what_the_path_allows(
+    api: Client, path: str, allow: str
+) -> None:
+    options = api.session.options(api.url(path), timeout=10)
+    assert (options.status_code, options.headers["Allow"]) == (204, allow)
+    allowed = set(allow.split(", "))
+    for method in sorted({"GET", "POST", "PUT", "PATCH", "DELETE"} - allowed):
+        refused = api.session.request(method, api.url(path), timeout=10)
+        assert (refused.status_code, refused.headers["Allow"]) == (405, allow), method
+
+
+def test_head_answers_like_get_without_a_body(api: Client, patient: dict[str, Any]) -> None:
+    head = api.session.head(api.url(f"/patients/{patient['id']}"), timeout=10)
+    assert head.status_code == 200 and head.content == b""
+    assert api.session.head(api.url("/patients/1"), timeout=10).status_code == 404
+
+
+def test_unknown_paths_are_404_for_any_method(api: Client) -> None:
+    for method in ("GET", "POST", "PUT", "OPTIONS"):
+        assert api.session.request(method, api.url("/appointments"), timeout=10).status_code == 404, method

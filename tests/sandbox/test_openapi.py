@@ -199,3 +199,83 @@ def test_the_subset_is_self_contained() -> None:
     assert len(refs) > 10
     for ref in refs:
         assert registry().resolver(BASE).lookup(f"{BASE}{ref}").contents, ref
+
+
+FULL_PATIENT = {
+    "first_name": "Ada",
+    "last_name": "Everything",
+    "title": "Dr",
+    "preferred_first_name": "Addy",
+    "address_1": "1 Main St",
+    "address_2": "Unit 2",
+    "address_3": "",
+    "city": "Melbourne",
+    "state": "VIC",
+    "post_code": "3000",
+    "country": "Australia",
+    "country_code": "AU",
+    "notes": "Prefers mornings",
+    "appointment_notes": "Bring scans",
+    "occupation": "Engineer",
+    "emergency_contact": "Bob 0400 000 000",
+    "medicare": "2123 45670 1",
+    "medicare_reference_number": "1",
+    "dva_card_number": "NX123456",
+    "invoice_email": "accounts@example.com",
+    "invoice_default_to": "Patient",
+    "invoice_extra_information": "ABN 1",
+    "referral_source": "Web",
+    "reminder_type": "SMS & Email",
+    "sex": "Female",
+    "gender_identity": "Woman",
+    "time_zone": "Australia/Melbourne",
+    "accepted_email_marketing": False,
+    "accepted_privacy_policy": True,
+    "receives_cancellation_emails": True,
+    "receives_confirmation_emails": False,
+    "pronouns": {
+        "accusative": "her",
+        "nominative": "she",
+        "predicative_possessive": "hers",
+        "pronominal_possessive": "her",
+        "reflexive": "herself",
+    },
+    "patient_phone_numbers": [{"number": "0400 000 001", "phone_type": "Mobile"}],
+}
+
+
+def test_patient_fields_the_sandbox_does_not_model_are_kept_and_echoed(api: Client) -> None:
+    request_schema = _pointer(
+        "components", "requestBodies", "Patient", "content", "application/json", "schema"
+    )
+    _validate(FULL_PATIENT, request_schema)  # the body itself is what Cliniko's schema allows
+    created = api.post("/patients", json={**FULL_PATIENT, "not_a_cliniko_field": 1})
+    assert created.status_code == 201, created.text
+    assert_matches(created.json(), "/patients", "post", "201")
+    fetched = api.get(f"/patients/{created.json()['id']}").json()
+    assert {name: fetched[name] for name in FULL_PATIENT} == FULL_PATIENT
+    assert "not_a_cliniko_field" not in fetched
+    plain = api.create_patient()
+    assert (plain["address_1"], plain["pronouns"], plain["patient_phone_numbers"]) == (None, None, [])
+    assert api.create_patient(title="t" * 255)["title"] == "t" * 255  # the longest allowed
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("title", "t" * 256),
+        ("address_1", 12),
+        ("accepted_privacy_policy", "yes"),
+        ("reminder_type", "Pigeon"),
+        ("invoice_email", "not-an-email"),
+        ("dva_card_number", "123"),
+        ("pronouns", {"nominative": "they"}),
+        ("patient_phone_numbers", [{"number": "1", "phone_type": "Pager"}]),
+        ("patient_phone_numbers", "0400 000 000"),
+        ("custom_fields", {"sections": "none"}),
+    ],
+)
+def test_patient_fields_outside_the_schema_are_refused(api: Client, field: str, value: Any) -> None:
+    response = api.post("/patients", json={"first_name": "Ada", "last_name": "Invalid", field: value})
+    assert response.status_code == 422
+    assert response.json()["errors"] == {field: "is invalid"}
