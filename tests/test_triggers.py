@@ -477,7 +477,7 @@ def many_attachments(sandbox: Any, monkeypatch: pytest.MonkeyPatch, count: int) 
 
 async def wait_for_all_against_sandbox(sandbox: Any, ids: list[str]) -> None:
     """Wait on ``ids`` plus one unknown id, counting the requests the sandbox gets."""
-    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
+    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=10).raise_for_status()
     REGISTRY.factory = AttachmentPoller
     try:
         triggers = [

@@ -50,7 +50,7 @@ def main() -> None:
                 lambda: stack.check_alive() or stack.dag_is_parsed(DAG_ID), 180, "the DAG to be parsed"
             )
             time.sleep(61)  # let the sandbox's window forget the set-up requests
-            requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
+            requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=10).raise_for_status()
             conf = {"patients": rows, "report_root": (work / "reports").as_uri()}
             started = time.monotonic()
             stack.cli("dags", "trigger", DAG_ID, "--run-id", "economy", "--conf", json.dumps(conf))

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
         REGISTRY.factory = factory
         bench = Bench(sandbox, args.count, args.poll_interval, args.processing_delay)
-        requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
+        requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=10).raise_for_status()
         baseline = rss_bytes()
         create_seconds, wait_seconds = asyncio.run(bench.run())
         stats = requests.get(f"{sandbox.root_url}/_sandbox/stats", timeout=10).json()

@@ -40,7 +40,7 @@ def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: 
             patient_ids[reference] = str(patient["id"])
             rows.append({"reference": reference, "email": email, "name": f"Patient Number {number}"})
         rows.append({"reference": "E2E-404", "email": "nobody@e2e.example", "name": "Not In Cliniko"})
-        requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
+        requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=10).raise_for_status()
 
         stack = AirflowStack(
             tmp_path / "airflow", REPO / "dags_examples", env={"AIRFLOW_CONN_CLINIKO_DEFAULT": connection}
