@@ -189,7 +189,7 @@ def test_files_upload_at_once_and_every_request_draws_from_the_one_budget(
         return reserve(now)
 
     monkeypatch.setattr(budget, "reserve", counting)
-    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
+    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=10).raise_for_status()
     results = batch(hook, uploads, max_concurrency=4).execute(fake_context())
     assert all("error" not in r for r in results)
     assert len(threads) == 4 and all(name.startswith("cliniko-upload") for name in threads)
@@ -223,7 +223,7 @@ def test_waiting_in_the_worker_polls_the_batch_together(
 ) -> None:
     files = [write_file(tmp_path, f"w{n}.csv", 100 + n) for n in range(6)]
     uploads = [{"patient_id": patients[0], "file_path": str(path)} for path in files]
-    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
+    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=10).raise_for_status()
     with sandbox_faults(sandbox, processing_delay=1.0):
         results = batch(hook, uploads, wait_for_completion=True, deferrable=False, poll_interval=0.5).execute(
             fake_context()
@@ -340,7 +340,7 @@ async def test_the_trigger_waits_for_all_in_shared_rounds_and_reports_each(
         ids = [(await asyncio.to_thread(create_attachment_via_api, hook, patient))["id"] for _ in range(30)]
     archived = ids[-1]
     await asyncio.to_thread(hook.archive_attachment, archived)
-    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", timeout=10).raise_for_status()
+    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=10).raise_for_status()
     deadline = time.time() + 60
     trigger = ProcessingCompletedBatchTrigger([*ids, "12345", "x1"], poll_interval=0.5, deadline=deadline)
     event = await asyncio.wait_for(fire(trigger), timeout=60)
