@@ -177,6 +177,8 @@ def test_nightly_export_on_celery_workers_shares_one_budget_and_survives_losing_
     assert attached == Counter(dict.fromkeys(patient_ids, 1))  # every report once: none lost, none twice
     assert all(worker_logs.values()), "both workers ran uploads"
     assert any(FALLBACK_WARNING in text for text in worker_logs.values())
+    # The triggerer (the async path, one long-lived process) warned once, however often it polled since.
+    assert (tmp_path / "airflow" / "triggerer.log").read_text().count(FALLBACK_WARNING) == 1
 
 
 def sandbox_post(sandbox: SandboxProcess, what: str, body: dict[str, str] | None) -> None:
