@@ -84,3 +84,9 @@ def _own_rate_budget(
     PROCESS_BUDGETS.clear()
     yield
     PROCESS_BUDGETS.clear()
+
+
+@pytest.fixture(autouse=True)
+def _own_upload_journal(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give every test its own upload journal directory (the worker's private idempotency records)."""
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path_factory.mktemp("journal")))

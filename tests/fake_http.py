@@ -42,6 +42,8 @@ class ScriptedAdapter(BaseAdapter):
         if isinstance(body, (dict, list)):
             content = jsonlib.dumps(body).encode()
             response.headers["Content-Type"] = "application/json"
+        elif isinstance(body, bytes):
+            content = body
         else:
             content = (body or "").encode()
         response.raw = io.BytesIO(content)  # streamed like a real adapter's answer

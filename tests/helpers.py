@@ -20,6 +20,7 @@ from tests.fake_http import FakeClock
 
 TRICKY_NAMES = (
     "report with spaces.pdf",
+    "  spaces at both ends.pdf  ",
     "ünïcödé résumé 報告.txt",
     "hash#1.csv",
     "100% done.txt",
@@ -160,9 +161,14 @@ class FakeTI(SimpleNamespace):
         self.pushed[key] = value
 
 
-def fake_context(run_id: str = "manual__1", try_number: int = 1) -> Any:
+def fake_context(run_id: str = "manual__1", try_number: int = 1, map_index: int = -1) -> Any:
     """A task context holding only a :class:`FakeTI` (what the upload operator reads)."""
     ti = FakeTI(
-        dag_id="nightly", task_id="upload", run_id=run_id, map_index=-1, try_number=try_number, pushed={}
+        dag_id="nightly",
+        task_id="upload",
+        run_id=run_id,
+        map_index=map_index,
+        try_number=try_number,
+        pushed={},
     )
     return {"ti": ti}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,14 +24,14 @@ from cliniko_provider.exceptions import (
     S3UploadError,
     S3UploadRejectedError,
 )
-from cliniko_provider.hooks.cliniko import PRESIGN_REFRESHES, ClinikoHook
+from cliniko_provider.hooks.cliniko import PENDING_POLL, PENDING_WAIT, PRESIGN_REFRESHES, ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
+from cliniko_provider.utils.idempotency import UploadJournal
 from cliniko_provider.triggers.cliniko import error_event
 from cliniko_provider.utils.s3_form import MultipartBody, join_upload_url
 from cliniko_provider.utils.upload import (
     MAX_UPLOAD_BYTES,
     UploadProgress,
-    idempotency_marker,
     resolve_source,
 )
 from tests.fake_http import Answer, FakeClock, ScriptedAdapter
@@ -54,7 +55,8 @@ class FakeCliniko:
 
     ``s3_script`` and ``create_script`` are consumed one entry per S3 POST / create; when empty, the call
     succeeds. Create entries: ``"ok"``, ``"500"`` (fails, nothing made), ``"500-after"`` (makes the
-    record, then answers 500), ``"reset-after"`` (makes it, then the connection breaks).
+    record, then answers 500), ``"reset-after"`` (makes it, then the connection breaks). A record is
+    processed once a list answer has shown it ``list_views_until_processed`` times (never if None).
     """
 
     def __init__(self) -> None:
@@ -66,6 +68,7 @@ class FakeCliniko:
         self.uploads: list[tuple[str, bytes, str]] = []  # (filename, data, key)
         self.storage_full = False
         self.gets_until_processed = 1
+        self.list_views_until_processed: int | None = 0
         self.adapter = ScriptedAdapter(route=self.route)
         self._gets: dict[str, int] = {}
 
@@ -90,6 +93,10 @@ class FakeCliniko:
             return self.create(request)
         if match := re.fullmatch(r"/patient_attachments/(\w+)", path):
             return self.get(match[1])
+        if match := re.fullmatch(r"/patient_attachments/(\w+)/content", path):
+            record = self.records[match[1]]
+            assert record["processing_completed"], "content is served once processed"
+            return Answer(200, self.data_of(record))
         raise AssertionError(f"unexpected request {request.method} {url}")
 
     def presign(self, patient_id: str) -> Answer:
@@ -124,9 +131,9 @@ class FakeCliniko:
         names = re.findall(rb'; name="([^"]+)"', raw)
         assert names[-1] == b"file" and names[0] == b"key", names
         key_template = re.search(rb'name="key"\r\n\r\n([^\r]*)\r\n', raw)
-        filename = re.search(rb'filename="((?:[^"\\]|\\.)*)"', raw)
+        filename = re.search(rb'filename="([^"]*)"', raw)  # browsers' form: '"' sent as %22, no escapes
         assert key_template and filename
-        name = re.sub(r"\\(.)", r"\1", filename[1].decode())
+        name = filename[1].decode()
         data = raw.split(b"\r\n\r\n")[-1].rsplit(b"\r\n--", 1)[0]
         key = key_template[1].decode().replace("${filename}", name)
         self.uploads.append((name, data, key))
@@ -137,17 +144,44 @@ class FakeCliniko:
         return Answer(201, xml)
 
     def listing(self, patient_id: str, filters: list[str]) -> Answer:
+        def matches(record: JsonDict, item: str) -> bool:
+            rest = item.partition(":")[2]
+            description = record["description"] or ""
+            if item.startswith("description:~"):
+                return rest[1:] in description
+            if item.startswith("description:="):
+                return rest[1:] == description
+            if item.startswith("id:="):
+                return record["id"] in rest[1:].split(",")
+            if item.startswith("created_at:>="):
+                return bool(record["created_at"] >= rest[2:])
+            raise AssertionError(f"unexpected filter {item}")
+
         found = [
             record
             for record in self.records.values()
             if record["patient_id"] == patient_id
             and not record["archived_at"]
-            and all(
-                item.startswith("description:~") and item.split("~", 1)[1] in (record["description"] or "")
-                for item in filters
-            )
+            and all(matches(record, item) for item in filters)
         ]
-        return Answer(200, {"patient_attachments": found, "total_entries": len(found), "links": {}})
+        for record in found:
+            record["views"] = record.get("views", 0) + 1
+            if (
+                self.list_views_until_processed is not None
+                and record["views"] > self.list_views_until_processed
+            ):
+                self.process(record)
+        shown = [{k: v for k, v in record.items() if k != "views"} for record in found]
+        return Answer(200, {"patient_attachments": shown, "total_entries": len(found), "links": {}})
+
+    def data_of(self, record: JsonDict) -> bytes:
+        return next(data for _, data, key in self.uploads if record["upload_url"] == BUCKET + key)
+
+    def process(self, record: JsonDict) -> None:
+        if not record["processing_completed"] and record["upload_url"]:
+            record["processing_completed"] = True
+            record["filename"] = next(n for n, _, k in self.uploads if record["upload_url"] == BUCKET + k)
+            record["size"] = len(self.data_of(record))
 
     def create(self, request: requests.PreparedRequest) -> Answer:
         import json
@@ -169,6 +203,9 @@ class FakeCliniko:
             "archived_at": None,
             "processing_completed": False,
             "filename": None,
+            "size": None,
+            "created_at": "2026-01-01T00:00:00Z",
+            "patient": {"links": {"self": f"{BASE}/patients/{body['patient_id']}"}},
         }
         if step == "500-after":
             return Answer(502, "<html>Bad Gateway</html>")
@@ -180,9 +217,8 @@ class FakeCliniko:
         record = self.records[record_id]
         self._gets[record_id] = self._gets.get(record_id, 0) + 1
         if self._gets[record_id] > self.gets_until_processed:
-            record["processing_completed"] = True
-            record["filename"] = next(n for n, _, k in self.uploads if record["upload_url"].endswith(k))
-        return Answer(200, record)
+            self.process(record)
+        return Answer(200, {k: v for k, v in record.items() if k != "views"})
 
     def paths(self) -> list[str]:
         return [f"{r.method} {urlsplit(str(r.url)).path}" for r in self.requests]
@@ -231,9 +267,9 @@ def report(tmp_path: Path) -> Path:
 
 
 def test_three_steps_and_the_record_is_returned(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
-    record = operator(hook, file_path=str(report), description="Nightly").execute(context())
-    assert fake.paths() == [
-        "GET /v1/patients/42/patient_attachments",
+    ctx = context()
+    record = operator(hook, file_path=str(report), description=" Nightly  report ").execute(ctx)
+    assert fake.paths() == [  # a first try asks nothing more than the three steps
         "GET /v1/patients/42/attachment_presigned_post",
         "POST /",
         "POST /v1/patient_attachments",
@@ -241,7 +277,9 @@ def test_three_steps_and_the_record_is_returned(hook: ClinikoHook, fake: FakeCli
     ((name, data, key),) = fake.uploads
     assert (name, data) == ("report.pdf", report.read_bytes())
     assert record["upload_url"] == BUCKET + key  # url + Key: not Location, no doubled slash
-    assert re.fullmatch(r"Nightly \[ref:[0-9a-f]{12}\]", record["description"])
+    assert record["description"] == " Nightly  report "  # exactly as given
+    upload = ctx["ti"].pushed["cliniko_upload"]
+    assert upload["attachment_id"] == record["id"] and upload["reused"] is False
 
 
 def test_filename_overrides_the_base_name(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
@@ -271,16 +309,83 @@ def test_join_upload_url_never_doubles_the_slash(url: str, key: str, expected: s
     assert join_upload_url(url, key) == expected
 
 
-# --- idempotency -----------------------------------------------------------------------------------
+# --- idempotency ---------------------------------------------------------------------------------
 
 
-def test_a_second_run_of_the_same_task_instance_returns_the_first_record(
-    hook: ClinikoHook, fake: FakeCliniko, report: Path
+def forget_journal(hook: ClinikoHook, tmp_path: Path) -> None:
+    """Act as another worker: one whose private journal holds nothing of earlier tries."""
+    hook.journal = UploadJournal(KEY, tmp_path / "other-worker")
+
+
+def test_a_retry_on_the_same_worker_reuses_the_recorded_attachment_with_one_get(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first = operator(hook, file_path=str(report)).execute(context())
-    again = operator(hook, file_path=str(report)).execute(context())
+    before = len(fake.requests)
+    ctx = context(try_number=2)
+    again = operator(hook, file_path=str(report)).execute(ctx)
     assert again["id"] == first["id"]
+    assert fake.paths()[before:] == [f"GET /v1/patient_attachments/{first['id']}"]
     assert len(fake.records) == 1 and len(fake.uploads) == 1
+    assert ctx["ti"].pushed["cliniko_upload"] == {
+        "attachment_id": first["id"],
+        "reused": True,
+        "reason": f"this worker recorded attachment {first['id']} as this upload",
+        "identity": ctx["ti"].pushed["cliniko_upload"]["identity"],
+    }
+    assert (
+        f"reusing attachment {first['id']} of patient 42, because this worker recorded"
+        in capsys.readouterr().out
+    )
+
+
+def test_a_retry_on_another_worker_recognises_its_upload_by_description_and_content(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    first = operator(hook, file_path=str(report), description="Nightly").execute(context())
+    forget_journal(hook, tmp_path)
+    before = len(fake.requests)
+    ctx = context(try_number=2)
+    again = operator(hook, file_path=str(report), description="Nightly").execute(ctx)
+    assert again["id"] == first["id"] and len(fake.uploads) == 1
+    assert fake.paths()[before:] == [
+        "GET /v1/patients/42/patient_attachments",
+        f"GET /v1/patient_attachments/{first['id']}/content",
+    ]
+    listing = parse_qs(urlsplit(str(fake.requests[before].url)).query)["q[]"]
+    assert listing == ["description:=Nightly"]
+    assert "same description" not in ctx["ti"].pushed["cliniko_upload"]["reason"]
+    assert "has this description, file name, size and content" in ctx["ti"].pushed["cliniko_upload"]["reason"]
+
+
+def test_same_name_and_size_with_other_bytes_is_another_upload(
+    hook: ClinikoHook, fake: FakeCliniko, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "2026-01").mkdir()
+    (tmp_path / "2026-02").mkdir()
+    a = write_file(tmp_path / "2026-01", "summary.csv", 300, seed=1)
+    b = write_file(tmp_path / "2026-02", "summary.csv", 300, seed=2)
+    first = operator(hook, file_path=str(a), description="Summary").execute(fake_context(map_index=0))
+    forget_journal(hook, tmp_path)  # the worst case: nothing remembered locally
+    second = operator(hook, file_path=str(b), description="Summary").execute(
+        fake_context(map_index=1, try_number=2)
+    )
+    assert second["id"] != first["id"]
+    assert [data for _, data, _ in fake.uploads] == [a.read_bytes(), b.read_bytes()]
+
+
+def test_a_regenerated_file_is_uploaded_again_and_the_log_says_why(
+    hook: ClinikoHook, fake: FakeCliniko, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_file(tmp_path, "r.csv", 100, seed=1)
+    first = operator(hook, file_path=str(path), description="R").execute(context())
+    write_file(tmp_path, "r.csv", 100, seed=2)
+    second = operator(hook, file_path=str(path), description="R").execute(context(try_number=2))
+    assert second["id"] != first["id"] and len(fake.uploads) == 2
+    assert (
+        "1 with this name and size, none with this file's content (the file changed since"
+        in capsys.readouterr().out
+    )
 
 
 def test_the_next_run_uploads_a_new_attachment(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
@@ -290,22 +395,17 @@ def test_the_next_run_uploads_a_new_attachment(hook: ClinikoHook, fake: FakeClin
 
 
 def test_an_explicit_idempotency_key_spans_runs(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
-    operator(hook, file_path=str(report), idempotency_key="report-7").execute(context("run-1"))
-    operator(hook, file_path=str(report), idempotency_key="report-7").execute(context("run-2"))
+    for run in ("run-1", "run-2"):
+        operator(hook, file_path=str(report), idempotency_key="report-7", look_for_existing="always").execute(
+            context(run)
+        )
     assert len(fake.records) == 1
-    assert fake.records["1000"]["description"] == idempotency_marker("report-7")
+    assert fake.records["1000"]["description"] is None  # nothing added to the description
 
 
-def test_on_retry_skips_the_lookup_on_the_first_try_only(
-    hook: ClinikoHook, fake: FakeCliniko, report: Path
-) -> None:
-    first = operator(hook, file_path=str(report), look_for_existing="on_retry").execute(context())
-    assert "GET /v1/patients/42/patient_attachments" not in fake.paths()  # one request saved
-    before = len(fake.requests)
-    again = operator(hook, file_path=str(report), look_for_existing="on_retry").execute(context(try_number=2))
-    assert again["id"] == first["id"]
-    assert fake.paths()[before:] == ["GET /v1/patients/42/patient_attachments"]
-    assert len(fake.records) == 1
+def test_always_looks_on_a_first_try_too(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
+    operator(hook, file_path=str(report), look_for_existing="always").execute(context())
+    assert fake.paths()[0] == "GET /v1/patients/42/patient_attachments"
 
 
 def test_look_for_existing_is_checked() -> None:
@@ -321,9 +421,33 @@ def test_a_failure_leaves_its_reason_in_xcom(hook: ClinikoHook, fake: FakeClinik
     assert ctx["ti"].pushed == {"cliniko_error": str(error.value)}
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"patient_id": "abc"}, "patient_id must be"),
+        ({"file_path": "/no/such/file.pdf"}, "no such file"),
+        ({"filename": "a\u202eb.pdf"}, "U+202E"),
+        ({"description": "x" * 256}, "description is 256 characters"),
+    ],
+)
+def test_input_errors_leave_a_one_line_reason_in_xcom(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path, kwargs: dict[str, str], expected: str
+) -> None:
+    ctx = context()
+    op = ClinikoAttachmentUploadOperator(
+        task_id="upload", **{"patient_id": PATIENT, "file_path": str(report), **kwargs}
+    )
+    op.hook = hook
+    with pytest.raises(AirflowFailException):
+        op.execute(ctx)
+    reason = ctx["ti"].pushed["cliniko_error"]
+    assert expected in reason and "\n" not in reason
+    assert fake.requests == []
+
+
 def test_another_file_size_is_another_upload(hook: ClinikoHook, fake: FakeCliniko, tmp_path: Path) -> None:
     operator(hook, file_path=str(write_file(tmp_path, "r.csv", 10))).execute(context())
-    operator(hook, file_path=str(write_file(tmp_path, "r.csv", 11))).execute(context())
+    operator(hook, file_path=str(write_file(tmp_path, "r.csv", 11))).execute(context(try_number=2))
     assert len(fake.records) == 2
 
 
@@ -336,6 +460,34 @@ def test_a_create_that_failed_after_creating_is_found_not_repeated(
     assert list(fake.records) == [record["id"]]
     assert fake.paths().count("POST /v1/patient_attachments") == 1
     assert clock.sleeps == []
+
+
+def test_a_lost_create_waits_for_processing_before_comparing(
+    hook: ClinikoHook, fake: FakeCliniko, clock: FakeClock, report: Path
+) -> None:
+    fake.create_script = ["500-after"]
+    fake.list_views_until_processed = 1
+    record = operator(hook, file_path=str(report), description="D").execute(context())
+    assert list(fake.records) == [record["id"]]
+    assert clock.sleeps == [PENDING_POLL]
+    assert f"GET /v1/patient_attachments/{record['id']}/content" in fake.paths()
+
+
+def test_a_candidate_that_never_finishes_processing_fails_retryably_without_uploading(
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    clock: FakeClock,
+    report: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    fake.list_views_until_processed = None
+    operator(hook, file_path=str(report), description="D").execute(context())
+    forget_journal(hook, tmp_path)
+    with pytest.raises(ClinikoError, match="still being processed after 300 s") as caught:
+        operator(hook, file_path=str(report), description="D").execute(context(try_number=2))
+    assert not isinstance(caught.value, AirflowFailException)
+    assert len(fake.uploads) == 1 and sum(clock.sleeps) == PENDING_WAIT
 
 
 def test_a_create_that_failed_without_creating_is_retried(
@@ -363,23 +515,60 @@ def test_an_archived_earlier_upload_does_not_count(
 ) -> None:
     first = operator(hook, file_path=str(report)).execute(context())
     fake.records[first["id"]]["archived_at"] = "2026-01-02T00:00:00Z"
-    second = operator(hook, file_path=str(report)).execute(context())
+    second = operator(hook, file_path=str(report)).execute(context(try_number=2))
     assert second["id"] != first["id"]
 
 
-def test_a_description_merely_containing_the_hex_is_not_a_match(
+def test_a_tampered_journal_entry_is_ignored(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    first = operator(hook, file_path=str(report), description="D").execute(context())
+    (entry,) = hook.journal.directory.glob("*.json")
+    data = json.loads(entry.read_text())
+    data["payload"] = data["payload"].replace(first["id"], "999")
+    entry.write_text(json.dumps(data))
+    assert oct(hook.journal.directory.stat().st_mode & 0o777) == "0o700"
+    again = operator(hook, file_path=str(report), description="D").execute(context(try_number=2))
+    assert again["id"] == first["id"]
+    assert "GET /v1/patient_attachments/999" not in fake.paths()
+    assert "GET /v1/patients/42/patient_attachments" in fake.paths()  # fell back to asking Cliniko
+
+
+def test_the_opt_in_marker_is_visible_and_found(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    first = operator(hook, file_path=str(report), description="Same", description_marker=True).execute(
+        context()
+    )
+    assert re.fullmatch(r"Same \[ref:[0-9a-f]{12}\]", first["description"])
+    forget_journal(hook, tmp_path)
+    again = operator(hook, file_path=str(report), description="Same", description_marker=True).execute(
+        context(try_number=2)
+    )
+    assert again["id"] == first["id"]
+    assert "content" not in " ".join(fake.paths())  # the marker is evidence enough
+
+
+def test_the_marker_leaves_236_characters_for_the_description(
     hook: ClinikoHook, fake: FakeCliniko, report: Path
 ) -> None:
-    marker = idempotency_marker("k")
-    fake.records["999"] = {
-        "id": "999",
-        "patient_id": PATIENT,
-        "description": f"see {marker[5:-1]}",
-        "archived_at": None,
-        "upload_url": "",
-    }
-    record = operator(hook, file_path=str(report), idempotency_key="k").execute(context())
-    assert record["id"] != "999"
+    operator(hook, file_path=str(report), description="x" * 236, description_marker=True).execute(context())
+    with pytest.raises(ClinikoInputError, match="leaves 236"):
+        operator(hook, file_path=str(report), description="x" * 237, description_marker=True).execute(
+            context()
+        )
+
+
+def test_a_description_merely_containing_the_hex_is_not_a_match(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    first = operator(hook, file_path=str(report), description_marker=True).execute(context())
+    hex_only = first["description"][5:-1]
+    fake.records["999"] = {**fake.records[first["id"]], "id": "999", "description": f"see {hex_only}"}
+    fake.records.pop(first["id"])
+    forget_journal(hook, tmp_path)
+    record = operator(hook, file_path=str(report), description_marker=True).execute(context(try_number=2))
+    assert record["id"] not in ("999", first["id"])
 
 
 # --- the S3 step: retries and errors ----------------------------------------------------------------
@@ -504,9 +693,15 @@ def test_exactly_5_gib_is_allowed(tmp_path: Path) -> None:
     [
         ({"patient_id": "abc"}, "patient_id must be a Cliniko numeric id"),
         ({"patient_id": "-1"}, "patient_id must be a Cliniko numeric id"),
-        ({"description": "x" * 237}, "which leaves 236. Shorten the description to 236"),
+        ({"description": "x" * 256}, "description is 256 characters long; Cliniko takes at most 255"),
         ({"filename": "a/b.pdf"}, "S3 would cut the name"),
-        ({"filename": "a\nb.pdf"}, "control characters"),
+        ({"filename": "a\nb.pdf"}, r"holds U\+000A \(a control character\)"),
+        ({"filename": ".."}, "is a path step, not a file name"),
+        ({"filename": "."}, "is a path step, not a file name"),
+        ({"filename": "invoice\u202efdp.exe"}, r"holds U\+202E \(RIGHT-TO-LEFT OVERRIDE\)"),
+        ({"filename": "a\u2028b.pdf"}, r"holds U\+2028 \(LINE SEPARATOR\)"),
+        ({"filename": "a\x85b.pdf"}, r"holds U\+0085"),
+        ({"filename": "a\u200bb.pdf"}, r"holds U\+200B \(ZERO WIDTH SPACE\)"),
         ({"file_path": "nosuchscheme://bucket/a.pdf"}, "Install the Airflow provider"),
         ({"file_path": ""}, "file_path is empty"),
     ],
@@ -522,9 +717,11 @@ def test_bad_arguments_are_refused_before_any_request(
     assert fake.requests == []
 
 
-def test_description_of_236_characters_fits(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
-    record = operator(hook, file_path=str(report), description="x" * 236).execute(context())
-    assert len(record["description"]) == 255
+def test_description_of_255_characters_fits_exactly(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path
+) -> None:
+    record = operator(hook, file_path=str(report), description="x" * 255).execute(context())
+    assert record["description"] == "x" * 255
 
 
 def test_unknown_patient_is_a_clear_error(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
@@ -598,6 +795,9 @@ def test_execute_complete_fails_without_retry_when_retrying_cannot_help(
         op.execute_complete(ctx, event)
     assert isinstance(info.value, AirflowFailException) is fails_without_retry
     assert ctx["ti"].pushed["cliniko_error"] == "Cliniko answered 401: Access denied"
+
+
+ -----------------------------------------------------------------------------------------
 
 
 # --- progress -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cliniko_provider.sandbox.multipart import MultipartReader, boundary_of
+from cliniko_provider.utils.idempotency import wire_filename
 from cliniko_provider.utils.s3_form import (
     MultipartBody,
     SourceChangedError,
@@ -111,8 +112,9 @@ def test_random_boundaries_differ() -> None:
     assert first.boundary != second.boundary
 
 
-def test_quote_parameter_escapes_quotes_and_backslashes() -> None:
-    assert quote_parameter('it\'s "x" \\ y') == '"it\'s \\"x\\" \\\\ y"'
+def test_quote_parameter_writes_quotes_as_browsers_and_curl_do() -> None:
+    """WHATWG HTML (and curl 7.81+): '"' becomes %22; a backslash is no escape and stays as it is."""
+    assert quote_parameter('it\'s "x" \\ y') == '"it\'s %22x%22 \\ y"'
     assert (
         content_disposition("file", "ü.pdf")
         == 'Content-Disposition: form-data; name="file"; filename="ü.pdf"'.encode()
@@ -149,10 +151,10 @@ async def _read_parts(raw: bytes, content_type: str) -> list[tuple[str, str | No
 
 @pytest.mark.parametrize("name", TRICKY_NAMES)
 def test_tricky_names_survive_the_sandbox_s3_parser(name: str) -> None:
-    """The sandbox's reader decodes the quoted string as S3 would: the name arrives unchanged."""
+    """The sandbox's reader takes the quoted string as S3 would: the name arrives as sent (``"`` as %22)."""
     body = make_body(b"data", filename=name)
     parts = asyncio.run(_read_parts(b"".join(body), body.content_type))
-    assert parts[-1] == ("file", name, b"data")
+    assert parts[-1] == ("file", wire_filename(name), b"data")
     assert [(n, v.decode()) for n, _, v in parts[:-1]] == FIELDS
 
 

@@ -26,6 +26,7 @@ from cliniko_provider.exceptions import (
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
 from cliniko_provider.sandbox.process import SandboxProcess
+from cliniko_provider.utils.idempotency import UploadJournal, wire_filename
 from tests.conftest import REPO, SANDBOX_KEY, connection_json
 from tests.helpers import TRICKY_NAMES, env_with, fake_context, sandbox_control, sandbox_faults, write_file
 
@@ -38,7 +39,8 @@ class Crash(Exception):
 
 @pytest.fixture
 def hook(sandbox_conn: str) -> ClinikoHook:
-    return ClinikoHook(sandbox_conn, sleep=lambda seconds: None)
+    # Backoffs are skipped; waits for an earlier attachment's processing are kept short but real.
+    return ClinikoHook(sandbox_conn, sleep=lambda seconds: time.sleep(min(seconds, 0.2)))
 
 
 @pytest.fixture
@@ -46,17 +48,15 @@ def patient(hook: ClinikoHook) -> str:
     return str(hook.create_patient("Ada", f"Upload-{uuid.uuid4().hex[:8]}")["id"])
 
 
-def context(run_id: str = "manual__1") -> Any:
-    return fake_context(run_id)
-
-
-def upload(hook: ClinikoHook, patient: str, file_path: str | Path, **kwargs: Any) -> JsonDict:
-    """Run the operator once, as a task instance would, with the test's hook (no real sleeps)."""
+def upload(
+    hook: ClinikoHook, patient: str, file_path: str | Path, *, try_number: int = 1, **kwargs: Any
+) -> JsonDict:
+    """Run the operator once, as one try of a task instance would, with the test's hook."""
     op = ClinikoAttachmentUploadOperator(
         task_id="upload", patient_id=patient, file_path=str(file_path), **kwargs
     )
     op.hook = hook
-    return op.execute(context())
+    return op.execute(fake_context("manual__1", try_number))
 
 
 def attachments(hook: ClinikoHook, patient: str) -> list[JsonDict]:
@@ -94,7 +94,7 @@ def test_upload_and_wait_from_each_kind_of_source(
     assert record["processing_completed"] is True
     assert record["filename"] == "nightly report.pdf"
     assert record["size"] == len(data)
-    assert record["description"].startswith("Nightly [ref:")
+    assert record["description"] == "Nightly"
     assert content(hook, record) == data
     assert [item["id"] for item in attachments(hook, patient)] == [record["id"]]
 
@@ -106,7 +106,8 @@ def test_tricky_names_arrive_intact_after_processing(hook: ClinikoHook, patient:
     for record in processed:
         if not record["processing_completed"]:
             record.update(hook.wait_for_processing(record["id"], poll_interval=0.1, timeout=30))
-    assert [record["filename"] for record in processed] == list(TRICKY_NAMES)
+    assert [record["filename"] for record in processed] == [wire_filename(name) for name in TRICKY_NAMES]
+    assert "it's %22quoted%22.txt" in [record["filename"] for record in processed]
 
 
 # --- idempotency: a crash at each point, then the task's retry ------------------------------------------
@@ -153,9 +154,11 @@ def test_a_retry_after_a_crash_makes_exactly_one_attachment(
         crashing.setattr(ClinikoHook, method, patched)
         with pytest.raises(Crash):
             upload(hook, patient, source, description="Nightly")
-    record = upload(hook, patient, source, description="Nightly")
-    again = upload(hook, patient, source, description="Nightly")
+    hook.journal = UploadJournal(SANDBOX_KEY, tmp_path / "retry-on-another-worker")
+    record = upload(hook, patient, source, description="Nightly", try_number=2)
+    again = upload(hook, patient, source, description="Nightly", try_number=3)
     assert again["id"] == record["id"]
+    assert record["description"] == "Nightly"
     assert [item["id"] for item in attachments(hook, patient)] == [record["id"]]
 
 
@@ -321,5 +324,5 @@ def test_a_file_that_shrinks_while_uploading_fails_without_a_record(
     path = write_file(tmp_path, "shrinking.csv", 10_000)
     source = UploadSource(uri=str(path), name=path.name, size=20_000, opener=lambda: path.open("rb"))
     with pytest.raises(SourceChangedError, match="shrank"):
-        hook.upload_attachment(patient, source, marker="[ref:000000000000]")
+        hook.upload_attachment(patient, source)
     assert attachments(hook, patient) == []

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.providers.common.compat.sdk import conf
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
 
 from cliniko_provider.exceptions import (
     ClinikoBatchError,
@@ -36,8 +35,9 @@ from cliniko_provider.utils.batch import (
     failure_summary,
     parse_upload,
 )
-from cliniko_provider.utils.upload import UploadSource, idempotency_marker, resolve_source
-from cliniko_provider.utils.validation import validate_id
+from cliniko_provider.utils.idempotency import upload_identity
+from cliniko_provider.utils.upload import resolve_source
+from cliniko_provider.utils.validation import check_upload_filename, one_line, validate_id
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -52,26 +52,41 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
     ``Content-Length``, retried on S3 5xx and broken connections, a fresh presign after a 403), and the
     attachment record. Optionally waits until Cliniko has processed the file.
 
-    **Idempotency.** Every upload has an idempotency key; its hash goes into the description as a
-    marker, ``"<description> [ref:<12 hex>]"``: 19 characters with the space, counted in Cliniko's 255,
-    so a description may have at most 236. Before uploading, the operator looks for a non-archived
-    attachment of the patient whose description holds the marker and returns it instead of uploading
-    again; after a create that failed with a 5xx or a broken connection it looks again before retrying.
-    So a retry of the task after a crash at any point (before or after the upload, after the record was
-    made) never makes a second attachment. A crash between the upload and the create leaves an orphan
-    temp object in S3 and nothing in Cliniko. Two task instances running the same key at the same
-    moment are not guarded against (Airflow does not run one task instance twice at once).
+    **Idempotency, without touching the description.** Each upload has an identity: the task instance
+    (DAG, task, run, map index), the patient, the file name shown, the description and the file's content
+    identity (size and modification time for a local file; version id or ETag, else size and time, for
+    object storage). The description Cliniko shows is exactly the one given.
 
-    The default key is the DAG id, task id and run id with the patient id, file name and file size: a
-    retry or a clear of the same run finds its earlier upload, while the next run (tomorrow's report of
-    the same name) uploads anew. Pass ``idempotency_key`` to choose otherwise, e.g. ``"{{ ds }}"`` plus
-    a report id to attach each report once whatever the run. Archiving the attachment in Cliniko lets
-    the same key upload again.
+    A first try asks Cliniko nothing extra (no earlier try can have uploaded). A retry or a clear looks
+    for its earlier upload: first in this worker's private journal (the attachment id an earlier try
+    recorded, HMAC-signed with the API key; one ``GET``); else, as a retry on another machine must, it
+    lists the patient's attachments with exactly this description created since the run's ``run_after``
+    (less 10 minutes for clock skew) and keeps one only if it has this file name and size and its bytes
+    (``/content``) hash to this file's SHA-256. Candidates still processing are waited for (up to 5
+    minutes, then the try fails, retryably, rather than guess). A create that failed with a 5xx or a lost
+    answer is looked up the same way before it is retried. So a crash at any point (before the upload,
+    after S3, after the create, create answer lost) ends, after a retry or a clear, with exactly one
+    attachment; a reuse is logged (which record, why) and XCom ``cliniko_upload`` says
+    ``{"attachment_id", "reused", "reason", "identity"}``. A file regenerated with other bytes is uploaded
+    anew, and the log says why the earlier ones did not match.
+
+    Limits: two uploads of byte-identical files under the same name and description, to the same patient,
+    in the same run (e.g. two map indexes) cannot be told apart by Cliniko's records: a retry of one whose
+    create answer was lost, on another worker, may take the other's attachment. Give such uploads distinct
+    descriptions, or set ``description_marker=True``: a visible ``[ref:<12 hex>]`` (19 characters with its
+    space, so at most 236 for the description) is appended and earlier uploads are found by it, at the cost
+    of text clinicians read. An orphan temp object stays in S3 after a crash between the upload and the
+    create. Two task instances running the same identity at the same moment are not guarded against.
 
     **Refused at once** (no retry, nothing sent): a missing, directory or empty file (Cliniko has nothing
-    to process in 0 bytes), a file over 5 GiB, a non-numeric ``patient_id``, a description too long with
-    the marker, a file name S3 would cut (``/`` or ``\\``). An unknown patient, a bad API key and a full
-    storage also fail without retry, with Cliniko's message.
+    to process in 0 bytes), a file over 5 GiB, a non-numeric ``patient_id``, a description over 255
+    characters, a file name S3 would cut (``/`` or ``\\``), ``.`` or ``..``, or one holding control or
+    invisible formatting characters (U+202E, U+2028, U+0085...; the error names the character). An
+    unknown patient, a bad API key and a full storage also fail without retry, with Cliniko's message.
+    Every failure, whatever raised it, leaves a one-line reason in XCom ``cliniko_error``.
+
+    **Names** arrive exactly, spaces at either end included. A ``"`` is sent as browsers and curl send it
+    in form data (``%22``), so Cliniko shows ``a%22b.pdf`` for ``a"b.pdf``.
 
     :param patient_id: the Cliniko patient id (templated).
     :param file_path: a local path or any ObjectStoragePath URI (``file://``, ``s3://``...) (templated).
@@ -85,10 +100,13 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         ``[operators] default_deferrable``).
     :param poll_interval: seconds between checks while waiting.
     :param timeout: seconds to wait for processing before failing.
-    :param idempotency_key: overrides the default idempotency key (templated).
-    :param look_for_existing: ``"always"`` (default) looks for an earlier upload before every upload;
-        ``"on_retry"`` only from the second try on, saving one API request per file when the DAG has
-        already checked what is attached (as the nightly example does, in bulk, for its run date).
+    :param idempotency_key: replaces the task instance in the identity (templated), e.g. ``"{{ ds }}"``
+        plus a report id: the look-up then spans runs (no ``created_at`` bound).
+    :param look_for_existing: ``"on_retry"`` (default) looks for an earlier upload from the second try
+        on (retries and clears); ``"always"`` also on a first try, one request more (with an
+        ``idempotency_key`` that spans runs).
+    :param description_marker: append the identity's visible marker to the description and find earlier
+        uploads by it (for DAGs whose descriptions are not unique; see the limits above).
     """
 
     template_fields: Sequence[str] = (
@@ -113,7 +131,8 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         poll_interval: float = 30.0,
         timeout: float = 60 * 60.0,
         idempotency_key: str | None = None,
-        look_for_existing: Literal["always", "on_retry"] = "always",
+        look_for_existing: Literal["always", "on_retry"] = "on_retry",
+        description_marker: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -130,6 +149,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         if look_for_existing not in ("always", "on_retry"):
             raise ValueError(f"look_for_existing must be 'always' or 'on_retry', got {look_for_existing!r}")
         self.look_for_existing = look_for_existing
+        self.description_marker = description_marker
 
     @cached_property
     def hook(self) -> ClinikoHook:
@@ -137,22 +157,37 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         return ClinikoHook(self.cliniko_conn_id)
 
     def execute(self, context: Context) -> JsonDict:
-        """Upload the file (or find the earlier upload) and optionally wait for processing."""
-        patient_id = validate_id("patient_id", self.patient_id)
-        source = resolve_source(self.file_path)
-        key = self.idempotency_key or self.default_idempotency_key(context, patient_id, source)
+        """Upload the file (or find its earlier upload) and optionally wait for processing."""
         try:
-            record = self.hook.upload_attachment(
-                patient_id,
-                source,
-                filename=self.filename or None,
-                description=self.description,
-                marker=idempotency_marker(str(key)),
-                look_first=self.look_for_existing == "always" or context["ti"].try_number > 1,
-            )
-        except AirflowException as error:
+            return self._upload(context)
+        except Exception as error:
             self._report_failure(context, error)
             raise
+
+    def _upload(self, context: Context) -> JsonDict:
+        patient_id = validate_id("patient_id", self.patient_id)
+        source = resolve_source(self.file_path)
+        name = check_upload_filename(self.filename or source.name)
+        identity = upload_identity(
+            context,
+            patient_id,
+            name,
+            self.description,
+            source.content,
+            idempotency_key=str(self.idempotency_key) if self.idempotency_key else None,
+        )
+        ti = context["ti"]
+        outcome = self.hook.upload_once(
+            patient_id,
+            source,
+            filename=name,
+            description=self.description,
+            identity=identity,
+            look_first=self.look_for_existing == "always" or ti.try_number > 1,
+            description_marker=self.description_marker,
+        )
+        ti.xcom_push(key="cliniko_upload", value=outcome.summary(identity))
+        record = outcome.record
         attachment_id = str(record["id"])
         if not self.wait_for_completion or record.get("processing_completed") is True:
             return record
@@ -183,25 +218,15 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         """
         try:
             return record_from_event(event)
-        except AirflowException as error:
+        except Exception as error:
             self._report_failure(context, error)
             raise
 
     @staticmethod
-    def _report_failure(context: Context, error: AirflowException) -> None:
-        """Leave the reason in XCom ``cliniko_error`` for a summary task (mapped runs fail one by one)."""
-        context["ti"].xcom_push(key="cliniko_error", value=str(error))
-
-    def default_idempotency_key(self, context: Context, patient_id: str, source: UploadSource) -> str:
-        """Return the default idempotency key: this run of this task, the patient, the file name and size.
-
-        :param context: the task context.
-        :param patient_id: the validated patient id.
-        :param source: the file.
-        """
-        ti = context["ti"]
-        name = self.filename or source.name
-        return "\x1f".join((ti.dag_id, ti.task_id, str(ti.run_id), patient_id, name, str(source.size)))
+    def _report_failure(context: Context, error: Exception) -> None:
+        """Leave a one-line reason in XCom ``cliniko_error`` for a summary (mapped runs fail one by one)."""
+        reason = one_line(str(error)) or type(error).__name__
+        context["ti"].xcom_push(key="cliniko_error", value=reason)
 
 
 class ClinikoBatchUploadOperator(BaseOperator):
@@ -218,10 +243,13 @@ class ClinikoBatchUploadOperator(BaseOperator):
     processed, or ``"error"`` (the reason, one line) and ``"retryable"`` for a file that failed. A failed
     task also leaves every reason in XCom ``cliniko_error``, one line per file.
 
-    **Idempotency** is each file's own, as for a single upload: an item's default key is the DAG, task
-    and run with its patient id, file path, file name and size (not its batch or position, so changing
-    how a night is split into batches does not upload a file again); ``idempotency_key`` in an item
-    overrides it. A retried task finds the files its earlier try uploaded and uploads only the rest.
+    **Idempotency** is each file's own, exactly as for a single upload (``hook.upload_once`` with an
+    identity from :func:`~cliniko_provider.utils.idempotency.upload_identity`): the task instance, the
+    file's path as the item's discriminator (not its position), the patient, name, description and
+    content identity; descriptions are sent exactly as given. A retried or cleared task finds each file's
+    earlier upload (this worker's journal, else Cliniko's records by description and content) and uploads
+    only the rest; a reused file's result says why under ``"reused"``. ``idempotency_key`` in an item
+    replaces the task instance.
 
     **Waiting** for processing takes one deferral for the whole batch
     (:class:`~cliniko_provider.triggers.cliniko.ProcessingCompletedBatchTrigger`): the triggerer's poller
@@ -365,26 +393,30 @@ class ClinikoBatchUploadOperator(BaseOperator):
     def _upload(self, context: Context, item: BatchItem, look_first: bool) -> JsonDict:
         """Upload one file (or find its earlier upload); return its part of the result."""
         source = resolve_source(item.file_path)
-        key = item.idempotency_key or self._default_key(context, item, source)
-        record = self.hook.upload_attachment(
+        name = check_upload_filename(item.filename or source.name)
+        identity = upload_identity(
+            context,
+            item.patient_id,
+            name,
+            item.description,
+            source.content,
+            idempotency_key=item.idempotency_key or None,
+            item=source.uri,  # the file, not its position: re-splitting batches uploads nothing again
+        )
+        outcome = self.hook.upload_once(
             item.patient_id,
             source,
-            filename=item.filename or None,
+            filename=name,
             description=item.description,
-            marker=idempotency_marker(key),
+            identity=identity,
             look_first=look_first,
         )
-        result: JsonDict = {"attachment_id": str(record["id"])}
-        if record.get("processing_completed") is True:
-            result["processed_at"] = record.get("processed_at")
+        result: JsonDict = {"attachment_id": str(outcome.record["id"])}
+        if outcome.reused:
+            result["reused"] = outcome.reason
+        if outcome.record.get("processing_completed") is True:
+            result["processed_at"] = outcome.record.get("processed_at")
         return result
-
-    def _default_key(self, context: Context, item: BatchItem, source: UploadSource) -> str:
-        """An item's default idempotency key: this run of this task, the patient and the file."""
-        ti = context["ti"]
-        name = item.filename or source.name
-        parts = (ti.dag_id, ti.task_id, str(ti.run_id), item.patient_id, source.uri, name, str(source.size))
-        return "\x1f".join(parts)
 
     def _failed(self, result: JsonDict, error: BaseException) -> JsonDict:
         self.log.warning("Upload #%d (%s) failed: %s", result["index"], result["file_path"], error)

@@ -5,9 +5,11 @@ exact total, so ``requests`` sends ``Content-Length``, never chunked) and ``__it
 then the file in chunks read on demand, then the closing boundary), so memory stays flat whatever the
 file size. Iterating again re-opens the source, so one body serves every attempt of a retried upload.
 
-File names follow RFC 7578 section 4.2: the name goes in the ``filename`` parameter as a quoted string,
-UTF-8 as is, with ``"`` and ``\\`` backslash-escaped. No ``filename*`` parameter: RFC 7578 forbids it in
-form data, and S3 substitutes ``${filename}`` from ``filename`` alone.
+File names are written as browsers write them (WHATWG HTML's multipart/form-data encoding, also curl's
+since 7.81): in the ``filename`` parameter as a quoted string, UTF-8 as is, with ``"`` written ``%22``
+(a backslash is not an escape there). So S3 stores what a browser upload of the same file would store.
+No ``filename*`` parameter: RFC 7578 forbids it in form data, and S3 substitutes ``${filename}`` from
+``filename`` alone.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ Progress = Callable[[int], None]
 
 
 def quote_parameter(value: str) -> str:
-    """Return a header parameter value as an RFC 7578 quoted string (``"`` and ``\\`` escaped).
+    """Return a header parameter value as a quoted string the way browsers write it (``"`` as ``%22``).
 
     :param value: a field name or file name; it must not hold CR, LF or NUL.
     :raises ValueError: the value holds CR, LF or NUL, which no escaping carries safely.
     """
     if any(char in value for char in "\r\n\0"):
         raise ValueError("a multipart name may not contain line breaks or NUL characters")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + value.replace('"', "%22") + '"'
 
 
 def content_disposition(name: str, filename: str | None = None) -> bytes:
@@ -142,7 +144,9 @@ def parse_s3_xml(body: bytes | str) -> dict[str, str]:
         return {}
     parsed = {"_root": _local_name(root.tag)}
     for child in root:
-        parsed.setdefault(_local_name(child.tag), (child.text or "").strip())
+        tag, text = _local_name(child.tag), child.text or ""
+        # A Key is taken exactly: a file name may begin or end with spaces.
+        parsed.setdefault(tag, text if tag == "Key" else text.strip())
     return parsed
 
 

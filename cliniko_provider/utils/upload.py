@@ -1,9 +1,8 @@
-"""Upload helpers: the file to send (local or object storage), idempotency markers and progress.
+"""Upload helpers: the file to send (local or object storage) and progress.
 No network I/O here: the hook sends (``ClinikoHook.upload_file``)."""
 
 from __future__ import annotations
 
-import hashlib
 import mimetypes
 import os
 import stat
@@ -18,11 +17,10 @@ from urllib.parse import unquote
 from airflow.sdk import ObjectStoragePath
 
 from cliniko_provider.exceptions import ClinikoInputError
+from cliniko_provider.utils.idempotency import content_identity
 from cliniko_provider.utils.s3_form import Opener
-from cliniko_provider.utils.validation import DESCRIPTION_LIMIT, check_description
 
 MAX_UPLOAD_BYTES = 5 * 1024**3  # S3's limit for one POST
-MARKER_HEX = 12
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024  # smaller files log one line when done, no progress lines
 
 
@@ -34,12 +32,14 @@ class UploadSource:
     :param name: the file's base name.
     :param size: its size in bytes.
     :param opener: opens it for binary reading.
+    :param content: its content identity (see :func:`~cliniko_provider.utils.idempotency.content_identity`).
     """
 
     uri: str
     name: str
     size: int
     opener: Opener
+    content: str = ""
 
 
 def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
@@ -50,8 +50,8 @@ def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
 
     :param file_path: a local path, or a URI such as ``file:///data/a.pdf`` or ``s3://bucket/a.pdf``.
     """
-    text = os.fspath(file_path).strip()
-    if not text:
+    text = os.fspath(file_path)  # exactly as given: a name may begin or end with spaces
+    if not text.strip():
         raise ClinikoInputError("file_path is empty: give the path or URI of the file to upload.")
     path: Path | ObjectStoragePath
     if "://" in text and not text.split("://", 1)[0]:
@@ -110,48 +110,27 @@ def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
             f"{error.strerror or error}). Give the worker's user read access to it (e.g. chmod a+r) or "
             "check the storage's credentials."
         ) from None
-    return UploadSource(uri=text, name=path.name, size=size, opener=partial(_open_binary, path))
+    if isinstance(path, Path):
+        content = content_identity(size, mtime_ns=os.stat(path).st_mtime_ns)
+    else:
+        content = content_identity(size, _storage_info(path))
+    return UploadSource(
+        uri=text, name=path.name, size=size, opener=partial(_open_binary, path), content=content
+    )
+
+
+def _storage_info(path: ObjectStoragePath) -> dict[str, object]:
+    """What object storage says of a file (version id, ETag, times); {} if it says nothing."""
+    try:
+        info = path.fs.info(path.path)
+    except (OSError, ValueError, AttributeError, NotImplementedError):
+        return {}
+    return dict(info) if isinstance(info, dict) else {}
 
 
 def _open_binary(path: Path | ObjectStoragePath) -> IO[bytes]:
     opened: IO[bytes] = path.open("rb")
     return opened
-
-
-def idempotency_marker(key: str) -> str:
-    """Return the short marker (``[ref:<12 hex>]``) that an upload with this idempotency key leaves.
-
-    :param key: any string identifying one upload (hashed, so it may hold anything).
-    """
-    return f"[ref:{hashlib.sha256(key.encode('utf-8')).hexdigest()[:MARKER_HEX]}]"
-
-
-def marker_token(marker: str) -> str:
-    """Return the hex part of a marker: what the description filter searches for.
-
-    :param marker: a marker from :func:`idempotency_marker`.
-    """
-    return marker.removeprefix("[ref:").removesuffix("]")
-
-
-def describe_with_marker(description: str | None, marker: str | None) -> str | None:
-    """Return the description to send: the user's text, then the marker; at most 255 characters in all.
-
-    :param description: the user's description (may be empty).
-    :param marker: the idempotency marker, or None.
-    """
-    text = (description or "").strip()
-    if not marker:
-        return check_description(text) if text else None
-    full = f"{text} {marker}" if text else marker
-    if len(full) > DESCRIPTION_LIMIT:
-        room = DESCRIPTION_LIMIT - len(marker) - 1
-        raise ClinikoInputError(
-            f"description is {len(text)} characters long; Cliniko takes at most {DESCRIPTION_LIMIT}, and the "
-            f"upload adds a {len(marker) + 1}-character idempotency marker (' {marker}'), which leaves "
-            f"{room}. Shorten the description to {room} characters or fewer."
-        )
-    return full
 
 
 def guess_content_type(filename: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from typing import Any
 
 from cliniko_provider.exceptions import ClinikoConfigError, ClinikoInputError
@@ -30,24 +31,41 @@ def validate_id(name: str, value: object) -> str:
 
 
 def check_upload_filename(filename: str) -> str:
-    """Return the name Cliniko will show for the file, or raise if S3 could not carry it intact.
+    """Return the name Cliniko will show for the file, or raise if it could not arrive intact and legible.
 
-    :param filename: the file name; S3 keeps only what follows the last ``/`` or ``\\``.
+    Refused: an empty name, ``.`` and ``..``, ``/`` or ``\\`` (S3 keeps only what follows them), names
+    over 255 UTF-8 bytes, and control or invisible formatting characters (line breaks, NUL, U+0085,
+    U+2028, bidirectional overrides such as U+202E, zero-width characters): a clinician would read such
+    a name other than it is. Spaces at either end are kept.
+
+    :param filename: the file name.
     """
     problem = ""
     if not filename.strip():
         problem = "is empty"
+    elif filename in (".", ".."):
+        problem = "is a path step, not a file name"
     elif any(char in filename for char in "/\\"):
         problem = "contains '/' or '\\', after which S3 would cut the name"
-    elif any(ord(char) < 32 or ord(char) == 127 for char in filename):
-        problem = "contains control characters (line breaks, tabs, NUL)"
+    elif hidden := next((char for char in filename if unicodedata.category(char) in HIDDEN_CATEGORIES), ""):
+        name = unicodedata.name(hidden, "a control character")
+        problem = (
+            f"holds U+{ord(hidden):04X} ({name}), an invisible control or formatting character that would "
+            "show the name other than it is"
+        )
     elif len(filename.encode("utf-8")) > 255:
         problem = f"is {len(filename.encode('utf-8'))} bytes long in UTF-8 (at most 255)"
     if problem:
         raise ClinikoInputError(
-            f"filename {filename!r} {problem}. Pass a plain file name such as 'report.pdf'."
+            f"filename {filename!r} {problem}. Pass a plain file name such as 'report.pdf' as filename= "
+            "(or rename the file)."
         )
     return filename
+
+
+# Cc: C0/C1 controls (NUL, tab, line breaks, U+0085); Cf: formatting (bidi overrides, zero-width, BOM);
+# Zl/Zp: U+2028/U+2029; Co/Cs/Cn: private-use, surrogates, unassigned.
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
 
 
 def check_description(description: str) -> str:
