@@ -196,9 +196,9 @@ def cliniko_nightly_report_export() -> None:
         pool=CLINIKO_POOL,
         wait_for_completion=True,
         deferrable=True,
-        # resolve_patients already checked, in bulk, what is attached for this date: the operator need
-        # only look for its own earlier upload when a try is retried (one request saved per report).
-        look_for_existing="on_retry",
+        # resolve_patients already checked, in bulk, what is attached for this date; the operator looks
+        # for its own earlier upload only when a try is retried or cleared (look_for_existing="on_retry",
+        # the default), by description and content: the description shows exactly as written.
         poll_interval=15,
         timeout=3600,
         retries=2,

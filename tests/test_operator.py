@@ -26,8 +26,8 @@ from cliniko_provider.exceptions import (
 )
 from cliniko_provider.hooks.cliniko import PENDING_POLL, PENDING_WAIT, PRESIGN_REFRESHES, ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
-from cliniko_provider.utils.idempotency import UploadJournal
 from cliniko_provider.triggers.cliniko import error_event
+from cliniko_provider.utils.idempotency import UploadJournal
 from cliniko_provider.utils.s3_form import MultipartBody, join_upload_url
 from cliniko_provider.utils.upload import (
     MAX_UPLOAD_BYTES,
@@ -795,9 +795,6 @@ def test_execute_complete_fails_without_retry_when_retrying_cannot_help(
         op.execute_complete(ctx, event)
     assert isinstance(info.value, AirflowFailException) is fails_without_retry
     assert ctx["ti"].pushed["cliniko_error"] == "Cliniko answered 401: Access denied"
-
-
- -----------------------------------------------------------------------------------------
 
 
 # --- progress -----------------------------------------------------------------------------------------
