@@ -307,7 +307,10 @@ def test_4_worker_killed_then_retried(
     assert after_kill["uploads"] == 1
     assert after_kill["attachments"] == (1 if kill == "after-create" else 0)
 
-    retried = run_worker({**args, "try_number": 2, "kill": None}, env)
+    # The retry runs on another machine (its own private journal, nothing recorded), as a Celery retry
+    # may: it must recognise the earlier upload from Cliniko's records alone (description + content).
+    other_machine = {**env, "CLINIKO_STATE_DIR": str(tmp_path / "machine-2")}
+    retried = run_worker({**args, "try_number": 2, "kill": None}, other_machine)
     assert retried.returncode == 0, retried.stdout[-2000:] + retried.stderr[-3000:]
     again = run_worker({**args, "try_number": 3, "kill": None}, env)  # one more clear of the task
     assert again.returncode == 0, again.stderr[-3000:]
@@ -323,11 +326,13 @@ def test_4_worker_killed_then_retried(
         hook,
         [patient],
         4,
-        f"worker SIGKILLed {kill.replace('-', ' ')} (real process, os.kill 9), then retried twice",
+        f"worker SIGKILLed {kill.replace('-', ' ')} (real process, os.kill 9), then retried on another "
+        "machine (empty journal) and cleared once more",
         f"retry {'uploaded again' if uploads_on_retry else 'found the record, no upload'}; "
         f"one attachment; {orphan} orphan temp S3 object(s) left by the killed try (never a record)",
     )
     assert len(records) == 2 and records[0]["id"] == records[1]["id"] == found[patient][0]["id"]
+    assert found[patient][0]["description"] == "Nightly report 2026-11-20"  # exactly as given
     assert_one_processed_each(found, hook)
     assert uploads_on_retry == (0 if kill == "after-create" else 1)
     assert orphan == (1 if kill == "after-upload" else 0)
