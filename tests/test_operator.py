@@ -482,6 +482,7 @@ def test_a_candidate_that_never_finishes_processing_fails_retryably_without_uplo
     tmp_path: Path,
 ) -> None:
     fake.list_views_until_processed = None
+    fake.gets_until_processed = 10**9
     operator(hook, file_path=str(report), description="D").execute(context())
     forget_journal(hook, tmp_path)
     with pytest.raises(ClinikoError, match="still being processed after 300 s") as caught:
