@@ -105,7 +105,7 @@ def test_each_good_file_is_attached_once_and_each_bad_one_says_why(
     # in Cliniko: exactly the good files, each once, with the description given
     by_id = {str(r["id"]): r for p in (ann, bob) for r in attachments_of(hook, p)}
     assert sorted(by_id) == sorted(str(r["attachment_id"]) for r in ok.values())
-    assert by_id[ok[0]["attachment_id"]]["description"].startswith("Report 0 [ref:")
+    assert by_id[ok[0]["attachment_id"]]["description"] == "Report 0"  # exactly as given
     assert len(attachments_of(hook, ann)) == 2 and len(attachments_of(hook, bob)) == 1
 
     # the task's retry finds what its first try uploaded, and uploads nothing twice
@@ -138,16 +138,16 @@ def test_a_failure_a_retry_may_fix_makes_the_task_retryable(
     hook: ClinikoHook, patients: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = [write_file(tmp_path, f"r{n}.csv", 100 + n) for n in range(3)]
-    real = hook.upload_attachment
+    real = hook.upload_once
 
-    def flaky(patient_id: str, source: Any, **kwargs: Any) -> JsonDict:
+    def flaky(patient_id: str, source: Any, **kwargs: Any) -> Any:
         if source.name == "r1.csv":
             raise ClinikoServerError(503, "Service Unavailable", {}, "POST /patient_attachments")
         if source.name == "r2.csv":
             raise OSError("disk went away")
         return real(patient_id, source, **kwargs)
 
-    monkeypatch.setattr(hook, "upload_attachment", flaky)
+    monkeypatch.setattr(hook, "upload_once", flaky)
     uploads = [{"patient_id": patients[0], "file_path": str(path)} for path in files]
     uploads.append({"patient_id": patients[0], "file_path": str(tmp_path / "missing.csv")})
     ctx = fake_context()
@@ -170,15 +170,15 @@ def test_files_upload_at_once_and_every_request_draws_from_the_one_budget(
     uploads = [{"patient_id": patients[n % 2], "file_path": str(path)} for n, path in enumerate(files)]
     together = threading.Barrier(4, timeout=20)  # broken (and the test fails) unless 4 run at once
     threads: set[str] = set()
-    real = hook.upload_attachment
+    real = hook.upload_once
 
-    def at_once(patient_id: str, source: Any, **kwargs: Any) -> JsonDict:
+    def at_once(patient_id: str, source: Any, **kwargs: Any) -> Any:
         threads.add(threading.current_thread().name)
         if source.name in {"c0.csv", "c1.csv", "c2.csv", "c3.csv"}:
             together.wait()
         return real(patient_id, source, **kwargs)
 
-    monkeypatch.setattr(hook, "upload_attachment", at_once)
+    monkeypatch.setattr(hook, "upload_once", at_once)
     hook.settings  # noqa: B018 - the budget is the key's
     budget = hook.budget
     reserved: list[float] = []
@@ -193,7 +193,7 @@ def test_files_upload_at_once_and_every_request_draws_from_the_one_budget(
     results = batch(hook, uploads, max_concurrency=4).execute(fake_context())
     assert all("error" not in r for r in results)
     assert len(threads) == 4 and all(name.startswith("cliniko-upload") for name in threads)
-    assert len(reserved) == api_requests(sandbox) == 3 * len(files)  # look-up first, presign, create
+    assert len(reserved) == api_requests(sandbox) == 2 * len(files)  # presign, create: no look-up first
 
 
 def test_threads_get_their_own_sessions_sharing_connection_pools(hook: ClinikoHook) -> None:

@@ -267,7 +267,8 @@ class ClinikoBatchUploadOperator(BaseOperator):
         ``[operators] default_deferrable``).
     :param poll_interval: seconds between checks while waiting.
     :param timeout: seconds to wait for processing before a file fails with a timeout.
-    :param look_for_existing: ``"always"`` or ``"on_retry"``, as for the single-file operator.
+    :param look_for_existing: ``"on_retry"`` (default: a first try asks nothing extra) or ``"always"``, as
+        for the single-file operator.
     """
 
     template_fields: Sequence[str] = ("uploads",)
@@ -283,7 +284,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 30.0,
         timeout: float = 60 * 60.0,
-        look_for_existing: Literal["always", "on_retry"] = "always",
+        look_for_existing: Literal["always", "on_retry"] = "on_retry",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
