@@ -26,6 +26,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliniko-sandbox",
@@ -75,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--throttle-rate", type=_fraction, default=0.0, help="fraction answered 429")
     parser.add_argument("--seed", type=int, help="seed for reproducible fault injection")
     parser.add_argument(
+        "--header-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose request headers are not complete by then (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection whose request body stops arriving for this long (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
     return parser
@@ -107,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         fail_rate=args.fail_rate,
         throttle_rate=args.throttle_rate,
         seed=args.seed,
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
     )
     from cliniko_provider.sandbox.server import serve  # the heavy imports, after argument errors
 

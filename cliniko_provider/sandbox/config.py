@@ -66,5 +66,7 @@ class SandboxSettings:
     fail_rate: float = 0.0
     throttle_rate: float = 0.0
     seed: int | None = None
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive
+    idle_timeout: float = 30.0  # seconds a request body may stop arriving
     # One-shot: cut the connection of the next S3 upload after this many body bytes.
     s3_reset_after_bytes: int | None = None
