@@ -128,7 +128,7 @@ def test_nightly_export_on_celery_workers_shares_one_budget_and_survives_losing_
             )
             # The sandbox's window forgets the set-up's requests before the run starts.
             time.sleep(max(0.0, set_up_done + 61 - time.monotonic()))
-            sandbox_post(sandbox, "stats/reset", None)
+            sandbox_post(sandbox, "stats/reset", {})
             conf = {"patients": rows, "report_root": (tmp_path / "reports").as_uri()}
             started = time.monotonic()
             stack.cli("dags", "trigger", DAG_ID, "--run-id", "celery", "--conf", json.dumps(conf))
