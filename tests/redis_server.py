@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.e2e.stack import free_port
+
 
 def redis_server_binary() -> str:
     """Return the path of a ``redis-server`` binary, or raise with how to install one."""
@@ -28,13 +30,6 @@ def redis_server_binary() -> str:
             "or install Debian's redis-server."
         )
     return found
-
-
-def free_port() -> int:
-    """Return a free TCP port on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:

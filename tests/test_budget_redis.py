@@ -18,7 +18,8 @@ import redis
 from cliniko_provider.utils import budget_redis
 from cliniko_provider.utils.budget import WINDOW, ProcessBudget, SlidingWindow
 from cliniko_provider.utils.budget_redis import RedisBudget, client_options, redis_keys
-from tests.redis_server import RedisServer, free_port
+from tests.e2e.stack import free_port
+from tests.redis_server import RedisServer
 
 REDIS_CONN = "cliniko_rate_redis"
 

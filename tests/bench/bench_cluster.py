@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,48 +66,25 @@ def latency(work: Path, redis_conn: str) -> None:
 
 def rate(work: Path, redis_conn: str) -> None:
     from cliniko_provider.sandbox.process import SandboxProcess
-    from tests.conftest import REPO, connection_json
+    from tests.cluster.machine import finish_times, spawn, wait_until_ready
+    from tests.conftest import connection_json
 
     with SandboxProcess(
         "--api-key", KEY, "--rate-limit", f"{LIMIT}/60", data_dir=work / "sandbox"
     ) as sandbox:
-        connection = connection_json(KEY, sandbox.base_url, redis_conn_id="bench_redis")
-        machines = []
-        for number in range(MACHINES):
-            machine = work / f"machine{number}"
-            for part in ("home", "tmp", "airflow"):
-                (machine / part).mkdir(parents=True)
-            env = {
-                "PATH": "/usr/bin:/bin",
-                "HOME": str(machine / "home"),
-                "TMPDIR": str(machine / "tmp"),
-                "AIRFLOW_HOME": str(machine / "airflow"),
-                "AIRFLOW_CONN_CLINIKO_DEFAULT": connection,
-                "AIRFLOW_CONN_BENCH_REDIS": redis_conn,
-                "BENCH_SECONDS": str(SECONDS),
-            }
-            args = [
-                sys.executable,
-                "-m",
-                "tests.cluster.machine",
-                "0",
-                str(machine / "done"),
-                str(work / "go"),
-            ]
-            machines.append(
-                subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            )
-        while len(list(work.glob("machine*/done.ready"))) < MACHINES:
-            time.sleep(0.2)
-        (work / "go").touch()
-        for machine_process in machines:
-            machine_process.wait()
+        env = {
+            "AIRFLOW_CONN_CLINIKO_DEFAULT": connection_json(
+                KEY, sandbox.base_url, redis_conn_id="bench_redis"
+            ),
+            "AIRFLOW_CONN_BENCH_REDIS": redis_conn,
+        }
+        directories = [work / f"machine{number}" for number in range(MACHINES)]
+        machines = [spawn(directory, 0, work / "go", env, SECONDS) for directory in directories]
+        wait_until_ready(directories, machines, work / "go")
+        for machine in machines:
+            machine.wait()
         stats = requests.get(f"{sandbox.root_url}/_sandbox/stats", timeout=10).json()
-    finished = sorted(
-        float(line)
-        for number in range(MACHINES)
-        for line in (work / f"machine{number}" / "done").read_text().split()
-    )
+    finished = finish_times(directories)
     busiest = max(sum(1 for other in finished if first <= other < first + 60) for first in finished)
     span = finished[-1] - finished[0]
     print(

@@ -10,9 +10,67 @@ seconds), one a line, to OUT. REQUESTS 0 means: as many as fit in ``$BENCH_SECON
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def spawn(
+    directory: Path, requests: int, go: Path, env: dict[str, str], seconds: float = 0
+) -> subprocess.Popen[bytes]:
+    """Start one machine in ``directory`` (its home, temp dir, Airflow home, log and ``finished.txt``).
+
+    :param directory: the machine's own directory (made here).
+    :param requests: calls to make (0: as many as fit in ``seconds``).
+    :param go: the file whose appearance starts every machine at once.
+    :param env: connections (``AIRFLOW_CONN_*``); nothing else of this process's environment is passed.
+    :param seconds: how long to call, when ``requests`` is 0.
+    """
+    parts = {name: directory / name for name in ("home", "tmp", "airflow")}
+    for path in parts.values():
+        path.mkdir(parents=True)
+    machine_env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(parts["home"]),
+        "TMPDIR": str(parts["tmp"]),
+        "AIRFLOW_HOME": str(parts["airflow"]),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "BENCH_SECONDS": str(seconds),
+        **env,
+    }
+    log = (directory / "machine.log").open("wb")
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.cluster.machine",
+            str(requests),
+            str(directory / "finished.txt"),
+            str(go),
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        env=machine_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_until_ready(directories: list[Path], machines: list[subprocess.Popen[bytes]], go: Path) -> None:
+    """Wait until every machine is set up, then start them all by making ``go``."""
+    deadline = time.monotonic() + 180
+    while not all((directory / "finished.ready").exists() for directory in directories):
+        if any(machine.poll() is not None for machine in machines):
+            raise RuntimeError("a machine exited before it was ready")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the machines did not get ready within 180 s")
+        time.sleep(0.2)
+    go.touch()
+
+
+def finish_times(directories: list[Path]) -> list[float]:
+    """Every call's finish time of the given machines, sorted."""
+    return sorted(float(line) for path in directories for line in (path / "finished.txt").read_text().split())
 
 
 def main() -> None:

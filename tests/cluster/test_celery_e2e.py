@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -185,7 +186,7 @@ def sandbox_post(sandbox: SandboxProcess, what: str, body: dict[str, str] | None
     requests.post(f"{sandbox.root_url}/_sandbox/{what}", json=body, timeout=10).raise_for_status()
 
 
-def sandbox_get(sandbox: SandboxProcess, what: str) -> dict[str, int]:
+def sandbox_get(sandbox: SandboxProcess, what: str) -> dict[str, Any]:
     answer = requests.get(f"{sandbox.root_url}/_sandbox/{what}", timeout=10)
     answer.raise_for_status()
     return dict(answer.json())

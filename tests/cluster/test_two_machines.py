@@ -4,16 +4,14 @@ budget and get no 429; without it each paces itself to 30 a minute and together 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from cliniko_provider.sandbox.process import SandboxProcess
-from tests.conftest import REPO, connection_json
+from tests.cluster.machine import finish_times, spawn, wait_until_ready
+from tests.conftest import connection_json
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -21,36 +19,6 @@ pytestmark = pytest.mark.slow
 LIMIT = 30  # requests a minute, for the sandbox and the connection alike
 EACH = 20  # requests per machine: 40 together, more than one minute's worth
 KEY = "two-machines-key-au1"
-
-
-def start_machine(name: str, work: Path, connection: str, redis: RedisServer) -> subprocess.Popen[bytes]:
-    home, tmp, airflow = (work / name / part for part in ("home", "tmp", "airflow"))
-    for directory in (home, tmp, airflow):
-        directory.mkdir(parents=True)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(home),
-        "TMPDIR": str(tmp),
-        "AIRFLOW_HOME": str(airflow),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW_CONN_CLINIKO_DEFAULT": connection,
-        "AIRFLOW_CONN_RATE_REDIS": redis.connection_json(),
-    }
-    out = work / name / "finished.txt"
-    log = (work / name / "machine.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.cluster.machine", str(EACH), str(out), str(work / "go")],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def machine_finish_times(work: Path) -> list[float]:
-    return sorted(
-        float(line) for name in ("m1", "m2") for line in (work / name / "finished.txt").read_text().split()
-    )
 
 
 def busiest_minute(moments: list[float]) -> int:
@@ -62,14 +30,15 @@ def run_two_machines(work: Path, redis: RedisServer, **extra: str) -> dict[str, 
     with SandboxProcess(
         "--api-key", KEY, "--rate-limit", f"{LIMIT}/60", data_dir=work / "sandbox"
     ) as sandbox:
-        connection = connection_json(KEY, sandbox.base_url, requests_per_minute=LIMIT, **extra)
-        machines = [start_machine(name, work, connection, redis) for name in ("m1", "m2")]
-        deadline = time.monotonic() + 180
-        while len(list(work.glob("m*/finished.ready"))) < len(machines):
-            assert all(machine.poll() is None for machine in machines), "a machine exited early"
-            assert time.monotonic() < deadline, "the machines did not get ready"
-            time.sleep(0.2)
-        (work / "go").touch()
+        env = {
+            "AIRFLOW_CONN_CLINIKO_DEFAULT": connection_json(
+                KEY, sandbox.base_url, requests_per_minute=LIMIT, **extra
+            ),
+            "AIRFLOW_CONN_RATE_REDIS": redis.connection_json(),
+        }
+        directories = [work / name for name in ("m1", "m2")]
+        machines = [spawn(directory, EACH, work / "go", env) for directory in directories]
+        wait_until_ready(directories, machines, work / "go")
         for machine in machines:
             assert machine.wait(timeout=300) == 0
         return sandbox_stats(sandbox)
@@ -81,7 +50,7 @@ def test_two_machines_share_one_budget_through_redis_and_collide_without(tmp_pat
         shared = run_two_machines(tmp_path / "shared", redis, redis_conn_id="rate_redis")
         alone = run_two_machines(tmp_path / "alone", redis)
     print(f"with redis_conn_id: {shared['rate_limited']} answers 429; without: {alone['rate_limited']}")
-    shared_finished = machine_finish_times(tmp_path / "shared")
+    shared_finished = finish_times([tmp_path / "shared" / name for name in ("m1", "m2")])
     assert len(shared_finished) == 2 * EACH
     assert shared["rate_limited"] == 0
     assert shared["requests_total"] == 2 * EACH  # no request was repeated
