@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
-.PHONY: install test test-fast test-slow lint demo bench sandbox constraints openapi-subset clean
+.PHONY: install test test-fast test-slow lint demo bench sandbox constraints openapi-subset mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test: lint
 
 test-slow: install
 	$(BIN)/pytest -q -m slow || [ $$? -eq 5 ]
+
+## make mutation: mutmut over the request plane (retry, budget, settings, validation, s3_form) against
+## their fast tests; prints the score per module. Minutes on two cores; not part of CI.
+mutation: install
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2 || true
+	$(BIN)/python -m tests.mutation_score
 
 demo: install
 	$(BIN)/python -m dags_examples.demo

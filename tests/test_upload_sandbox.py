@@ -290,27 +290,51 @@ def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_expand_over_files_in_airflow_dags_test(
+def test_a_dozen_files_under_429s_and_5xx_attach_once_without_task_retries(
     sandbox: SandboxProcess, hook: ClinikoHook, patient: str, tmp_path: Path, airflow_home: dict[str, str]
 ) -> None:
+    """``airflow dags test`` of a mapped upload with ``retries=0`` while 30% of answers are 429 and 20%
+    5xx, API and S3 alike: the request plane waits out every 429 and retries every 5xx itself, so no task
+    needs a retry; names arrive intact, local paths and ``file://`` URIs alike."""
     exports = tmp_path / "exports"
     exports.mkdir()
-    names = ["a report.pdf", "b #2.csv", "c ünï.txt", "d 100%.txt"]
+    names = [
+        "a report.pdf",
+        "b #2.csv",
+        "c ünï.txt",
+        "d 100%.txt",
+        *(f"report-{n:02d}.csv" for n in range(8)),
+    ]
     for index, name in enumerate(names):
-        write_file(exports, name, 2000 + index)
-    env = {**airflow_home, "AIRFLOW_CONN_CLINIKO_DEFAULT": connection_json(SANDBOX_KEY, sandbox.base_url)}
+        write_file(exports, name, 3000 + index, seed=index)
+    env = {
+        **airflow_home,
+        # 8 attempts: with 20% 5xx, one call in 390,000 fails 8 times running (5: one in 3,000).
+        "AIRFLOW_CONN_CLINIKO_DEFAULT": connection_json(SANDBOX_KEY, sandbox.base_url, max_attempts=8),
+        "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "0",
+    }
     conf = json.dumps({"patient_id": patient, "directory": str(exports)})
-    run = subprocess.run(
-        [sys.executable, "-m", "airflow", "dags", "test", "upload_expand", "-c", conf],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    before = sandbox_control(sandbox, "stats")
+    with sandbox_faults(sandbox, throttle_rate=0.3, fail_rate=0.2):
+        run = subprocess.run(
+            [sys.executable, "-m", "airflow", "dags", "test", "upload_expand", "-c", conf],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        stats = sandbox_control(sandbox, "stats")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     records = attachments(hook, patient)
-    assert sorted(record["filename"] for record in records) == names
+    assert sorted(record["filename"] for record in records) == names  # each once
     assert all(record["processing_completed"] for record in records)
+    assert stats["injected_throttles"] > before["injected_throttles"]
+    assert stats["injected_failures"] > before["injected_failures"]
+    s3_posts = stats["requests_by_route"]["POST /s3/{bucket}/"] - before["requests_by_route"].get(
+        "POST /s3/{bucket}/", 0
+    )
+    assert s3_posts > len(names)  # S3 answers were faulted too, and retried
+    assert "not counted as an attempt" in run.stdout + run.stderr
     assert SANDBOX_KEY not in run.stdout + run.stderr
 
 

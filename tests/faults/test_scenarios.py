@@ -103,14 +103,16 @@ def test_1_throttles_and_server_errors_on_every_call(
 ) -> None:
     reports = 50
     sandbox = start_sandbox("--processing-delay", "0.2", "--seed", "7")
-    use_sandbox(monkeypatch, sandbox, requests_per_minute=100000)
+    # With 20% 5xx, 5 attempts leave one call in 3,000 failing (0.2 ** 5): about one of this run's 600;
+    # 8 leave one in 390,000.
+    use_sandbox(monkeypatch, sandbox, requests_per_minute=100000, max_attempts=8)
     setup = ClinikoHook()
     patients = new_patients(setup, reports)
     files = report_files(tmp_path / "reports", reports)
     set_faults(sandbox, throttle_rate=0.3, fail_rate=0.2)
     reset_stats(sandbox)
 
-    def report_task(index: int, first_try: int = 1) -> TaskResult:
+    def report_task(index: int) -> TaskResult:
         def one_try(number: int) -> JsonDict:
             hook = ClinikoHook(sleep=scaled_sleep(0.02))  # a 429's wait for its reset, made short
             return run_upload(
@@ -122,17 +124,14 @@ def test_1_throttles_and_server_errors_on_every_call(
                 **WAIT,
             )
 
-        return run_like_a_task(one_try, first_try=first_try)
+        return run_like_a_task(one_try, tries=1)  # no task retries: the request plane absorbs the faults
 
     with ThreadPoolExecutor(4) as pool:  # the nightly DAG's pool cliniko_api has 4 slots
         results = list(pool.map(report_task, range(reports)))
     failed = [index for index, result in enumerate(results) if result.record is None]
-    for index in failed:  # the re-run (clearing the failed tasks): their tries continue
-        results[index] = report_task(index, first_try=results[index].tries + 1)
     stats = sandbox_stats(sandbox)
     set_faults(sandbox, throttle_rate=0, fail_rate=0)
 
-    retried = sum(1 for result in results if result.tries > 1)
     found, counts = finish_scenario(
         setup,
         patients,
@@ -140,10 +139,10 @@ def test_1_throttles_and_server_errors_on_every_call(
         "30% of calls 429, 20% 5xx (API and S3), nightly run of 50 reports, 4 at a time",
         f"all attached once and processed; {stats['injected_throttles']} 429s and "
         f"{stats['injected_failures']} 5xx injected in {stats['requests_total']} requests; "
-        f"{retried} task(s) needed a task retry, {len(failed)} failed clearly and completed on re-run; "
+        f"no task retries (each task had one try), {len(failed)} failed; "
         f"{stats['temp_objects']} orphan temp S3 object(s), never a record",
     )
-    assert all(result.record is not None for result in results), [r.errors for r in results]
+    assert all(result.record is not None for result in results), [r.errors for r in results if r.errors]
     assert_one_processed_each(found, setup)
     assert counts == (reports, reports, 0, 0)
     assert stats["injected_throttles"] > 0 and stats["injected_failures"] > 0
@@ -392,7 +391,7 @@ def test_6_sandbox_restarted_mid_run(
     )
     assert restarted.is_set()
     assert at_kill["attachments_processing"] >= 1  # the restart met work in progress
-    assert all(result.record is not None for result in results), [r.errors for r in results]
+    assert all(result.record is not None for result in results), [r.errors for r in results if r.errors]
     assert_one_processed_each(found, setup)
     assert counts == (reports, reports, 0, 0)
 
