@@ -272,3 +272,25 @@ def test_budget_for_gives_one_budget_per_key_and_limits() -> None:
     assert budget_for(settings("a-au1")) is not one
     own = Budgets()
     assert budget_for(settings("a-au1"), own) is budget_for(settings("a-au1"), own)
+
+
+def test_key_id_is_a_short_hash_of_the_key() -> None:
+    import hashlib
+
+    assert key_id("secret-au1") == hashlib.sha256(b"secret-au1").hexdigest()[:16]
+    assert len(key_id("x")) == 16 and key_id("a") != key_id("b")
+
+
+def test_state_dir_really_owned_by_another_user(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As root, hand the directory to ``nobody`` for real: it is not used, and sharing resumes once fixed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    budget = machine(state)
+    assert budget.reserve(NOW) == 0 and not budget.sharing
+    assert list(state.iterdir()) == [] and "belongs to user id 65534" in warnings(caplog)[0]
+    os.chown(state, 0, 0)
+    budget.reserve(NOW + SHARE_RETRY_AFTER)
+    assert budget.sharing and len(warnings(caplog)) == 1

@@ -294,3 +294,55 @@ async def test_async_runner_needs_an_async_sleep() -> None:
 
     with pytest.raises(TypeError, match="asleep"):
         await bare.arun("GET /x", attempt)
+
+
+def test_final_raises_the_same_error_whatever_the_attempts() -> None:
+    error = Boom("x")
+    assert final(error)(1) is error and final(error)(7) is error
+
+
+def test_runner_logs_its_pacing(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock(NOW)
+    caplog.set_level("INFO")
+    run = runner(clock, per_minute=1)
+    run.run("GET /x", script(clock, "a"))
+    run.run("GET /x", script(clock, "b"))
+    assert "Pacing requests to stay under Cliniko's rate limit: waiting 61.0 s" in caplog.text
+    assert clock.sleeps == [61]
+
+
+async def test_async_runner_paces_and_shares_like_the_sync_one(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock(NOW)
+    caplog.set_level("INFO")
+    run = runner(clock, per_minute=1)
+    answers: list[Any] = [failure(429, Retry_After="5"), "done"]
+
+    async def attempt() -> Any:
+        return answers.pop(0)
+
+    assert await run.arun("GET /x", attempt) == "done"
+    assert clock.sleeps == [5, 56]  # the reset, then the window's free slot
+    assert "waiting 56.0 s" in caplog.text
+
+
+async def test_async_unpaced_calls_book_nothing_and_share_nothing() -> None:
+    clock = FakeClock(NOW)
+    run = runner(clock, per_minute=1)
+    answers: list[Any] = [failure(429, Retry_After="5"), "done"]
+
+    async def attempt() -> Any:
+        return answers.pop(0)
+
+    assert await run.arun("S3 upload", attempt, S3_UPLOAD) == "done"
+    assert clock.sleeps == [5]
+    assert await run.budget.areserve(clock.now) == 0
+
+
+async def test_async_runner_cannot_refresh_so_a_403_fails() -> None:
+    clock = FakeClock(NOW)
+
+    async def attempt() -> Any:
+        return failure(403)
+
+    with pytest.raises(Boom):
+        await runner(clock).arun("S3", attempt, S3_UPLOAD_REFRESHING)

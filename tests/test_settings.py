@@ -163,14 +163,14 @@ def test_a_count_must_be_whole() -> None:
 @pytest.mark.parametrize(
     ("user_agent", "named"),
     [
-        ("Acmé Reports (ops@acme.example)", "U+00E9"),
-        ("Acme\tReports (ops@acme.example)", "U+0009"),
-        ("Acme Reports (ops@acme.example)\x7f", "U+007F"),
-        ("Acme \u2028Reports (ops@acme.example)", "U+2028"),
+        ("Acmé Reports (ops@acme.example)", "U+00E9 (LATIN SMALL LETTER E WITH ACUTE)"),
+        ("Acme\tReports (ops@acme.example)", "U+0009 (a control character)"),
+        ("Acme Reports (ops@acme.example)\x7f", "U+007F (a control character)"),
+        ("Acme \u2028Reports (ops@acme.example)", "U+2028 (LINE SEPARATOR)"),
     ],
 )
 def test_user_agent_must_be_printable_ascii(user_agent: str, named: str) -> None:
-    with pytest.raises(ClinikoConfigError, match=re.escape(f"User-Agent holding the character {named} (")):
+    with pytest.raises(ClinikoConfigError, match=re.escape(f"User-Agent holding the character {named};")):
         settings_with(user_agent=user_agent)
 
 
@@ -234,6 +234,18 @@ def test_an_absolute_url_off_the_base_url_is_refused(url: str) -> None:
         ClinikoAnswerError, match=re.escape("not the connection's base URL http://127.0.0.1:1/v1")
     ):
         settings.url(url)
+
+
+def test_the_refusal_names_where_the_link_pointed() -> None:
+    settings = ClinikoSettings.from_connection(Conn(password="k-au1", host="http://127.0.0.1:1/v1"))
+    with pytest.raises(ClinikoAnswerError, match=re.escape("pointed at http://other:80, which is not")):
+        settings.url("http://other/v1/x")
+    with pytest.raises(ClinikoAnswerError, match=re.escape("pointed at https://127.0.0.1:443, which")):
+        settings.url("https://127.0.0.1/v1/x")
+    with pytest.raises(ClinikoAnswerError, match=re.escape("pointed at http://127.0.0.1:None, which")):
+        settings.url("http://127.0.0.1:99999/v1/x")
+    with pytest.raises(ClinikoAnswerError):
+        settings.url("http://127.0.0.1:1/v1\\@x")
 
 
 def test_default_ports_are_the_same_origin() -> None:
