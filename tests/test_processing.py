@@ -195,3 +195,5 @@ def test_record_from_a_malformed_event_is_an_error_not_a_silent_none(event: dict
 def test_record_from_a_non_dict_event() -> None:
     with pytest.raises(ClinikoError, match=r"^Unexpected event from the Cliniko trigger: NoneType$"):
         record_from_event(cast(dict[str, Any], None))
+    with pytest.raises(ClinikoError, match=r"^Unexpected event from the Cliniko trigger: list$"):
+        record_from_event(cast(dict[str, Any], ["success"]))

@@ -20,7 +20,7 @@ import requests
 
 from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
-from cliniko_provider.triggers.poller import REGISTRY, AttachmentPoller
+from cliniko_provider.triggers.poller import REGISTRY, AttachmentPoller, PollerRegistry
 from tests.conftest import SANDBOX_KEY, connection_json
 from tests.fake_http import FakeClock
 from tests.helpers import create_attachment_via_api, own_rate_budgets, sandbox_control, sandbox_faults
@@ -53,7 +53,9 @@ class FakeCliniko:
         self.script: list[httpx.Response] = []
         self.requests: list[httpx.Request] = []
         self.pollers: list[AttachmentPoller] = []
+        self.hooks: list[ClinikoAsyncHook] = []
         self.times: list[float] = []  # when each request came, in seconds after START
+        self.asked: list[list[str]] = []  # the ids each request asked about
 
     def record(self, attachment_id: str) -> dict[str, Any]:
         done = self.time() >= self.done_at[attachment_id]
@@ -67,14 +69,20 @@ class FakeCliniko:
     def handler(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         self.times.append(self.time() - START)
+        self.asked.append(self.ids(request))
         if self.script:
             return self.script.pop(0)
         filters = request.url.params.get_list("q[]")
-        ids = next(item for item in filters if item.startswith("id:="))[4:].split(",")
+        ids = self.ids(request)
         assert "archived_at:*" in filters
         assert len(ids) <= 100
         found = [self.record(i) for i in ids if i in self.done_at or i in self.archived]
         return httpx.Response(200, json={"patient_attachments": found, "links": {}})
+
+    @staticmethod
+    def ids(request: httpx.Request) -> list[str]:
+        filters = request.url.params.get_list("q[]")
+        return next(item for item in filters if item.startswith("id:="))[4:].split(",")
 
     def add(self, attachment_id: str, done_after: float = math.inf) -> None:
         self.done_at[attachment_id] = self.time() + done_after
@@ -94,14 +102,24 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
     return key
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, api_key: str) -> FakeCliniko:
-    """A fake Cliniko behind every poller made in this test, on fake time."""
-    time = FakeTime()
+class SteppedTime(FakeTime):
+    """Fake time that only the test moves: a sleep ends once the test has moved the clock past its end."""
+
+    async def asleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        end = self.now + seconds
+        while self.now < end:
+            await asyncio.sleep(0.001)
+
+
+def fake_cliniko(monkeypatch: pytest.MonkeyPatch, time: FakeTime) -> FakeCliniko:
+    """A fake Cliniko behind every poller made in this test, on the given fake time."""
     cliniko = FakeCliniko(time)
-    hook_factory: Callable[[str], ClinikoAsyncHook] = partial(
-        make_hook, transport=httpx.MockTransport(cliniko.handler), time=time
-    )
+
+    def hook_factory(conn_id: str) -> ClinikoAsyncHook:
+        hook = make_hook(conn_id, transport=httpx.MockTransport(cliniko.handler), time=time)
+        cliniko.hooks.append(hook)
+        return hook
 
     def factory(conn_id: str, **kwargs: Any) -> AttachmentPoller:
         kwargs = {"hook_factory": hook_factory, "clock": time, "asleep": time.asleep, **kwargs}
@@ -113,8 +131,30 @@ def fake(monkeypatch: pytest.MonkeyPatch, api_key: str) -> FakeCliniko:
     return cliniko
 
 
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch, api_key: str) -> FakeCliniko:
+    """A fake Cliniko on fake time that jumps ahead whenever the poller sleeps."""
+    return fake_cliniko(monkeypatch, FakeTime())
+
+
+@pytest.fixture
+def stepped(monkeypatch: pytest.MonkeyPatch, api_key: str) -> FakeCliniko:
+    """A fake Cliniko on fake time that moves only when the test moves it (``fake.time.now = ...``)."""
+    return fake_cliniko(monkeypatch, SteppedTime())
+
+
 def make_hook(conn_id: str, *, transport: httpx.MockTransport, time: FakeTime) -> ClinikoAsyncHook:
     return ClinikoAsyncHook(conn_id, asleep=time.asleep, clock=time, rand=lambda: 0.0, transport=transport)
+
+
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Let the event loop run until ``condition()`` holds; fail after ``timeout`` real seconds."""
+
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), timeout)
 
 
 async def fire(trigger: ProcessingCompletedTrigger) -> list[dict[str, Any]]:
@@ -124,7 +164,8 @@ async def fire(trigger: ProcessingCompletedTrigger) -> list[dict[str, Any]]:
 
 
 async def fire_all(triggers: list[ProcessingCompletedTrigger]) -> list[dict[str, Any]]:
-    results = await asyncio.wait_for(asyncio.gather(*(fire(t) for t in triggers)), timeout=30)
+    # on fake time a healthy poller answers within a second: a broken one fails the test fast, not hangs it
+    results = await asyncio.wait_for(asyncio.gather(*(fire(t) for t in triggers)), timeout=10)
     assert all(len(events) == 1 for events in results), "each trigger yields exactly one event"
     return [events[0] for events in results]
 
@@ -387,37 +428,194 @@ async def test_two_triggers_on_one_attachment_both_fire(fake: FakeCliniko) -> No
     assert ids == ["id:=42"]  # one question answers both
 
 
-async def test_rounds_follow_the_smallest_poll_interval(fake: FakeCliniko) -> None:
-    fake.add("1", done_after=50)
-    fake.add("2", done_after=50)
-    events = await fire_all([trigger("1", poll_interval=60), trigger("2", poll_interval=20)])
-    assert [e["status"] for e in events] == ["success", "success"]
-    assert fake.times == [20.0, 40.0, 60.0]  # "1" is first due at 60, and asked with "2" then
-
-
-async def test_a_joining_waiter_with_a_shorter_interval_wakes_the_poller(
-    fake: FakeCliniko, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_each_waiter_is_asked_at_its_own_interval(fake: FakeCliniko) -> None:
     fake.add("1")
-    fake.add("2", done_after=0)
+    fake.add("2")
+    events = await fire_all(
+        [trigger("1", poll_interval=60, deadline_in=130), trigger("2", poll_interval=20, deadline_in=130)]
+    )
+    assert [e["reason"] for e in events] == ["timeout", "timeout"]
+    # the 20 s waiter does not drag the 60 s one along; when both are due they share one request
+    assert fake.times == [20, 40, 60, 80, 100, 120]
+    assert fake.asked == [["2"], ["2"], ["1", "2"], ["2"], ["2"], ["1", "2"]]
+    assert fake.time() == START + 130
 
-    async def asleep(seconds: float) -> None:  # a long sleep only ends when interrupted
-        if seconds > 100:
-            await asyncio.Event().wait()
-        await fake.time.asleep(seconds)
 
-    factory = REGISTRY.factory
-    monkeypatch.setattr(REGISTRY, "factory", partial(factory, asleep=asleep))
-    slow = asyncio.ensure_future(fire(trigger("1", poll_interval=600, deadline_in=10_000)))
-    # wait until the poller is in its long sleep (first due at 600 s), which never ends by itself
-    while (poller := REGISTRY.active().get("cliniko_default")) is None or poller._planned_wake < START + 600:
-        await asyncio.sleep(0)
-    [event] = await fire_all([trigger("2", poll_interval=5)])
+async def test_a_round_at_a_deadline_asks_before_it_expires(fake: FakeCliniko) -> None:
+    fake.add("42", done_after=30)
+    [event] = await fire_all([trigger("42", poll_interval=30, deadline_in=30)])
+    assert event["status"] == "success"  # asked at 30, processed at 30: not a timeout at 30
+    assert fake.times == [30]
+
+
+@pytest.mark.parametrize(
+    ("poll_interval", "first_check"),
+    [(0, 0.1), (-5, 0.1), (math.nan, 0.1), (0.05, 0.1), (0.1, 0.1), (0.15, 0.15), (7, 7)],
+)
+async def test_the_poll_interval_has_a_floor(
+    fake: FakeCliniko, poll_interval: float, first_check: float
+) -> None:
+    fake.add("42", done_after=first_check * 1.5)
+    [event] = await fire_all([trigger("42", poll_interval=poll_interval)])
     assert event["status"] == "success"
-    assert fake.times == [5.0]  # first asked 5 s after it joined; "1" is not due yet
+    assert fake.times == pytest.approx([first_check, 2 * first_check], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("joins_after", "asked"), [(4.0, [["1", "2"], ["1", "2"]]), (4.5, [["1"], ["2"], ["1"], ["2"]])]
+)
+async def test_waiters_due_within_a_tenth_of_their_interval_share_a_request(
+    stepped: FakeCliniko, joins_after: float, asked: list[list[str]]
+) -> None:
+    stepped.add("1")
+    stepped.add("2")
+    first = asyncio.ensure_future(fire(trigger("1", poll_interval=40, deadline_in=None)))
+    await until(lambda: REGISTRY.active().get("cliniko_default") is not None)
+    stepped.time.now = START + joins_after
+    second = asyncio.ensure_future(fire(trigger("2", poll_interval=40, deadline_in=None)))
+    await until(lambda: REGISTRY.active()["cliniko_default"].waiting == 2)
+    poller = REGISTRY.active()["cliniko_default"]
+    for now in sorted({40, 40 + joins_after, 80, 80 + joins_after}):
+        stepped.time.now = START + now
+        await until(lambda: poller._planned_wake > stepped.time.now)  # done with this moment
+    # "2" is first due at 44 (asked at 40 with "1": 4 s is a tenth of 40), at 44.5 it is not
+    assert stepped.asked == asked
+    first.cancel()
+    second.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+
+
+async def test_a_joining_waiter_due_sooner_wakes_the_poller(stepped: FakeCliniko) -> None:
+    stepped.add("1")
+    stepped.add("2", done_after=0)
+    slow = asyncio.ensure_future(fire(trigger("1", poll_interval=600, deadline_in=None)))
+    await until(lambda: stepped.time.sleeps == [600])  # the poller sleeps until "1" is due
+    quick = asyncio.ensure_future(fire(trigger("2", poll_interval=5, deadline_in=None)))
+    await until(lambda: len(stepped.time.sleeps) == 2)
+    assert stepped.time.sleeps == [600, 5]  # woken, it re-planned for "2"
+    stepped.time.now = START + 5
+    [event] = await asyncio.wait_for(quick, 5)
+    assert event["status"] == "success"
+    assert stepped.asked == [["2"]]  # "1" is not due yet
     slow.cancel()
     with pytest.raises(asyncio.CancelledError):
         await slow
+
+
+async def test_a_joining_waiter_with_an_earlier_deadline_wakes_the_poller(stepped: FakeCliniko) -> None:
+    stepped.add("1")
+    stepped.add("2")
+    slow = asyncio.ensure_future(fire(trigger("1", poll_interval=600, deadline_in=None)))
+    await until(lambda: stepped.time.sleeps == [600])
+    soon = asyncio.ensure_future(fire(trigger("2", poll_interval=600, deadline_in=10)))
+    await until(lambda: len(stepped.time.sleeps) == 2)
+    assert stepped.time.sleeps == [600, 10]
+    stepped.time.now = START + 10
+    [event] = await asyncio.wait_for(soon, 5)
+    assert event["reason"] == "timeout"
+    assert stepped.requests == []
+    slow.cancel()
+    await asyncio.gather(slow, return_exceptions=True)
+
+
+async def test_a_waiter_due_later_than_planned_does_not_wake_the_poller(stepped: FakeCliniko) -> None:
+    stepped.add("1")
+    stepped.add("2")
+    tasks = [asyncio.ensure_future(fire(trigger("1", poll_interval=60, deadline_in=None)))]
+    await until(lambda: stepped.time.sleeps == [60])
+    tasks.append(asyncio.ensure_future(fire(trigger("2", poll_interval=60, deadline_in=100))))
+    await until(lambda: REGISTRY.active()["cliniko_default"].waiting == 2)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert stepped.time.sleeps == [60]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_cancelling_the_poller_cancels_its_waiters_and_closes_it(stepped: FakeCliniko) -> None:
+    stepped.add("1")
+    stepped.add("2")
+    tasks = [asyncio.ensure_future(fire(trigger(i, deadline_in=None))) for i in ("1", "1", "2")]
+    await until(lambda: (p := REGISTRY.active().get("cliniko_default")) is not None and p.waiting == 3)
+    [poller] = stepped.pollers
+    assert poller._task is not None
+    stepped.time.now = START + 30  # one round, so the hook has opened its client
+    await until(lambda: len(stepped.requests) == 1)
+    [hook] = stepped.hooks
+    assert hook._client is not None
+    poller._task.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert all(isinstance(result, asyncio.CancelledError) for result in results)
+    assert poller.closed
+    assert REGISTRY.active() == {}
+    assert hook._client is None  # the HTTP client is closed
+    with pytest.raises(RuntimeError, match="poller is closed; get a new one from the registry"):
+        await poller.wait("1", 30, None)
+    assert REGISTRY.get("cliniko_default") is not poller
+
+
+async def test_a_closed_poller_is_replaced_for_the_next_trigger(fake: FakeCliniko) -> None:
+    fake.add("1", done_after=0)
+    [event] = await fire_all([trigger("1")])
+    [first] = fake.pollers
+    await until(lambda: first.closed)
+    [hook] = fake.hooks
+    assert hook._client is None
+    [event] = await fire_all([trigger("1")])
+    assert event["status"] == "success"
+    assert len(fake.pollers) == 2
+
+
+async def test_a_success_between_failures_restarts_the_count(
+    fake: FakeCliniko, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.add("42", done_after=100)
+    busy = [httpx.Response(503, text="busy")] * 5  # one round's worth of the hook's attempts
+    pending = httpx.Response(
+        200, json={"patient_attachments": [{"id": "42", "processing_completed": False}], "links": {}}
+    )
+    fake.script = [*busy, pending, *busy]
+    monkeypatch.setattr(REGISTRY, "factory", partial(REGISTRY.factory, max_failed_rounds=2))
+    [event] = await fire_all([trigger("42", poll_interval=30)])
+    assert event["status"] == "success"  # failed, answered, failed, done: never two failures in a row
+    assert fake.times[-1] == 120
+
+
+@pytest.mark.parametrize(("count", "per_round"), [(100, [1]), (101, [2]), (200, [2])])
+async def test_at_most_100_ids_a_request(fake: FakeCliniko, count: int, per_round: list[int]) -> None:
+    for i in range(1, count + 1):
+        fake.add(str(i), done_after=0)
+    events = await fire_all([trigger(str(i)) for i in range(1, count + 1)])
+    assert [e["status"] for e in events] == ["success"] * count
+    [poller] = fake.pollers
+    assert poller.stats.requests_per_round == per_round
+    assert poller.stats.waiting_per_round == [count]
+    assert (poller.stats.rounds, poller.stats.requests) == (1, per_round[0])
+    assert sorted(i for ids in fake.asked for i in ids) == sorted(str(i) for i in range(1, count + 1))
+
+
+async def test_wait_many_registers_every_id_and_answers_by_id(fake: FakeCliniko) -> None:
+    fake.add("1", done_after=0)
+    fake.add("2")
+    fake.archived.add("2")
+    poller = REGISTRY.get("cliniko_default")
+    payloads = await asyncio.wait_for(poller.wait_many(["1", "2", "3", "1"], 30, START + 60), 5)
+    assert {key: value["status"] for key, value in payloads.items()} == {
+        "1": "success",
+        "2": "error",
+        "3": "error",
+    }
+    assert [payloads["2"]["reason"], payloads["3"]["reason"]] == ["archived", "not_found"]
+    assert fake.asked == [["1", "2", "3"]]  # one request for all of them
+
+
+async def test_describe_blanks_secrets_and_keeps_one_short_line(fake: FakeCliniko) -> None:
+    poller = REGISTRY.get("cliniko_default")
+    poller._secrets = ("s3cr3t", "")
+    assert poller._describe(RuntimeError("a\n  s3cr3t\tb")) == "a *** b"
+    assert poller._describe(RuntimeError("x" * 600)) == "x" * 500
+    assert poller._describe(RuntimeError()) == "RuntimeError"
 
 
 async def test_cancelled_triggers_leave_and_the_last_one_closes_the_poller(fake: FakeCliniko) -> None:
@@ -458,6 +656,21 @@ async def test_registry_gives_one_poller_per_connection_and_loop(fake: FakeClini
     assert new_loop_poller[0].loop is not asyncio.get_running_loop()
     # back in this loop, the other loop's poller is not reused
     assert REGISTRY.get("cliniko_default") is not new_loop_poller[0]
+
+
+async def test_a_registry_makes_its_pollers_with_its_factory(fake: FakeCliniko) -> None:
+    made: list[str] = []
+
+    def factory(conn_id: str, **kwargs: Any) -> AttachmentPoller:
+        made.append(conn_id)
+        return REGISTRY.factory(conn_id, **kwargs)
+
+    registry = PollerRegistry(factory)
+    assert registry.active() == {}
+    poller = registry.get("cliniko_default")
+    assert made == ["cliniko_default"]
+    assert registry.active() == {"cliniko_default": poller}
+    assert REGISTRY.active() == {}  # registries share nothing
 
 
 # --- against the sandbox -------------------------------------------------------------------------------
