@@ -441,6 +441,43 @@ async def test_each_waiter_is_asked_at_its_own_interval(fake: FakeCliniko) -> No
     assert fake.time() == START + 130
 
 
+async def test_a_waiter_due_between_beats_is_asked_at_the_next_beat(fake: FakeCliniko) -> None:
+    fake.add("1")
+    fake.add("2")
+    events = await fire_all(
+        [trigger("1", poll_interval=20, deadline_in=90), trigger("2", poll_interval=30, deadline_in=90)]
+    )
+    assert [e["reason"] for e in events] == ["timeout", "timeout"]
+    # rounds keep the 20 s beat; "2" falls due at 30 and 70 and is asked at the beats after
+    assert fake.times == [20, 40, 60, 80]
+    assert fake.asked == [["1"], ["1", "2"], ["1"], ["1", "2"]]
+
+
+async def test_waking_for_a_deadline_does_not_start_a_round_off_the_beat(stepped: FakeCliniko) -> None:
+    for item in ("1", "2", "3"):
+        stepped.add(item)
+    tasks = [asyncio.ensure_future(fire(trigger("1", poll_interval=30, deadline_in=None)))]
+    await until(lambda: stepped.time.sleeps == [30])
+    stepped.time.now = START + 5
+    tasks.append(asyncio.ensure_future(fire(trigger("2", poll_interval=40, deadline_in=None))))  # due at 45
+    await until(lambda: REGISTRY.active()["cliniko_default"].waiting == 2)
+    stepped.time.now = START + 30
+    await until(lambda: stepped.asked == [["1"]] and stepped.time.sleeps[-1] == 30)  # next beat at 60
+    stepped.time.now = START + 50
+    soon = asyncio.ensure_future(fire(trigger("3", poll_interval=600, deadline_in=55)))
+    await until(lambda: stepped.time.sleeps[-1] == 5)  # woken at 50, with "2" overdue: no round yet
+    assert stepped.asked == [["1"]]
+    stepped.time.now = START + 55
+    [event] = await asyncio.wait_for(soon, 5)
+    assert event["reason"] == "timeout"
+    stepped.time.now = START + 60
+    await until(lambda: len(stepped.asked) == 2)
+    assert stepped.asked == [["1"], ["1", "2"]]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_a_round_at_a_deadline_asks_before_it_expires(fake: FakeCliniko) -> None:
     fake.add("42", done_after=30)
     [event] = await fire_all([trigger("42", poll_interval=30, deadline_in=30)])
@@ -462,10 +499,11 @@ async def test_the_poll_interval_has_a_floor(
 
 
 @pytest.mark.parametrize(
-    ("joins_after", "asked"), [(4.0, [["1", "2"], ["1", "2"]]), (4.5, [["1"], ["2"], ["1"], ["2"]])]
+    ("joins_after", "times", "asked"),
+    [(4.0, [40, 80], [["1", "2"], ["1", "2"]]), (4.5, [40, 80], [["1"], ["1", "2"]])],
 )
-async def test_waiters_due_within_a_tenth_of_their_interval_share_a_request(
-    stepped: FakeCliniko, joins_after: float, asked: list[list[str]]
+async def test_waiters_that_defer_apart_share_requests(
+    stepped: FakeCliniko, joins_after: float, times: list[float], asked: list[list[str]]
 ) -> None:
     stepped.add("1")
     stepped.add("2")
@@ -478,7 +516,9 @@ async def test_waiters_due_within_a_tenth_of_their_interval_share_a_request(
     for now in sorted({40, 40 + joins_after, 80, 80 + joins_after}):
         stepped.time.now = START + now
         await until(lambda: poller._planned_wake > stepped.time.now)  # done with this moment
-    # "2" is first due at 44 (asked at 40 with "1": 4 s is a tenth of 40), at 44.5 it is not
+    # "2" is first due at 44: asked at 40 with "1", as 4 s is a tenth of 40. Due at 44.5, it is not, and
+    # waits for the poller's next beat at 80, where they are in step from then on.
+    assert stepped.times == times
     assert stepped.asked == asked
     first.cancel()
     second.cancel()

@@ -10,10 +10,13 @@ Rules:
 
 - Each waiter is asked at its own poll interval (at least :data:`MIN_POLL_INTERVAL`), first one interval
   after it joins (the sensor and operator check once themselves before they defer, and an answer within
-  seconds of the deferral can race Airflow's scheduler into retrying the task). A round runs when the
-  first waiter is due and also asks every waiter due within the next tenth of its own interval
-  (:data:`EARLY_FRACTION`), so triggers that defer at about the same time share their requests, and
-  keep sharing them. A waiter that joins due earlier than the poller's next wake-up wakes it.
+  seconds of the deferral can race Airflow's scheduler into retrying the task). Rounds keep a beat: the
+  shortest interval among the waiters. A round asks only the waiters that are due, or due within the
+  next tenth of their own interval (:data:`EARLY_FRACTION`); a waiter that falls due between two beats
+  is asked at the next one. So a waiter with a long interval is not asked more often because another
+  has a short one, and triggers that defer at different moments fall into step after their first
+  check and share their requests. A waiter that joins due earlier than the poller's next wake-up (or
+  with an earlier deadline) wakes it.
 - Processed → success; archived → ``archived``; missing from the answer (deleted, never existed, or
   another account) → ``not_found``; deadline passed → ``timeout``.
 - Retryable failures (5xx, 429, connection errors, after the hook's own retries) are retried when the
@@ -212,15 +215,19 @@ class AttachmentPoller:
         hook: ClinikoAsyncHook | None = None
         try:
             hook = self._hook_factory(self.conn_id)
+            last_round = -math.inf
             while self._waiters:
                 now = self._clock()
-                if any(w.due <= now for w in self._all_waiters()):
+                due = any(w.due <= now for w in self._all_waiters())
+                if due and now >= last_round + self._beat():
                     await self._round(hook, now)
+                    last_round = now
                 self._expire(self._clock())
                 if not self._waiters:
                     break
+                first_due = min(w.due for w in self._all_waiters())
                 deadlines = [w.deadline for w in self._all_waiters() if w.deadline is not None]
-                self._planned_wake = min([w.due for w in self._all_waiters()] + deadlines)
+                self._planned_wake = min([max(first_due, last_round + self._beat()), *deadlines])
                 await self._pause(self._planned_wake - self._clock())
         except asyncio.CancelledError:
             for waiter in self._all_waiters():
@@ -333,6 +340,10 @@ class AttachmentPoller:
             if waiter.deadline is not None and waiter.deadline <= now:
                 message = self._timeout_message(waiter.attachment_id, waiter.deadline, waiter.last_error)
                 self._resolve(waiter, error_event(waiter.attachment_id, REASON_TIMEOUT, message))
+
+    def _beat(self) -> float:
+        """Seconds between rounds: the shortest poll interval among the waiters."""
+        return min((w.poll_interval for w in self._all_waiters()), default=math.inf)
 
     def _all_waiters(self) -> list[Waiter]:
         return [waiter for waiters in self._waiters.values() for waiter in waiters]
