@@ -10,19 +10,22 @@ What it does for each run date (``ds``):
    ``old_reference_id`` (Cliniko's one filterable external id), falling back to email. Reports with no
    matching patient are skipped with a reason. Reports already attached for this date are skipped too,
    so re-running a date creates no duplicates.
-4. ``upload_report`` is one mapped ``ClinikoAttachmentUploadOperator`` task per report. It waits for
-   Cliniko's processing by deferring to the triggerer, where all waits of one connection share one
-   poller (about one request per 100 attachments per round).
-5. ``summarize`` runs whatever happened and reports uploaded, skipped and failed, each with reasons.
+4. ``upload_reports`` uploads the reports in batches of ``batch_size`` (default 100): one mapped
+   ``ClinikoBatchUploadOperator`` task per batch, streaming a few files at once. A night of 5,000
+   reports is 50 tasks, far below Airflow's ``max_map_length`` (1024), and each batch shows in the UI.
+   Each batch waits for Cliniko's processing with one deferral to the triggerer, where all waits of
+   one connection share one poller (about one request per 100 attachments per round). A bad report
+   fails only itself; its batch task fails at the end, naming it.
+5. ``summarize`` runs whatever happened and names every report uploaded, skipped and failed, with
+   reasons.
 
-**The rate limit.** Cliniko allows 200 requests a minute per API key. Each upload costs about two
-requests (presign and create) plus a share of the coalesced polling. The upload tasks run in the
-Airflow pool ``cliniko_api`` (create it: ``airflow pools set cliniko_api 4 "Cliniko API"``): the pool
-caps how many uploads run at once across *all* workers and DAGs, which a per-process limit cannot do.
-Inside each process the hook also paces requests under 200 a minute and waits for
-``X-RateLimit-Reset`` after a 429, so a pool that is a little too large costs waiting, not failures.
-Four slots keep a few uploads overlapping while large files stream; raise it for many small files only
-if 429s stay rare (the task logs say when the hook waits).
+**The rate limit.** Cliniko allows 200 requests a minute per API key. Each upload costs two requests
+(presign and create) plus a share of the coalesced polling; every request of every task draws from
+the key's one rate budget, which paces them under the limit and waits for ``X-RateLimit-Reset`` after
+a 429. The upload tasks run in the Airflow pool ``cliniko_api`` (create it: ``airflow pools set
+cliniko_api 4 "Cliniko API"``), which caps the batches running at once across all workers and DAGs;
+each streams up to ``max_concurrency`` (4) files at once, so a few large files can stream while
+others wait for the limit.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ import pendulum
 from airflow.sdk import ObjectStoragePath, dag, task
 
 from cliniko_provider.hooks.cliniko import ClinikoHook
-from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
+from cliniko_provider.operators.cliniko import ClinikoBatchUploadOperator
 
 CLINIKO_CONN_ID = "cliniko_default"
 CLINIKO_POOL = "cliniko_api"
+BATCH_SIZE = 100  # reports per upload task
 
 # A stand-in for the warehouse: who gets a report. ``reference`` is your own patient id, stored in
 # Cliniko as the patient's ``old_reference_id``.
@@ -85,7 +89,11 @@ def write_report(path: ObjectStoragePath, patient: dict[str, str], ds: str) -> i
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    params={"patients": SAMPLE_PATIENTS, "report_root": "file:///tmp/cliniko-reports"},
+    params={
+        "patients": SAMPLE_PATIENTS,
+        "report_root": "file:///tmp/cliniko-reports",
+        "batch_size": BATCH_SIZE,
+    },
     tags=["cliniko", "example"],
 )
 def cliniko_nightly_report_export() -> None:
@@ -111,10 +119,12 @@ def cliniko_nightly_report_export() -> None:
         return reports
 
     @task
-    def resolve_patients(reports: list[dict[str, str]], ti: Any = None) -> list[dict[str, Any]]:
+    def resolve_patients(
+        reports: list[dict[str, str]], ti: Any = None, params: Any = None
+    ) -> list[list[dict[str, Any]]]:
         """Map reports to Cliniko patient ids; skip unknown patients and reports already attached.
 
-        Returns one set of upload arguments per report to upload; the skipped ones go to XCom ``skipped``.
+        Returns the uploads in batches of ``batch_size``; the skipped reports go to XCom ``skipped``.
         """
         if not reports:
             return []
@@ -146,65 +156,66 @@ def cliniko_nightly_report_export() -> None:
                 }
             )
         ti.xcom_push(key="skipped", value=skipped)
-        return uploads
+        size = max(1, int(params["batch_size"]))
+        return [uploads[start : start + size] for start in range(0, len(uploads), size)]
 
     @task(trigger_rule="all_done")
     def summarize(reports: list[dict[str, str]], ti: Any = None) -> dict[str, Any]:
-        """Report what was uploaded, skipped and failed, with reasons."""
-        planned = ti.xcom_pull(task_ids="resolve_patients") or []
+        """Name every report uploaded, skipped and failed, with reasons; fail if any failed."""
+        batches = ti.xcom_pull(task_ids="resolve_patients") or []
         skipped = ti.xcom_pull(task_ids="resolve_patients", key="skipped") or []
-        results = ti.xcom_pull(task_ids="upload_report", map_indexes=list(range(len(planned)))) or []
-        if len(planned) == 1:  # a single map index comes back as a bare value
-            results = [results]
+        reference_of = {report["file_path"]: report["reference"] for report in reports or []}
         uploaded, failed = [], []
-        for index, upload in enumerate(planned):
-            record = results[index] if index < len(results) else None
-            if record:
-                uploaded.append(
-                    {
-                        "patient_id": upload["patient_id"],
-                        "attachment_id": record["id"],
-                        "filename": record.get("filename"),
-                        "size": record.get("size"),
-                        "processed_at": record.get("processed_at"),
-                    }
-                )
-            else:
-                error = ti.xcom_pull(task_ids="upload_report", key="cliniko_error", map_indexes=index)
-                reason = error or "the upload task failed; see its log"
-                failed.append(
-                    {"patient_id": upload["patient_id"], "file_path": upload["file_path"], "reason": reason}
-                )
+        for index, batch in enumerate(batches):
+            # A batch task leaves one result per report, in order, even when it fails; a task that died
+            # before it could (a killed worker) leaves none: then each of its reports failed with it.
+            results = ti.xcom_pull(task_ids="upload_reports", map_indexes=index)
+            if not isinstance(results, list) or len(results) != len(batch):
+                error = ti.xcom_pull(task_ids="upload_reports", key="cliniko_error", map_indexes=index)
+                results = [{"error": error or "the batch's upload task failed; see its log"}] * len(batch)
+            for upload, result in zip(batch, results, strict=True):
+                entry = {
+                    "reference": reference_of.get(upload["file_path"]),
+                    "patient_id": upload["patient_id"],
+                    "attachment_id": result.get("attachment_id"),
+                }
+                if result.get("error"):
+                    failed.append({**entry, "file_path": upload["file_path"], "reason": result["error"]})
+                else:
+                    uploaded.append({**entry, "processed_at": result.get("processed_at")})
         summary = {"reports": len(reports or []), "uploaded": uploaded, "skipped": skipped, "failed": failed}
         print(
             f"Cliniko nightly export: {len(uploaded)} uploaded, {len(skipped)} skipped, {len(failed)} failed"
         )
+        for item in uploaded:
+            print(f"  uploaded {item['reference']}: attachment {item['attachment_id']}")
         for item in skipped:
             print(f"  skipped {item['reference']}: {item['reason']}")
         for item in failed:
-            print(f"  failed patient {item['patient_id']}: {item['reason']}")
+            print(f"  failed {item['reference']} (patient {item['patient_id']}): {item['reason']}")
         if failed:
             raise RuntimeError(f"{len(failed)} report(s) failed to upload; see the summary above")
         return summary
 
     patients = extract_patients()
     reports = generate_reports(patients)
-    resolved = resolve_patients(reports)
-    uploaded = ClinikoAttachmentUploadOperator.partial(
-        task_id="upload_report",
+    batches = resolve_patients(reports)
+    uploaded = ClinikoBatchUploadOperator.partial(
+        task_id="upload_reports",
         cliniko_conn_id=CLINIKO_CONN_ID,
         pool=CLINIKO_POOL,
+        max_concurrency=4,
         wait_for_completion=True,
         deferrable=True,
         # resolve_patients already checked, in bulk, what is attached for this date; the operator looks
-        # for its own earlier upload only when a try is retried or cleared (look_for_existing="on_retry",
+        # for its own earlier uploads only when a try is retried or cleared (look_for_existing="on_retry",
         # the default), by description and content: the description shows exactly as written.
         poll_interval=15,
         timeout=3600,
         retries=2,
         retry_delay=pendulum.duration(seconds=30),
         retry_exponential_backoff=2.0,
-    ).expand_kwargs(resolved)
+    ).expand(uploads=batches)
     uploaded >> summarize(reports)
 
 

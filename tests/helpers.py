@@ -160,6 +160,11 @@ class FakeTI(SimpleNamespace):
     def xcom_push(self, key: str, value: Any) -> None:
         self.pushed[key] = value
 
+    def xcom_pull(self, task_ids: str, key: str = "return_value", map_indexes: int | None = None) -> Any:
+        """This task instance's own XComs only (what the batch operator reads back after a deferral)."""
+        assert (task_ids, map_indexes) == (self.task_id, self.map_index)
+        return self.pushed.get(key)
+
 
 def fake_context(run_id: str = "manual__1", try_number: int = 1, map_index: int = -1) -> Any:
     """A task context holding only a :class:`FakeTI` (what the upload operator reads)."""

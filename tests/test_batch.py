@@ -243,18 +243,18 @@ def test_deferring_waits_for_the_batch_with_one_trigger(
     uploads: list[Any] = [{"patient_id": patients[1], "file_path": str(path)} for path in files]
     uploads.append({"patient_id": patients[1], "file_path": str(tmp_path / "missing.csv")})
     op = batch(hook, uploads, wait_for_completion=True, deferrable=True, poll_interval=0.3, timeout=60)
-    with sandbox_faults(sandbox, processing_delay=1.0), pytest.raises(TaskDeferred) as deferred:
-        op.execute(fake_context())
-    trigger, kwargs = deferred.value.trigger, deferred.value.kwargs or {}
-    assert isinstance(trigger, ProcessingCompletedBatchTrigger)
-    results = kwargs["results"]
-    assert trigger.attachment_ids == [r["attachment_id"] for r in results[:4]]  # the failed one not waited
-    assert "no such file" in results[4]["error"]
-    json.dumps(kwargs)  # the results travel through the database with the deferral
-    event = asyncio.run(asyncio.wait_for(fire(trigger), timeout=60))
     ctx = fake_context()
+    with sandbox_faults(sandbox, processing_delay=1.0), pytest.raises(TaskDeferred) as deferred:
+        op.execute(ctx)
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, ProcessingCompletedBatchTrigger)
+    assert not deferred.value.kwargs  # the results wait in XCom, which `airflow dags test` keeps too
+    results = json.loads(json.dumps(ctx["ti"].pushed["return_value"]))  # as XCom stores them
+    assert trigger.attachment_ids == [r["attachment_id"] for r in results[:4]]  # the failed one not waited
+    assert "no such file" in results[4]["error"] and "cliniko_error" not in ctx["ti"].pushed
+    event = asyncio.run(asyncio.wait_for(fire(trigger), timeout=60))
     with pytest.raises(ClinikoBatchFinalError):
-        op.execute_complete(ctx, event, **kwargs)
+        op.execute_complete(ctx, json.loads(json.dumps(event)))
     done = ctx["ti"].pushed["return_value"]
     assert all(r["processed_at"] for r in done[:4]) and "error" in done[4]
 
@@ -291,8 +291,9 @@ def test_a_failed_wait_fails_that_file_only(outcome: str, retryable: bool, final
     }
     op = ClinikoBatchUploadOperator(task_id="b", uploads=[])
     ctx = fake_context()
+    ctx["ti"].xcom_push("return_value", results)
     with pytest.raises(ClinikoBatchFinalError if final else ClinikoBatchError) as raised:
-        op.execute_complete(ctx, event, results=results)
+        op.execute_complete(ctx, event)
     assert isinstance(raised.value, ClinikoBatchFinalError) is final
     done = ctx["ti"].pushed["return_value"]
     assert done[0]["processed_at"] == "2026-01-01T00:00:00Z" and "error" not in done[0]
@@ -303,7 +304,13 @@ def test_a_failed_wait_fails_that_file_only(outcome: str, retryable: bool, final
 def test_a_malformed_event_is_a_clear_error() -> None:
     op = ClinikoBatchUploadOperator(task_id="b", uploads=[])
     with pytest.raises(ClinikoError, match="Unexpected event from the Cliniko batch trigger"):
-        op.execute_complete(fake_context(), {"status": "success"}, results=[])
+        op.execute_complete(fake_context(), {"status": "success"})
+
+
+def test_results_missing_from_xcom_are_a_clear_error() -> None:
+    op = ClinikoBatchUploadOperator(task_id="b", uploads=[])
+    with pytest.raises(ClinikoError, match="results are missing from XCom"):
+        op.execute_complete(fake_context(), {"status": "done", "attachments": {}})
 
 
 # --- the batch trigger --------------------------------------------------------------------------------

@@ -238,7 +238,8 @@ class ClinikoBatchUploadOperator(BaseOperator):
     done (and processed, with ``wait_for_completion``), the task fails if any failed, naming each one;
     without retries when no failure can be fixed by retrying (bad input, Cliniko's 4xx answers).
 
-    The result (XCom ``return_value``, pushed even when the task fails) lists, in the order given,
+    The result (XCom ``return_value``: pushed once the uploads are done, kept while the task waits, and
+    pushed even when the task fails) lists, in the order given,
     ``{"index", "patient_id", "file_path", "attachment_id"}`` per file, plus ``"processed_at"`` once
     processed, or ``"error"`` (the reason, one line) and ``"retryable"`` for a file that failed. A failed
     task also leaves every reason in XCom ``cliniko_error``, one line per file.
@@ -352,6 +353,9 @@ class ClinikoBatchUploadOperator(BaseOperator):
         pending = [str(r["attachment_id"]) for r in results if "error" not in r and "processed_at" not in r]
         if self.wait_for_completion and pending:
             if self.deferrable:
+                # The results wait in XCom (kept through a deferral, and shown in the UI meanwhile), not
+                # in the deferral's kwargs, which `airflow dags test` drops when it runs the trigger.
+                context["ti"].xcom_push(key="return_value", value=results)
                 self.log.info("Deferring until Cliniko has processed %d attachment(s)", len(pending))
                 self.defer(
                     trigger=ProcessingCompletedBatchTrigger(
@@ -361,7 +365,6 @@ class ClinikoBatchUploadOperator(BaseOperator):
                         deadline=time.time() + self.timeout,
                     ),
                     method_name="execute_complete",
-                    kwargs={"results": results},
                     timeout=timedelta(seconds=self.timeout + self.poll_interval + 60),
                 )
             self.log.info("Waiting for Cliniko to process %d attachment(s)", len(pending))
@@ -371,18 +374,19 @@ class ClinikoBatchUploadOperator(BaseOperator):
             results = self._with_outcomes(results, outcomes)
         return self._finish(context, results)
 
-    def execute_complete(
-        self, context: Context, event: JsonDict, results: list[JsonDict] | None = None
-    ) -> list[JsonDict]:
-        """Resume after the batch trigger fired: merge each file's outcome into the results.
+    def execute_complete(self, context: Context, event: JsonDict) -> list[JsonDict]:
+        """Resume after the batch trigger fired: merge each file's outcome into the results it left in XCom.
 
         :param context: the task context.
         :param event: the trigger's event, ``{"status": "done", "attachments": {id: payload}}``.
-        :param results: the results the task deferred with.
         """
+        ti = context["ti"]
+        results = ti.xcom_pull(task_ids=ti.task_id, key="return_value", map_indexes=ti.map_index)
         events = event.get("attachments") if isinstance(event, dict) else None
-        if not isinstance(events, dict) or results is None:
+        if not isinstance(events, dict):
             raise ClinikoError(f"Unexpected event from the Cliniko batch trigger: {str(event)[:200]}")
+        if not isinstance(results, list):
+            raise ClinikoError("The batch's results are missing from XCom 'return_value': clear the task")
         outcomes: dict[str, JsonDict | Exception] = {}
         for attachment_id, payload in events.items():
             try:

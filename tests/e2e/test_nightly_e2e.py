@@ -1,5 +1,6 @@
 """The nightly export on a real Airflow deployment (API server, scheduler, DAG processor, triggerer as
-processes; LocalExecutor on SQLite) against the sandbox: 20 reports, each attached exactly once."""
+processes; LocalExecutor on SQLite) against the sandbox: 20 reports in 4 batch tasks, each report
+attached exactly once, and the summary naming every report."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.slow
 DAG_ID = "cliniko_nightly_report_export"
 KEY = "e2e-sandbox-key-uk1"
 PATIENTS = 20
+BATCH_SIZE = 5
+BATCHES = PATIENTS // BATCH_SIZE
 
 
 def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,7 +53,11 @@ def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: 
             stack.wait_for(
                 lambda: stack.check_alive() or stack.dag_is_parsed(DAG_ID), 180, f"{DAG_ID} to be parsed"
             )
-            conf = {"patients": rows, "report_root": (tmp_path / "reports").as_uri()}
+            conf = {
+                "patients": rows,
+                "report_root": (tmp_path / "reports").as_uri(),
+                "batch_size": BATCH_SIZE,
+            }
             started = time.monotonic()
             stack.cli("dags", "trigger", DAG_ID, "--run-id", "e2e", "--conf", json.dumps(conf))
             try:
@@ -71,7 +78,13 @@ def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: 
                 )
             deferred_ever = stack.query(
                 "SELECT COUNT(*) FROM task_instance WHERE dag_id = ? AND run_id = ? "
-                "AND task_id = 'upload_report' AND next_method IS NULL AND trigger_id IS NULL",
+                "AND task_id = 'upload_reports' AND next_method IS NULL AND trigger_id IS NULL",
+                DAG_ID,
+                "e2e",
+            )
+            summary_rows = stack.query(
+                "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = 'summarize' "
+                "AND key = 'return_value'",
                 DAG_ID,
                 "e2e",
             )
@@ -82,22 +95,26 @@ def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: 
         print(
             f"Cliniko API requests: {api_requests} for {PATIENTS} reports; by route: {json.dumps(by_route)}"
         )
-        assert Counter(task for task, _, _ in states)["upload_report"] == PATIENTS
+        assert Counter(task for task, _, _ in states)["upload_reports"] == BATCHES
         assert {state for *_, state in states} == {"success"}
-        assert deferred_ever[0][0] == PATIENTS  # all finished and cleaned up their deferral
+        assert deferred_ever[0][0] == BATCHES  # all finished and cleaned up their deferral
+        summary = json.loads(str(summary_rows[0][0]))
+        assert sorted(item["reference"] for item in summary["uploaded"]) == sorted(patient_ids)
+        assert [item["reference"] for item in summary["skipped"]] == ["E2E-404"]
+        assert summary["failed"] == []
         for reference, patient_id in patient_ids.items():
             records = list(hook.list_attachments(patient_id=patient_id, include_archived=True))
             assert len(records) == 1, f"{reference}: {len(records)} attachments"
             (record,) = records
             assert record["processing_completed"] is True
             assert record["filename"].startswith(f"report-{reference}-")
-        # Every upload deferred, and the waiting was done by the triggerer's shared poller: list requests
-        # for many ids at once, never a request per attachment.
-        logs = tmp_path / "airflow" / "logs" / f"dag_id={DAG_ID}" / "run_id=e2e" / "task_id=upload_report"
+        # Every batch deferred once, and the waiting was done by the triggerer's shared poller: list
+        # requests for many ids at once, never a request per attachment.
+        logs = tmp_path / "airflow" / "logs" / f"dag_id={DAG_ID}" / "run_id=e2e" / "task_id=upload_reports"
         deferred = [
             path for path in logs.glob("*/attempt=1.log") if "Pausing task as DEFERRED" in path.read_text()
         ]
-        assert len(deferred) == PATIENTS
+        assert len(deferred) == BATCHES
         assert by_route.get("GET /v1/patient_attachments/{id}", 0) == 0
         assert 1 <= by_route["GET /v1/patient_attachments"] <= 10
         assert api_requests <= 2.5 * PATIENTS  # presign + create each, a few shared lookups and polls

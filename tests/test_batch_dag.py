@@ -1,0 +1,107 @@
+"""Many files in one task, in a real ``airflow dags test`` run: 50 reports in 5 mapped batch tasks, bad
+files among them, each batch deferring once (trigger in-process), against the sandbox."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cliniko_provider.hooks.cliniko import ClinikoHook
+from tests.conftest import REPO, SANDBOX_KEY, connection_json
+from tests.helpers import env_with, sandbox_faults, write_file
+
+REPORTS = 50
+BATCH = 10
+
+
+@pytest.mark.slow  # about a minute and a half: the Airflow database, then 5 batch tasks each deferring once
+def test_50_reports_in_batches_with_bad_files_among_them(
+    sandbox: Any, sandbox_conn: str, tmp_path: Path
+) -> None:
+    hook = ClinikoHook(sandbox_conn)
+    patients = [str(hook.create_patient("Batch", f"Dag {uuid.uuid4().hex[:6]}")["id"]) for _ in range(5)]
+    uploads: list[dict[str, Any]] = []
+    bad: dict[int, str] = {}
+    for number in range(REPORTS):
+        path = write_file(tmp_path, f"report-{number:02d}.csv", 200 + number, seed=number)
+        upload = {
+            "patient_id": patients[number % 5],
+            "file_path": str(path),
+            "description": f"Report {number}",
+        }
+        if number in (3, 17):
+            path.unlink()
+            bad[number] = "no such file"
+        elif number in (8, 31):
+            path.write_bytes(b"")
+            bad[number] = "empty (0 bytes)"
+        elif number == 25:
+            upload["patient_id"] = "999999999"
+            bad[number] = "no such patient"
+        uploads.append(upload)
+    batches = [uploads[start : start + BATCH] for start in range(0, REPORTS, BATCH)]
+    home = tmp_path / "airflow-home"
+    env = env_with(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "tests" / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        PYTHONPATH=str(REPO),
+        CLINIKO_RATE_STATE_DIR=str(home),
+        AIRFLOW_CONN_CLINIKO_DEFAULT=connection_json(SANDBOX_KEY, sandbox.base_url),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True
+    )
+    with sandbox_faults(sandbox, processing_delay=2.0):  # still processing when each batch defers
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "airflow",
+                "dags",
+                "test",
+                "cliniko_batch_upload",
+                "-c",
+                json.dumps({"batches": batches}),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    output = run.stdout + run.stderr
+    line = next((row for row in output.splitlines() if "BATCH RESULTS " in row), None)
+    assert line is not None, output[-6000:]
+    report = json.loads(line.split("BATCH RESULTS ", 1)[1])
+    results = [result for batch in report["results"] for result in batch]
+    assert len(results) == REPORTS
+    for number, result in enumerate(results):
+        assert result["index"] == number % BATCH
+        assert result["file_path"] == uploads[number]["file_path"]
+        if number in bad:
+            assert bad[number] in result["error"], result
+        else:
+            assert "error" not in result, result
+            assert result["processed_at"], result  # waited for in the triggerer, through the deferral
+    # batches 0, 1, 2 and 3 hold bad files: their tasks failed, naming them; batch 4 succeeded
+    assert [error is None for error in report["errors"]] == [False, False, False, False, True]
+    assert report["errors"][0].startswith("2 of 10 upload(s) failed:")
+    assert output.count("Deferring until Cliniko has processed") == 5
+    # in Cliniko: one attachment per good report, each with its own bytes' size
+    attached = {
+        str(record["id"]): record
+        for patient in patients
+        for record in hook.list_attachments(patient_id=patient, include_archived=True)
+    }
+    good = [result for number, result in enumerate(results) if number not in bad]
+    assert sorted(attached) == sorted(str(result["attachment_id"]) for result in good)
+    for number, result in enumerate(results):
+        if number not in bad:
+            assert attached[str(result["attachment_id"])]["size"] == 200 + number
+    assert SANDBOX_KEY not in output
