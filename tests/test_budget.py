@@ -127,7 +127,7 @@ def test_planted_symlink_is_replaced_and_its_target_untouched(
     assert budget.reserve(NOW) == 0
     assert target.read_text() == "keep me"
     assert not budget.path.is_symlink() and budget.sharing
-    assert len(warnings(caplog)) == 1
+    assert warnings(caplog) == [f"Cliniko rate budget: {budget.path} was a symlink; replacing it"]
 
 
 @pytest.mark.parametrize("garbage", ["[]", "null", "{", '{"sent": "x"}', "\xff\xfe", "9" * 10_000])
@@ -165,7 +165,12 @@ def test_unusable_state_dir_falls_back_warns_once_and_shares_again_later(
         pytest.approx(WINDOW - 2),
     ]
     assert not budget.sharing
-    assert len(warnings(caplog)) == 1
+    assert warnings(caplog) == [
+        "Cliniko rate budget: cannot share the request budget with this machine's other processes through "
+        f"{blocker / 'state'} ([Errno 20] Not a directory: '{blocker / 'state'}'); this process keeps its "
+        "own budget and tries again in 60 s. Fix: make the directory a private one of this user (mode "
+        "0700), or set CLINIKO_RATE_STATE_DIR to one."
+    ]
     blocker.unlink()
     budget.reserve(NOW + SHARE_RETRY_AFTER - 0.5)
     assert not budget.sharing  # not retried before its time

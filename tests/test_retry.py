@@ -307,7 +307,9 @@ def test_runner_logs_its_pacing(caplog: pytest.LogCaptureFixture) -> None:
     run = runner(clock, per_minute=1)
     run.run("GET /x", script(clock, "a"))
     run.run("GET /x", script(clock, "b"))
-    assert "Pacing requests to stay under Cliniko's rate limit: waiting 61.0 s" in caplog.text
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "Pacing requests to stay under Cliniko's rate limit: waiting 61.0 s")
+    ]
     assert clock.sleeps == [61]
 
 

@@ -185,3 +185,59 @@ def test_parse_error_with_namespace_and_not_xml() -> None:
     )
     assert parse_s3_xml(b"<html>502 Bad Gateway") == {}
     assert parse_s3_xml(b"") == {}
+
+
+# --- S3's answers: errors, the Key, the upload_url ------------------------------------------------------
+
+
+def test_s3_error_takes_code_and_message_from_the_xml() -> None:
+    from cliniko_provider.exceptions import S3UploadError, S3UploadRejectedError
+    from cliniko_provider.utils.s3_form import s3_error
+
+    error = s3_error(403, {"Code": "AccessDenied", "Message": "Policy expired."}, "<xml/>")
+    assert type(error) is S3UploadRejectedError
+    assert (error.status, error.code, error.message) == (403, "AccessDenied", "Policy expired.")
+    for status in (429, 500, 503):
+        assert type(s3_error(status, {"Code": "SlowDown"}, "")) is S3UploadError
+    assert type(s3_error(499, {}, "")) is S3UploadRejectedError
+
+
+def test_s3_error_without_xml_names_the_status_and_a_line_of_the_body() -> None:
+    from cliniko_provider.utils.s3_form import s3_error
+
+    error = s3_error(502, {}, "Bad\n  gateway " + "x" * 400)
+    assert error.code == "HTTP502"
+    assert error.message == ("Bad gateway " + "x" * 400)[:200]
+    assert s3_error(400, {}, "   ").message == "no message"
+
+
+def test_s3_entity_too_large_says_what_to_do() -> None:
+    from cliniko_provider.utils.s3_form import s3_error
+
+    error = s3_error(400, {"Code": "EntityTooLarge", "Message": "Too big"}, "")
+    assert error.message == (
+        "Too big (the presign caps the size at S3's 5 GiB, or at the storage the Cliniko account has left:"
+        " free space in Cliniko or upgrade the account)"
+    )
+
+
+def test_expected_key_fills_in_the_file_name() -> None:
+    from cliniko_provider.utils.s3_form import expected_key
+
+    assert expected_key([("acl", "x"), ("Key", "1/temp/${filename}")], "a b.pdf") == "1/temp/a b.pdf"
+    assert expected_key([("key", "fixed")], "a.pdf") == "fixed"
+    assert expected_key([("policy", "p")], "a.pdf") == ""
+
+
+@pytest.mark.parametrize(
+    ("url", "key", "joined"),
+    [
+        ("https://b.s3.amazonaws.com/", "1/a.pdf", "https://b.s3.amazonaws.com/1/a.pdf"),
+        ("https://b.s3.amazonaws.com", "1/a.pdf", "https://b.s3.amazonaws.com/1/a.pdf"),
+        ("https://b.s3.amazonaws.com//", "//1/a.pdf", "https://b.s3.amazonaws.com/1/a.pdf"),
+    ],
+)
+def test_join_upload_url_puts_exactly_one_slash_between(url: str, key: str, joined: str) -> None:
+    from cliniko_provider.utils.s3_form import join_upload_url
+
+    assert join_upload_url(url, key) == joined
