@@ -23,7 +23,13 @@ Answers chosen where Cliniko's own behaviour is not publicly confirmed:
   this account's bucket under that patient's temp prefix, not yet used for an attachment;
   otherwise 422 `{"message": "Validation Failed", "errors": {"temp_attachment_url": "is invalid"}}`.
 - `GET /patient_attachments/{id}/content` serves the bytes (200) once processed, 404 before.
-- Unknown `q[]` fields or operators, and malformed values: 422 with an `errors.q` message.
+- Unknown `q[]` fields or operators, and malformed values: 422 with an `errors.q` message;
+  `sort` takes several comma-separated `field[:desc]`.
+- `OPTIONS` on an API path: 204 with `Allow` naming the methods it serves; another method: 405
+  with the same `Allow`. `HEAD` answers as `GET` without a body.
+- Patient fields of Cliniko's create schema the sandbox does not model (address, notes,
+  pronouns, phone numbers...) are checked against that schema (422 `is invalid`), kept and
+  echoed; fields the schema does not name are ignored (see `patient_fields`).
 - Injected faults (`--fail-rate`, `--throttle-rate`) carry the header `X-Sandbox-Fault`;
   injected throttling answers 429 on the API and, as real S3 does, 503 `SlowDown` on S3.
 """
