@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
-.PHONY: install test test-fast test-slow lint demo bench sandbox constraints openapi-subset mutation clean
+.PHONY: install test test-fast test-slow test-compat compat-constraints dist lint demo bench sandbox constraints \
+	openapi-subset mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +44,46 @@ bench: install
 	$(BIN)/python -m tests.bench
 
 sandbox: install
-	$(BIN)/cliniko-sandbox --api-key sandbox-key-au1
+	$(BIN)/cliniko-sandbox
+
+## A wheel and an sdist in dist/ (PEP 517, isolated), checked as PyPI checks them
+dist: install
+	rm -rf dist
+	$(BIN)/uv build -q --out-dir dist
+	$(BIN)/uv tool run -q --from twine==7.0.0 twine check --strict dist/*
+
+## The oldest pairing the package claims and the newest, each in its own venv pinned by
+## .ci/constraints-<pairing>.txt: the fast suite, then one real upload with a deferred wait (and its lineage).
+PYTHON310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
+PYTHON313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+PYTHON_py310-af31 = $(PYTHON310)
+PYTHON_py313-newest = $(PYTHON313)
+COMPAT ?= py310-af31 py313-newest
+
+.venv-%/.installed: .ci/constraints-%.txt pyproject.toml | $(VENV)/.installed
+	$(BIN)/uv venv -q --allow-existing --python $(PYTHON_$*) .venv-$*
+	$(BIN)/uv pip install -q --python .venv-$*/bin/python -c $< -e ".[test]"
+	touch $@
+
+test-compat: $(COMPAT:%=test-compat-%)
+
+test-compat-%: .venv-%/.installed
+	.venv-$*/bin/python -c 'import sys, airflow; print("$*: Python", sys.version.split()[0], "Airflow", airflow.__version__)'
+	.venv-$*/bin/pytest -q -p no:cacheprovider
+	.venv-$*/bin/pytest -q -p no:cacheprovider -m slow tests/test_lineage_dag.py
+
+## Re-pin the compat pairings: the lowest versions pyproject.toml claims on the oldest Python (with the
+## structlog and universal-pathlib of Airflow 3.1's own constraints: newer ones break 3.1.0's imports and
+## ObjectStoragePath), the newest of everything on the newest Python. Both keep constraints.txt's celery
+## (the celery provider imports celery.backends.database.retry, gone in 5.7).
+PINNED ?= celery==5.6.3
+LOWEST ?= apache-airflow==3.1.8 apache-airflow-providers-common-compat==1.15.0 \
+	apache-airflow-providers-openlineage==2.5.0 structlog==25.4.0 universal-pathlib==0.2.6
+compat-constraints: install
+	printf '%s\n' $(LOWEST) $(PINNED) | $(BIN)/uv pip compile -q --python $(PYTHON310) --extra test \
+		-c /dev/stdin -o .ci/constraints-py310-af31.txt pyproject.toml
+	printf '%s\n' $(PINNED) | $(BIN)/uv pip compile -q --python $(PYTHON313) --extra test \
+		-c /dev/stdin -o .ci/constraints-py313-newest.txt pyproject.toml
 
 ## Re-pin: resolve the newest compatible set and write it to constraints.txt
 constraints: | $(BIN)/python

@@ -6,6 +6,10 @@ from typing import Any
 
 from cliniko_provider import __version__
 
+# Literals, not imports from the package: Airflow imports this module while it discovers providers.
+USER_AGENT_EXAMPLE = "Acme Reports (ops@acme.example)"
+API_KEY_LOCATION = "My Info > Manage API keys"
+
 
 def get_provider_info() -> dict[str, Any]:
     """Return the provider's metadata: hooks, operators, sensors, triggers and the connection form."""
@@ -42,8 +46,9 @@ def get_provider_info() -> dict[str, Any]:
                     "user_agent": {
                         "label": "User-Agent",
                         "description": "Required by Cliniko: your app or company name and a contact "
-                        "email, e.g. 'Acme Reports (ops@acme.example)'.",
-                        "schema": {"type": ["string", "null"]},
+                        f"email, e.g. '{USER_AGENT_EXAMPLE}'.",
+                        # Not nullable: the form marks it required. The UI shows examples as its hint.
+                        "schema": {"type": "string", "minLength": 1, "examples": [USER_AGENT_EXAMPLE]},
                     },
                     "max_attempts": {
                         "label": "Max attempts",
@@ -76,13 +81,57 @@ def get_provider_info() -> dict[str, Any]:
                     "hidden-fields": ["login", "schema", "port", "extra"],
                     "relabeling": {"password": "API key", "host": "Base URL (optional)"},
                     "placeholders": {
-                        "password": "Your Cliniko API key, e.g. MS0xLWFi...-au2 (Settings > Integrations)",
+                        "password": f"Your API key, e.g. MS0xLWFi...-au2 (Cliniko: {API_KEY_LOCATION})",
                         "host": "Leave empty for real Cliniko (shard from the key); "
                         "e.g. http://127.0.0.1:8765/v1 for the sandbox",
-                        "user_agent": "Acme Reports (ops@acme.example)",
+                        "user_agent": USER_AGENT_EXAMPLE,
                         "redis_conn_id": "redis_default",
                     },
                 },
             }
         ],
+    }
+
+
+def connection_fields() -> dict[str, Any]:
+    """Return the ``cliniko`` connection type's entry of the metadata (its form)."""
+    (connection_type,) = get_provider_info()["connection-types"]
+    return dict(connection_type)
+
+
+def connection_form_widgets() -> dict[str, Any]:
+    """Return the form's extra fields as wtforms fields, for Airflow 3.1 (3.2+ reads ``conn-fields``).
+
+    Built from ``conn-fields``, so the two forms cannot drift apart. Imports wtforms, which only the UI
+    has; Airflow catches the ImportError elsewhere.
+    """
+    from wtforms import IntegerField, StringField
+    from wtforms.validators import InputRequired, NumberRange, Optional
+
+    widgets: dict[str, Any] = {}
+    for name, spec in connection_fields()["conn-fields"].items():
+        schema = spec["schema"]
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        required = "null" not in types
+        label = spec["label"] + (" (required)" if required else "")
+        validators: list[Any] = [InputRequired()] if required else [Optional()]
+        if "minimum" in schema:
+            validators.append(NumberRange(min=schema["minimum"]))
+        field = IntegerField if "integer" in types else StringField  # 3.1 allows no float field
+        widgets[name] = field(
+            label,
+            validators=validators,
+            description=spec.get("description", ""),
+            default=schema.get("default"),
+        )
+    return widgets
+
+
+def ui_field_behaviour() -> dict[str, Any]:
+    """Return the standard fields' behaviour (hidden, relabelled, placeholders) the Airflow 3.1 way."""
+    behaviour = connection_fields()["ui-field-behaviour"]
+    return {
+        "hidden_fields": list(behaviour["hidden-fields"]),
+        "relabeling": dict(behaviour["relabeling"]),
+        "placeholders": dict(behaviour["placeholders"]),
     }

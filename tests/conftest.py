@@ -90,3 +90,17 @@ def _own_rate_budget(
 def _own_upload_journal(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Give every test its own upload journal directory (the worker's private idempotency records)."""
     monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path_factory.mktemp("journal")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _supervisor_comms_outside_a_task() -> None:
+    """Let Airflow 3.1's async connection lookup reach the secrets backends outside a task.
+
+    Its ``Connection.async_get`` imports ``task_runner.SUPERVISOR_COMMS`` before trying the backends
+    (environment variables included), and that name exists only inside a task or the triggerer; later
+    Airflow versions import it lazily. Tests call triggers directly, so give the name a value.
+    """
+    from airflow.sdk.execution_time import task_runner
+
+    if not hasattr(task_runner, "SUPERVISOR_COMMS"):
+        task_runner.SUPERVISOR_COMMS = None  # type: ignore[attr-defined]

@@ -237,7 +237,7 @@ def test_waiting_in_the_worker_polls_the_batch_together(
 def test_deferring_waits_for_the_batch_with_one_trigger(
     hook: ClinikoHook, patients: list[str], tmp_path: Path, sandbox: Any
 ) -> None:
-    from airflow.sdk.exceptions import TaskDeferred
+    from airflow.providers.common.compat.sdk import TaskDeferred
 
     files = [write_file(tmp_path, f"d{n}.csv", 100 + n) for n in range(4)]
     uploads: list[Any] = [{"patient_id": patients[1], "file_path": str(path)} for path in files]

@@ -251,7 +251,7 @@ def test_presign_archive_and_description_limit() -> None:
 
 
 def test_secrets_are_masked_and_never_logged_or_raised(caplog: pytest.LogCaptureFixture) -> None:
-    from airflow.sdk.log import _secrets_masker  # type: ignore[attr-defined]
+    from airflow.sdk._shared.secrets_masker import _secrets_masker  # the masker mask_secret feeds
 
     caplog.set_level(logging.DEBUG)
     presign = {

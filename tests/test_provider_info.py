@@ -71,3 +71,69 @@ def test_the_form_has_every_extra_the_settings_read() -> None:
     redis_field = conn_type["conn-fields"]["redis_conn_id"]
     assert "default" not in redis_field["schema"]  # empty by default: the machine budget
     assert conn_type["conn-fields"]["requests_per_minute"]["schema"]["default"] == 200
+
+
+def test_user_agent_is_required_and_shows_its_shape() -> None:
+    from cliniko_provider.utils.settings import USER_AGENT_EXAMPLE, USER_AGENT_PATTERN
+
+    (conn_type,) = get_provider_info()["connection-types"]
+    schema = conn_type["conn-fields"]["user_agent"]["schema"]
+    assert schema["type"] == "string"  # no "null": Airflow's form marks the field required
+    assert schema["minLength"] == 1
+    assert schema["examples"] == [USER_AGENT_EXAMPLE]  # what Airflow 3.2+ shows as the field's hint
+    assert USER_AGENT_PATTERN.match(USER_AGENT_EXAMPLE)
+
+
+def test_the_api_key_location_is_the_same_in_form_readme_and_errors() -> None:
+    from cliniko_provider.exceptions import ClinikoAuthError
+    from cliniko_provider.utils.settings import API_KEY_LOCATION
+
+    assert API_KEY_LOCATION == "My Info > Manage API keys"
+    (conn_type,) = get_provider_info()["connection-types"]
+    assert API_KEY_LOCATION in conn_type["ui-field-behaviour"]["placeholders"]["password"]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"*{API_KEY_LOCATION}*" in readme
+    assert "Integrations" not in readme
+    assert API_KEY_LOCATION in str(ClinikoAuthError(401, "HTTP Basic: Access denied", request="GET /user"))
+
+
+def test_the_connection_form_airflow_serves_to_its_ui() -> None:
+    """Airflow 3.2+ reads conn-fields; 3.1 calls the hook's get_connection_form_widgets and
+    get_ui_field_behaviour (with wtforms mocked, as its UI does): both forms must carry every field."""
+    from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
+
+    (meta,) = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "cliniko"]
+    (conn_type,) = get_provider_info()["connection-types"]
+    assert meta.extra_fields is not None
+    assert set(meta.extra_fields) == set(conn_type["conn-fields"])
+    user_agent = meta.extra_fields["user_agent"]
+    assert user_agent["schema"]["title"].startswith("User-Agent")
+    if "null" in user_agent["schema"]["type"]:  # Airflow 3.1: its form has no required mark, the label does
+        assert user_agent["schema"]["title"] == "User-Agent (required)"
+    assert meta.extra_fields["requests_per_minute"]["value"] == 200
+    assert meta.standard_fields is not None
+    assert meta.standard_fields.password is not None
+    assert meta.standard_fields.password.title == "API key"
+    assert "My Info > Manage API keys" in (meta.standard_fields.password.placeholder or "")
+    assert meta.standard_fields.port is not None and meta.standard_fields.port.hidden
+
+
+def test_the_airflow_31_form_is_built_from_conn_fields() -> None:
+    from wtforms.validators import InputRequired, NumberRange, Optional
+
+    from cliniko_provider.hooks.cliniko import ClinikoHook
+
+    widgets = ClinikoHook.get_connection_form_widgets()
+    (conn_type,) = get_provider_info()["connection-types"]
+    assert set(widgets) == set(conn_type["conn-fields"])
+    user_agent = widgets["user_agent"].kwargs
+    assert any(isinstance(v, InputRequired) for v in user_agent["validators"])
+    attempts = widgets["max_attempts"]
+    assert attempts.field_class.__name__ == "IntegerField"
+    assert any(isinstance(v, Optional) for v in attempts.kwargs["validators"])
+    assert [v.min for v in attempts.kwargs["validators"] if isinstance(v, NumberRange)] == [1]
+    assert ClinikoHook.get_ui_field_behaviour() == {
+        "hidden_fields": conn_type["ui-field-behaviour"]["hidden-fields"],
+        "relabeling": conn_type["ui-field-behaviour"]["relabeling"],
+        "placeholders": conn_type["ui-field-behaviour"]["placeholders"],
+    }

@@ -9,14 +9,18 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from airflow.providers.common.compat.sdk import AirflowFailException
-from airflow.sdk import PokeReturnValue
-from airflow.sdk.exceptions import (
-    AirflowRescheduleException,
+from airflow.providers.common.compat.sdk import (
+    AirflowFailException,
     AirflowSensorTimeout,
     AirflowSkipException,
     TaskDeferred,
 )
+from airflow.sdk import PokeReturnValue
+
+try:
+    from airflow.sdk.exceptions import AirflowRescheduleException
+except ImportError:  # Airflow 3.1 (common-compat has no shim for it)
+    from airflow.exceptions import AirflowRescheduleException  # type: ignore[no-redef,attr-defined]
 
 from cliniko_provider.exceptions import ClinikoAttachmentGoneError, ClinikoError, ClinikoNotFoundError
 from cliniko_provider.hooks.cliniko import ClinikoHook

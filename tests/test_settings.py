@@ -46,9 +46,23 @@ def test_malformed_suffix_is_a_clear_error(key: str) -> None:
     assert key not in str(error.value)
 
 
-def test_unknown_shard_names_the_shard_and_the_fix() -> None:
-    with pytest.raises(ClinikoConfigError, match=r"unknown shard 'zz9'.*https://api\.zz9\.cliniko\.com/v1"):
-        shard_from_api_key("secretkey-zz9")
+def test_a_well_formed_unknown_shard_is_used_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Cliniko opens shards: any suffix of its shape (two letters, one or two digits) is accepted."""
+    for _ in range(3):
+        settings = ClinikoSettings.from_connection(Conn(password="secretkey-zz9"))
+        assert settings.base_url == "https://api.zz9.cliniko.com/v1"
+    assert ClinikoSettings.from_connection(Conn(password="secretkey-ab12")).base_url == (
+        "https://api.ab12.cliniko.com/v1"
+    )
+    warnings = [r.getMessage() for r in caplog.records if "not one this provider knows" in r.getMessage()]
+    assert len(warnings) == 2  # once per shard, however many connections use it
+    assert "'zz9'" in warnings[0] and "https://api.zz9.cliniko.com/v1" in warnings[0]
+    assert "secretkey" not in caplog.text
+
+
+def test_known_shards_give_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    ClinikoSettings.from_connection(Conn(password="secretkey-uk3"))
+    assert "not one this provider knows" not in caplog.text
 
 
 @pytest.mark.parametrize("password", [None, "", "   "])

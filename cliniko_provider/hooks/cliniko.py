@@ -263,6 +263,20 @@ class ClinikoHook(_ClinikoBase):
     :param rand: a source of jitter in [0, 1) (injectable for tests).
     """
 
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Return the connection form's extra fields for Airflow 3.1 (3.2+ reads ``conn-fields``)."""
+        from cliniko_provider.get_provider_info import connection_form_widgets
+
+        return connection_form_widgets()
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Return the standard fields' behaviour for Airflow 3.1 (3.2+ reads ``ui-field-behaviour``)."""
+        from cliniko_provider.get_provider_info import ui_field_behaviour
+
+        return ui_field_behaviour()
+
     def __init__(
         self,
         cliniko_conn_id: str = _ClinikoBase.default_conn_name,

@@ -40,6 +40,7 @@ from cliniko_provider.utils.upload import resolve_source
 from cliniko_provider.utils.validation import check_upload_filename, one_line, validate_id
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
     from airflow.sdk import Context
 
 JsonDict = dict[str, Any]
@@ -150,6 +151,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             raise ValueError(f"look_for_existing must be 'always' or 'on_retry', got {look_for_existing!r}")
         self.look_for_existing = look_for_existing
         self.description_marker = description_marker
+        self._attachment_id: str | None = None  # for lineage, once known
 
     @cached_property
     def hook(self) -> ClinikoHook:
@@ -188,7 +190,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         )
         ti.xcom_push(key="cliniko_upload", value=outcome.summary(identity))
         record = outcome.record
-        attachment_id = str(record["id"])
+        attachment_id = self._attachment_id = str(record["id"])
         if not self.wait_for_completion or record.get("processing_completed") is True:
             return record
         if self.deferrable:
@@ -217,10 +219,31 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         :param event: the trigger's event.
         """
         try:
-            return record_from_event(event)
+            record = record_from_event(event)
         except Exception as error:
             self._report_failure(context, error)
             raise
+        self._attachment_id = str(record["id"])
+        return record
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any] | None:
+        """Report the source file as input and the attachment as output (with the OpenLineage provider).
+
+        Datasets as common-io's ``FileTransferOperator`` names files; the attachment is
+        ``cliniko://<API host>``, ``patients/<patient id>/attachments/<attachment id>``.
+
+        :param task_instance: the finished task instance (unused: the operator kept what it made).
+        """
+        if self._attachment_id is None:
+            return None
+        from cliniko_provider.utils.lineage import upload_lineage
+
+        return upload_lineage(
+            os.fspath(self.file_path),
+            self.hook.settings.base_url,
+            validate_id("patient_id", self.patient_id),
+            self._attachment_id,
+        )
 
     @staticmethod
     def _report_failure(context: Context, error: Exception) -> None:

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-from cliniko_provider.sandbox.config import DEFAULT_API_KEY, SandboxSettings, parse_rate_limit, strip_shard
+from cliniko_provider.sandbox.config import (
+    DEFAULT_API_KEY,
+    SandboxSettings,
+    parse_rate_limit,
+    shard_of,
+    strip_shard,
+)
+
+# What the [sandbox] extra installs: without them the server would start and then answer 500s.
+EXTRA_MODULES = ("boto3", "starlette", "uvicorn")
 
 
 def _fraction(text: str) -> float:
@@ -56,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=2.0,
         metavar="SECONDS",
-        help="(default: %(default)s)",
+        help="how long 'processing' takes after an attachment is created (default: %(default)s)",
     )
     parser.add_argument(
         "--processing-delay-per-mb",
@@ -96,13 +107,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a connection whose request body stops arriving for this long (default: %(default)s)",
     )
     parser.add_argument(
-        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the server's log level (default: %(default)s)",
     )
     return parser
 
 
+def missing_extra_modules() -> list[str]:
+    """Return the modules of the ``[sandbox]`` extra that are not installed."""
+    return [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the sandbox until SIGINT or SIGTERM; return the exit code.
+
+    :param argv: the command-line arguments (default ``sys.argv[1:]``).
+    """
     args = build_parser().parse_args(argv)
+    missing = missing_extra_modules()
+    if missing:
+        build_parser().exit(
+            2,
+            f"cliniko-sandbox: {', '.join(missing)} not installed. "
+            "Fix: pip install 'airflow-provider-cliniko[sandbox]'\n",
+        )
     if args.fail_rate + args.throttle_rate > 1:
         build_parser().error("--fail-rate plus --throttle-rate must not exceed 1")
     api_keys = list(dict.fromkeys(args.api_keys or [DEFAULT_API_KEY]))
@@ -132,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         idle_timeout=args.idle_timeout,
     )
     from cliniko_provider.sandbox.server import serve  # the heavy imports, after argument errors
+
+    accepted = ", ".join(f"{key} (shard {shard_of(key)})" for key in api_keys)
+    # On stderr: stdout carries the one ready line that scripts wait for.
+    print(
+        f"Cliniko sandbox accepts the API key{'s' if len(api_keys) > 1 else ''}: {accepted}", file=sys.stderr
+    )
 
     try:
         asyncio.run(serve(settings, args.host, args.port, args.log_level))

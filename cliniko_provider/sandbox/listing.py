@@ -49,7 +49,8 @@ class ListingError(ValueError):
 
 
 def parse_datetime(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
+    # Python 3.10's fromisoformat does not read a trailing 'Z'.
+    moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 

@@ -92,7 +92,8 @@ class Policy:
 def _decode_policy(policy_b64: str) -> Policy:
     try:
         document = json.loads(base64.b64decode(policy_b64, validate=True))
-        expiration = datetime.fromisoformat(document["expiration"])
+        text = document["expiration"]  # Python 3.10's fromisoformat does not read a trailing 'Z'
+        expiration = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
         conditions = document["conditions"]
         if not isinstance(conditions, list) or expiration.tzinfo is None:
             raise ValueError("conditions")

@@ -12,8 +12,9 @@ from airflow.providers.common.compat.sdk import (
     AirflowFailException,
     AirflowSensorTimeout,
     AirflowSkipException,
+    conf,
 )
-from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger, record_from_event

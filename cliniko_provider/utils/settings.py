@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import json
+import logging
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -12,6 +14,10 @@ from typing import Any, Protocol
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from cliniko_provider.exceptions import ClinikoAnswerError, ClinikoConfigError
+
+# Where a Cliniko user creates an API key, and a User-Agent of the shape Cliniko asks for (the form's too).
+from cliniko_provider.get_provider_info import API_KEY_LOCATION as API_KEY_LOCATION
+from cliniko_provider.get_provider_info import USER_AGENT_EXAMPLE as USER_AGENT_EXAMPLE
 from cliniko_provider.utils.validation import conn_id_extra, number_extra
 
 KNOWN_SHARDS = frozenset({"au1", "au2", "au3", "au4", "ca1", "uk1", "uk2", "uk3", "eu1", "us1"})
@@ -19,7 +25,8 @@ SHARD_PATTERN = re.compile(r"^[a-z]{2}\d{1,2}$")
 DEFAULT_SHARD = "au1"
 # Cliniko asks for "<App or vendor name> (<contact email>)".
 USER_AGENT_PATTERN = re.compile(r"^.*\S.*\(\s*[^\s@()]+@[^\s@()]+\.[^\s@()]+\s*\)\s*$")
-USER_AGENT_EXAMPLE = "Acme Reports (ops@acme.example)"
+
+log = logging.getLogger(__name__)
 # Upper bounds of the numeric extras: past them a setting is a mistake (or would overflow a wait).
 MAX_ATTEMPTS = 20
 MAX_RATE_LIMIT_WAIT = 3600.0
@@ -53,16 +60,22 @@ def shard_from_api_key(api_key: str) -> str:
     if not SHARD_PATTERN.match(suffix):
         raise ClinikoConfigError(
             "The Cliniko API key's shard suffix is malformed: a key ends with '-' and a shard such as "
-            "'-au1' or '-uk2'. Copy the whole key from Cliniko (My Info > Manage API keys)."
+            f"'-au1' or '-uk2'. Copy the whole key from Cliniko ({API_KEY_LOCATION})."
         )
     if suffix not in KNOWN_SHARDS:
-        raise ClinikoConfigError(
-            f"The Cliniko API key names an unknown shard {suffix!r} "
-            f"(known: {', '.join(sorted(KNOWN_SHARDS))}). "
-            f"Check the key; if Cliniko has opened a new shard, set the connection's host to "
-            f"https://api.{suffix}.cliniko.com/v1."
-        )
+        _warn_unknown_shard(suffix)
     return suffix
+
+
+@functools.cache  # once per shard and process: every task would otherwise repeat it
+def _warn_unknown_shard(shard: str) -> None:
+    log.warning(
+        "The Cliniko API key names the shard %r, which is not one this provider knows (%s); using "
+        "https://api.%s.cliniko.com/v1. If requests fail with a connection error, check the key.",
+        shard,
+        ", ".join(sorted(KNOWN_SHARDS)),
+        shard,
+    )
 
 
 def base_url_for_shard(shard: str) -> str:
@@ -164,7 +177,7 @@ class ClinikoSettings:
         if not api_key:
             raise ClinikoConfigError(
                 f"The Cliniko connection {conn.conn_id!r} has no API key: put it in the Password field "
-                "(Cliniko: My Info > Manage API keys)."
+                f"(Cliniko: {API_KEY_LOCATION})."
             )
         extra = conn.extra_dejson
         if isinstance(extra, str):  # some secrets backends hand extra over as a JSON string

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSensorTimeout
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException, AirflowSensorTimeout
 
 from cliniko_provider.exceptions import ClinikoStorageLimitError, S3UploadRejectedError
 from cliniko_provider.hooks.cliniko import ClinikoHook
