@@ -86,7 +86,8 @@ def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
             f"file_path {text!r} is a directory: give one file (use .expand(file_path=[...]) for many)."
         )
     status = path.stat()
-    if isinstance(path, Path) and not stat.S_ISREG(status.st_mode):
+    # Not isinstance(path, Path): with universal-pathlib 0.2 (Airflow 3.1) ObjectStoragePath is a Path.
+    if not isinstance(path, ObjectStoragePath) and not stat.S_ISREG(status.st_mode):
         raise ClinikoInputError(
             f"file_path {text!r} is not a regular file (a FIFO, socket or device has no size to upload "
             "from): write the report to a regular file and give its path."
@@ -110,10 +111,10 @@ def resolve_source(file_path: str | os.PathLike[str]) -> UploadSource:
             f"{error.strerror or error}). Give the worker's user read access to it (e.g. chmod a+r) or "
             "check the storage's credentials."
         ) from None
-    if isinstance(path, Path):
-        content = content_identity(size, mtime_ns=os.stat(path).st_mtime_ns)
-    else:
+    if isinstance(path, ObjectStoragePath):
         content = content_identity(size, _storage_info(path))
+    else:
+        content = content_identity(size, mtime_ns=os.stat(path).st_mtime_ns)
     return UploadSource(
         uri=text, name=path.name, size=size, opener=partial(_open_binary, path), content=content
     )
