@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 from typing import Any
 
 import pendulum
@@ -41,6 +42,9 @@ from airflow.sdk import ObjectStoragePath, dag, task
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoBatchUploadOperator
 
+# Seconds between checks while Cliniko processes the files. `make demo` sets 2 to finish sooner;
+# at night, 15 keeps the requests few.
+POLL_INTERVAL = float(os.environ.get("CLINIKO_EXAMPLE_POLL_INTERVAL", "15"))
 CLINIKO_CONN_ID = "cliniko_default"
 CLINIKO_POOL = "cliniko_api"
 BATCH_SIZE = 100  # reports per upload task
@@ -210,7 +214,7 @@ def cliniko_nightly_report_export() -> None:
         # resolve_patients already checked, in bulk, what is attached for this date; the operator looks
         # for its own earlier uploads only when a try is retried or cleared (look_for_existing="on_retry",
         # the default), by description and content: the description shows exactly as written.
-        poll_interval=15,
+        poll_interval=POLL_INTERVAL,
         timeout=3600,
         retries=2,
         retry_delay=pendulum.duration(seconds=30),

@@ -58,6 +58,7 @@ def main() -> int:
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(HERE),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "CLINIKO_EXAMPLE_POLL_INTERVAL": "2",  # the example's 15 s suits a night, not a demo
         }
 
         from cliniko_provider.hooks.cliniko import ClinikoHook
