@@ -261,18 +261,18 @@ def test_under_injected_faults_each_file_is_attached_once(
 ) -> None:
     files = [write_file(tmp_path, f"file {index}.csv", 1000 + index) for index in range(12)]
     with sandbox_faults(sandbox, fail_rate=0.2, throttle_rate=0.1):
-        for path in files:
+        for index, path in enumerate(files):
             for attempt in range(1, 5):  # the task's own retries
                 try:
-                    upload(hook, patient, path)
+                    upload(hook, patient, path, try_number=attempt, description=f"report {index}")
                     break
                 except AirflowFailException:
                     raise
                 except ClinikoError:
                     if attempt == 4:
                         raise
-    names = sorted(str(item["description"]) for item in attachments(hook, patient))
-    assert len(names) == len(files) == len(set(names))
+    descriptions = sorted(str(item["description"]) for item in attachments(hook, patient))
+    assert descriptions == sorted(f"report {index}" for index in range(len(files)))
 
 
 @pytest.fixture(scope="module")
