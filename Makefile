@@ -67,6 +67,8 @@ COMPAT ?= py310-af31 py313-newest
 
 test-compat: $(COMPAT:%=test-compat-%)
 
+.PRECIOUS: .venv-%/.installed  # keep the compat venvs' stamps: make would delete them as intermediates
+
 test-compat-%: .venv-%/.installed
 	.venv-$*/bin/python -c 'import sys, airflow; print("$*: Python", sys.version.split()[0], "Airflow", airflow.__version__)'
 	.venv-$*/bin/pytest -q -p no:cacheprovider

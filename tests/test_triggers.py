@@ -147,8 +147,11 @@ def make_hook(conn_id: str, *, transport: httpx.MockTransport, time: FakeTime) -
     return ClinikoAsyncHook(conn_id, asleep=time.asleep, clock=time, rand=lambda: 0.0, transport=transport)
 
 
-async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    """Let the event loop run until ``condition()`` holds; fail after ``timeout`` real seconds."""
+async def until(condition: Callable[[], object], timeout: float = 30.0) -> None:
+    """Let the event loop run until ``condition()`` holds; fail after ``timeout`` real seconds.
+
+    Generous, because the budget's file work runs in a thread that a loaded machine can delay.
+    """
 
     async def poll() -> None:
         while not condition():
