@@ -47,10 +47,10 @@ def run_two_machines(work: Path, redis: RedisServer, **extra: str) -> dict[str, 
 @pytest.mark.timeout(500)
 def test_two_machines_share_one_budget_through_redis_and_collide_without(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as redis:
-        shared = run_two_machines(tmp_path / "shared", redis, redis_conn_id="rate_redis")
+        shared = run_two_machines(tmp_path / "with-redis", redis, redis_conn_id="rate_redis")
         alone = run_two_machines(tmp_path / "alone", redis)
     print(f"with redis_conn_id: {shared['rate_limited']} answers 429; without: {alone['rate_limited']}")
-    shared_finished = finish_times([tmp_path / "shared" / name for name in ("m1", "m2")])
+    shared_finished = finish_times([tmp_path / "with-redis" / name for name in ("m1", "m2")])
     assert len(shared_finished) == 2 * EACH
     assert shared["rate_limited"] == 0
     assert shared["requests_total"] == 2 * EACH  # no request was repeated
