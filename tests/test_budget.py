@@ -14,6 +14,7 @@ import pytest
 
 from cliniko_provider.utils.budget import (
     PROCESS_BUDGETS,
+    SETTLE_TOLERANCE,
     SHARE_RETRY_AFTER,
     WINDOW,
     Budgets,
@@ -42,6 +43,48 @@ def test_window_books_exactly_the_limit_then_waits_for_the_oldest_to_leave() -> 
     assert [window.reserve(NOW), window.reserve(NOW + 1)] == [0, 0]
     assert window.reserve(NOW + 2) == pytest.approx(WINDOW - 2)
     assert window.limit == 2 and SlidingWindow(0.5, 1).limit == 1
+
+
+def test_settle_moves_a_slot_to_its_answer_and_keeps_the_window_in_order() -> None:
+    window = SlidingWindow(per_minute=3, max_block=65)
+    assert [window.reserve(NOW), window.reserve(NOW + 1), window.reserve(NOW + 2)] == [0, 0, 0]
+    window.settle(NOW, NOW + 5)
+    assert window.sent == [NOW + 1, NOW + 2, NOW + 5]
+    assert window.reserve(NOW + 3) == pytest.approx(WINDOW - 2)  # the oldest is now the one sent at +1
+
+
+def test_settle_never_moves_a_slot_earlier_nor_touches_other_slots() -> None:
+    window = SlidingWindow(per_minute=3, max_block=65)
+    window.reserve(NOW)
+    window.reserve(NOW + 1)
+    window.settle(NOW + 1, NOW + 0.5)  # an answer "before" its booking (a clock step): kept at the booking
+    window.settle(NOW + 0.5, NOW + 9)  # nothing booked then
+    assert window.sent == [NOW, NOW + 1]
+
+
+@pytest.mark.parametrize(
+    ("offset", "moved"),
+    [
+        (SETTLE_TOLERANCE / 2, True),
+        (-SETTLE_TOLERANCE / 2, True),
+        (SETTLE_TOLERANCE * 1.5, False),
+        (-SETTLE_TOLERANCE * 1.5, False),
+    ],
+)
+def test_settle_finds_its_slot_within_the_tolerance_only(offset: float, moved: bool) -> None:
+    window = SlidingWindow(per_minute=3, max_block=65)
+    window.reserve(NOW)
+    window.settle(NOW + offset, NOW + 5)
+    assert window.sent == ([NOW + 5] if moved else [NOW])
+
+
+def test_settle_moves_a_booked_ahead_slot_in_a_full_window() -> None:
+    window = SlidingWindow(per_minute=1, max_block=65)
+    window.reserve(NOW)
+    wait = window.reserve(NOW + 1)  # booked for NOW + WINDOW
+    window.settle(NOW, NOW + 0.2)
+    window.settle(NOW + 1 + wait, NOW + WINDOW + 3)
+    assert window.sent == [NOW + 0.2, NOW + WINDOW + 3]
 
 
 def test_window_hold_is_bounded_by_max_block_and_ignores_non_finite() -> None:
@@ -103,6 +146,13 @@ def test_two_machine_budgets_share_one_window(tmp_path: Path) -> None:
     assert [one.reserve(NOW), two.reserve(NOW)] == [0, 0]
     assert one.reserve(NOW + 1) == pytest.approx(WINDOW - 1)
     assert two.sharing and one.sharing
+
+
+def test_a_settled_slot_is_seen_by_the_other_processes(tmp_path: Path) -> None:
+    one, two = machine(tmp_path, per_minute=1), machine(tmp_path, per_minute=1)
+    assert one.reserve(NOW) == 0
+    one.settle(NOW, NOW + 10)
+    assert two.reserve(NOW + 20) == pytest.approx(WINDOW - 10)
 
 
 def test_machine_budget_lock_makes_concurrent_bookings_count(tmp_path: Path) -> None:
@@ -252,7 +302,9 @@ async def test_async_path_runs_file_work_off_the_event_loop(
     monkeypatch.setattr(budget, "_open", spy)
     assert await budget.areserve(NOW) == 0
     await budget.ablock_until(NOW + 5)
-    assert len(seen) == 2 and loop_thread not in seen
+    await budget.asettle(NOW, NOW + 1)
+    assert len(seen) == 3 and loop_thread not in seen
+    assert json.loads(budget.path.read_text())["sent"] == [NOW + 1]
     assert await budget.areserve(NOW) == pytest.approx(budget._clock() + 5 - NOW)
 
 
@@ -262,6 +314,8 @@ async def test_process_budget_async_twins() -> None:
     await budget.ablock_until(NOW + 100)
     assert await budget.areserve(NOW) == pytest.approx(WINDOW)
     assert asyncio.get_running_loop()
+    await budget.asettle(NOW + WINDOW, NOW + WINDOW + 30)
+    assert await budget.areserve(NOW) == pytest.approx(2 * WINDOW + 30)
 
 
 def test_budget_for_gives_one_budget_per_key_and_limits() -> None:

@@ -57,6 +57,10 @@ class CountingBudget(ProcessBudget):
         self.calls += 1
         super().block_until(until)
 
+    def settle(self, booked: float, answered: float) -> None:
+        self.calls += 1
+        super().settle(booked, answered)
+
 
 def cluster(kid: str, per_minute: float = 3, max_block: float = 65, now: float = 1000.0) -> RedisBudget:
     """One process's view of the cluster budget (each call makes another process's, own client)."""
@@ -72,7 +76,7 @@ def test_window_books_exactly_the_limit_then_waits_for_the_oldest(redis_conn: Re
     budget = cluster(kid, per_minute=3)
     assert [budget.reserve(1000.0), budget.reserve(1000.5), budget.reserve(1001.0)] == [0.0, 0.0, 0.0]
     assert budget.reserve(1002.0) == 1000.0 + WINDOW - 1002.0  # the 4th goes when the 1st leaves
-    # At exactly 1061 the first send leaves the window; the 4th (booked for 1061) is in it, so the
+    # At exactly 1000 + WINDOW the first send leaves the window; the 4th (booked then) is in it, so the
     # 5th waits for the second send (1000.5) to leave.
     assert budget.reserve(1000.0 + WINDOW) == 0.5
     assert budget.fallback.calls == 0  # type: ignore[attr-defined]
@@ -157,6 +161,38 @@ async def test_async_path_shares_the_window_and_the_hold(redis_conn: RedisServer
     assert async_budget.fallback.calls == 0  # type: ignore[attr-defined]
 
 
+def test_a_settled_slot_counts_from_its_answer_for_every_process(redis_conn: RedisServer, kid: str) -> None:
+    one, two = cluster(kid, per_minute=1), cluster(kid, per_minute=1)
+    assert one.reserve(1000.0) == 0.0
+    one.settle(1000.0 + 0.0005, 1010.0)  # found within the tolerance
+    assert two.reserve(1020.0) == 1010.0 + WINDOW - 1020.0
+    client = redis.Redis.from_url(redis_conn.url)
+    window = redis_keys(kid)[0]
+    before = client.zrange(window, 0, -1, withscores=True)
+    two.settle(1005.0, 1090.0)  # nothing booked then: no change
+    two.settle(1010.0 + WINDOW, 1000.0)  # never earlier than booked
+    assert client.zrange(window, 0, -1, withscores=True) == before
+    assert one.fallback.calls == two.fallback.calls == 0  # type: ignore[attr-defined]
+
+
+def test_settle_keeps_the_window_in_redis_a_window_long(redis_conn: RedisServer, kid: str) -> None:
+    budget = cluster(kid, per_minute=5)
+    assert budget.reserve(1000.0) == 0.0
+    client = redis.Redis.from_url(redis_conn.url)
+    window = redis_keys(kid)[0]
+    client.pexpire(window, 1000)
+    budget.settle(1000.0, 1003.0)
+    assert WINDOW * 1000 - 1000 < client.pttl(window) <= WINDOW * 1000
+
+
+async def test_async_settle_is_shared(redis_conn: RedisServer, kid: str) -> None:
+    one, two = cluster(kid, per_minute=1), cluster(kid, per_minute=1)
+    assert await one.areserve(1000.0) == 0.0
+    await one.asettle(1000.0, 1004.0)
+    assert await two.areserve(1010.0) == 1004.0 + WINDOW - 1010.0
+    assert one.fallback.calls == 0  # type: ignore[attr-defined]
+
+
 async def test_async_reservations_never_exceed(redis_conn: RedisServer, kid: str) -> None:
     budget = cluster(kid, per_minute=10)
     waits = await asyncio.gather(*(budget.areserve(1000.0) for _ in range(25)))
@@ -198,6 +234,10 @@ def test_damaged_window_in_redis_falls_back_without_failing(
     assert budget.fallback.calls == 1  # type: ignore[attr-defined]
     assert len(warnings(caplog)) == 1
     assert "WRONGTYPE" in warnings(caplog)[0]
+    settling = cluster(kid)
+    settling.settle(1000.0, 1001.0)
+    assert settling.fallback.calls == 1  # type: ignore[attr-defined]
+    assert settling.shared is False
 
 
 def test_unreachable_redis_falls_back_warns_once_and_comes_back(
@@ -211,7 +251,10 @@ def test_unreachable_redis_falls_back_warns_once_and_comes_back(
     fallback = budget.fallback
     assert [budget.reserve(1000.0), budget.reserve(1001.0)] == [0.0, 0.0]
     assert budget.reserve(1002.0) == 1000.0 + WINDOW - 1002.0  # the machine budget paces meanwhile
-    assert fallback.calls == 3  # type: ignore[attr-defined]
+    budget.settle(1000.0, 1001.5)  # settles where it booked: on the machine budget
+    assert fallback.calls == 4  # type: ignore[attr-defined]
+    fallback_sent = fallback._window.sent  # type: ignore[attr-defined]
+    assert fallback_sent == [1001.0, 1001.5, 1000.0 + WINDOW]
     assert budget.shared is False
     (warning,) = warnings(caplog)
     assert REDIS_CONN in warning
@@ -219,16 +262,16 @@ def test_unreachable_redis_falls_back_warns_once_and_comes_back(
     with server:
         # Redis is up again, but the budget rests on the machine budget until its retry time...
         assert budget.reserve(1000.0 + budget_redis.RETRY_REDIS_AFTER - 0.001) > 0
-        assert fallback.calls == 4  # type: ignore[attr-defined]
+        assert fallback.calls == 5  # type: ignore[attr-defined]
         # ...then the cluster budget is back (an empty window: the machine's bookings stayed local).
         assert budget.reserve(1000.0 + budget_redis.RETRY_REDIS_AFTER) == 0.0
-        assert fallback.calls == 4  # type: ignore[attr-defined]
+        assert fallback.calls == 5  # type: ignore[attr-defined]
         assert budget.shared is True
         assert any("sharing resumed" in r.getMessage() for r in caplog.records)
         server.kill()
         # Down again: the machine budget serves; still the one warning of this process.
         budget.reserve(2000.0)
-        assert fallback.calls == 5  # type: ignore[attr-defined]
+        assert fallback.calls == 6  # type: ignore[attr-defined]
     assert len(warnings(caplog)) == 1
 
 
@@ -242,7 +285,9 @@ async def test_unreachable_redis_async_falls_back(
     assert await budget.areserve(1000.0) == 0.0
     await budget.ablock_until(1010.0)
     assert await budget.areserve(1001.0) == 1000.0 + WINDOW - 1001.0  # the machine's window, held too
-    assert budget.fallback.calls == 3  # type: ignore[attr-defined]
+    await budget.asettle(1000.0, 1002.0)
+    assert budget.fallback.calls == 4  # type: ignore[attr-defined]
+    assert budget.fallback._window.sent == [1002.0, 1000.0 + WINDOW]  # type: ignore[attr-defined]
     assert len(warnings(caplog)) == 1
 
 

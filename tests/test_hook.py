@@ -25,7 +25,7 @@ from cliniko_provider.exceptions import (
     ClinikoValidationError,
 )
 from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
-from cliniko_provider.utils.budget import PROCESS_BUDGETS, MachineBudget, ProcessBudget
+from cliniko_provider.utils.budget import PROCESS_BUDGETS, WINDOW, MachineBudget, ProcessBudget
 from cliniko_provider.utils.retry import RetryPolicy
 from tests.conftest import connection_json
 from tests.fake_http import Answer, FakeClock, ScriptedAdapter
@@ -301,7 +301,7 @@ def test_rate_budget_holds_the_201st_request_until_the_window_frees() -> None:
     budget = ProcessBudget(per_minute=200, max_block=65)
     waits = [budget.reserve(now=1000.0 + i * 0.01) for i in range(200)]
     assert waits == [0.0] * 200
-    assert budget.reserve(now=1010.0) == pytest.approx(51.0)  # the first slot frees at 1000 + 61
+    assert budget.reserve(now=1010.0) == pytest.approx(WINDOW - 10)  # the first slot frees at 1000 + WINDOW
 
 
 def test_rate_budget_is_shared_through_its_file(tmp_path: Path) -> None:
@@ -309,7 +309,7 @@ def test_rate_budget_is_shared_through_its_file(tmp_path: Path) -> None:
     clock = FakeClock(100.0)
     worker, triggerer = (MachineBudget("k", 3, 65, state_dir=tmp_path, clock=clock) for _ in range(2))
     assert [worker.reserve(now=100.0), triggerer.reserve(now=100.5), worker.reserve(now=101.0)] == [0, 0, 0]
-    assert triggerer.reserve(now=102.0) == pytest.approx(59.0)  # frees when the first leaves the window
+    assert triggerer.reserve(now=102.0) == pytest.approx(WINDOW - 2)  # frees when the first leaves the window
     clock.now = 400.0
     worker.block_until(430.0)
     assert triggerer.reserve(now=400.0) == pytest.approx(30.0)

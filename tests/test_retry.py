@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from cliniko_provider.utils.budget import ProcessBudget
+from cliniko_provider.utils.budget import WINDOW, ProcessBudget
 from cliniko_provider.utils.retry import (
     API_CALL,
     API_CREATE,
@@ -236,7 +236,35 @@ def test_paced_calls_wait_for_the_budget_before_each_attempt() -> None:
     run = runner(clock, per_minute=1)
     attempt = script(clock, failure(500), "ok")
     assert run.run("GET /x", attempt) == "ok"
-    assert attempt.calls == [NOW, NOW + 61]  # the second attempt waited for the window, not only 0.75 s
+    assert attempt.calls == [NOW, NOW + WINDOW]  # the second attempt waited for the window, not only 0.75 s
+
+
+def test_a_slot_counts_from_its_answer_not_from_its_booking() -> None:
+    # A request that went out late or took long was counted by Cliniko some time before its answer:
+    # the next request of a full window waits a window from the answer.
+    clock = FakeClock(NOW)
+    run = runner(clock, per_minute=1)
+
+    def slow() -> str:
+        clock.now += 7.5
+        return "ok"
+
+    assert run.run("GET /slow", slow) == "ok"
+    attempt = script(clock, "ok")
+    assert run.run("GET /x", attempt) == "ok"
+    assert attempt.calls == [NOW + 7.5 + WINDOW]
+
+
+async def test_async_slots_count_from_their_answers_too() -> None:
+    clock = FakeClock(NOW)
+    run = runner(clock, per_minute=1)
+
+    async def slow() -> str:
+        clock.now += 3.0
+        return "ok"
+
+    assert await run.arun("GET /slow", slow) == "ok"
+    assert await run.budget.areserve(clock.now) == pytest.approx(WINDOW)
 
 
 def test_refresh_is_called_before_the_next_attempt() -> None:
@@ -308,9 +336,9 @@ def test_runner_logs_its_pacing(caplog: pytest.LogCaptureFixture) -> None:
     run.run("GET /x", script(clock, "a"))
     run.run("GET /x", script(clock, "b"))
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
-        ("INFO", "Pacing requests to stay under Cliniko's rate limit: waiting 61.0 s")
+        ("INFO", f"Pacing requests to stay under Cliniko's rate limit: waiting {WINDOW:.1f} s")
     ]
-    assert clock.sleeps == [61]
+    assert clock.sleeps == [WINDOW]
 
 
 async def test_async_runner_paces_and_shares_like_the_sync_one(caplog: pytest.LogCaptureFixture) -> None:
@@ -323,8 +351,8 @@ async def test_async_runner_paces_and_shares_like_the_sync_one(caplog: pytest.Lo
         return answers.pop(0)
 
     assert await run.arun("GET /x", attempt) == "done"
-    assert clock.sleeps == [5, 56]  # the reset, then the window's free slot
-    assert "waiting 56.0 s" in caplog.text
+    assert clock.sleeps == [5, WINDOW - 5]  # the reset, then the window's free slot
+    assert f"waiting {WINDOW - 5:.1f} s" in caplog.text
 
 
 async def test_async_unpaced_calls_book_nothing_and_share_nothing() -> None:

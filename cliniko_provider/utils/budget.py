@@ -1,8 +1,11 @@
 """The rate budget of one API key: one small interface, and backends for a process or a machine.
 
 Cliniko allows 200 requests a minute per API key. Every request first books a slot in the key's
-budget (``reserve``); after a 429 with a sane reset, every user of the key holds back until then
-(``block_until``). Backends:
+budget (``reserve``) and, once answered, moves the slot to the time of its answer (``settle``):
+Cliniko counted the request at some moment before it answered, so measuring the window from the
+answer keeps every pair of requests 200 apart more than a minute apart however late a request
+went out (a busy worker, a slow network). After a 429 with a sane reset, every user of the key
+holds back until then (``block_until``). Backends:
 
 - :class:`ProcessBudget`: this process only.
 - :class:`MachineBudget` (the default): every process of this OS user on this machine, through a
@@ -14,6 +17,7 @@ budget (``reserve``); after a 429 with a sane reset, every user of the key holds
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import fcntl
 import hashlib
@@ -31,7 +35,8 @@ from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
-WINDOW = 61.0  # one second more than Cliniko's minute: arrival times trail send times a little
+WINDOW = 60.5  # Cliniko's minute, and half a second for a request booked before an older one was answered
+SETTLE_TOLERANCE = 1e-3  # seconds: a booked time handed back to settle matches its slot within this
 SHARE_RETRY_AFTER = 60.0  # seconds before a machine budget that could not share tries again
 STATE_DIR_ENV = "CLINIKO_RATE_STATE_DIR"
 
@@ -47,12 +52,20 @@ class RateBudget(Protocol):
         """Hold every request on the key until ``until`` (after a 429 whose reset is sane)."""
         ...
 
+    def settle(self, booked: float, answered: float) -> None:
+        """Move the slot booked for ``booked`` (``now`` + the wait ``reserve`` gave) to ``answered``."""
+        ...
+
     async def areserve(self, now: float) -> float:
         """:meth:`reserve`, never blocking the event loop."""
         ...
 
     async def ablock_until(self, until: float) -> None:
         """:meth:`block_until`, never blocking the event loop."""
+        ...
+
+    async def asettle(self, booked: float, answered: float) -> None:
+        """:meth:`settle`, never blocking the event loop."""
         ...
 
 
@@ -161,6 +174,17 @@ class SlidingWindow:
         self.sent.append(start)
         return start - now
 
+    def settle(self, booked: float, answered: float) -> None:
+        """Move the slot booked for ``booked`` to ``answered`` (never earlier); no slot there, no change.
+
+        :param booked: the time the slot was booked for.
+        :param answered: the UNIX time the request's answer (or failure) came.
+        """
+        index = bisect.bisect_left(self.sent, booked - SETTLE_TOLERANCE)
+        if index < len(self.sent) and self.sent[index] <= booked + SETTLE_TOLERANCE:
+            moved = max(self.sent.pop(index), answered)
+            bisect.insort(self.sent, moved)
+
     def block_until(self, until: float, now: float) -> None:
         """Hold every request until ``until``, at most ``max_block`` seconds after ``now``.
 
@@ -201,7 +225,7 @@ def _is_number(value: object) -> bool:
 class ProcessBudget:
     """A budget of this process alone.
 
-    :param per_minute: requests allowed in any 61-second window.
+    :param per_minute: requests allowed in any window of ``WINDOW`` seconds.
     :param max_block: the longest hold after a 429, in seconds.
     :param clock: the current UNIX time (bounds holds set without a ``now``).
     """
@@ -227,6 +251,15 @@ class ProcessBudget:
         with self._lock:
             self._window.block_until(until, self._clock())
 
+    def settle(self, booked: float, answered: float) -> None:
+        """Move the slot booked for ``booked`` to ``answered``.
+
+        :param booked: the time the slot was booked for.
+        :param answered: the UNIX time the answer came.
+        """
+        with self._lock:
+            self._window.settle(booked, answered)
+
     async def areserve(self, now: float) -> float:
         """Book one slot (memory only, so safe on the event loop).
 
@@ -240,6 +273,14 @@ class ProcessBudget:
         :param until: UNIX time.
         """
         self.block_until(until)
+
+    async def asettle(self, booked: float, answered: float) -> None:
+        """Move a slot to its answer's time (memory only).
+
+        :param booked: the time the slot was booked for.
+        :param answered: the UNIX time the answer came.
+        """
+        self.settle(booked, answered)
 
 
 class SharingError(OSError):
@@ -257,7 +298,7 @@ class MachineBudget:
     the file work in a thread, so the event loop never waits on a lock or a disk.
 
     :param kid: the key's identifier (see :func:`key_id`).
-    :param per_minute: requests allowed in any 61-second window.
+    :param per_minute: requests allowed in any window of ``WINDOW`` seconds.
     :param max_block: the longest hold after a 429, in seconds.
     :param state_dir: the directory; default from the environment, read at each use.
     :param clock: the current UNIX time (bounds holds set without a ``now``).
@@ -310,6 +351,14 @@ class MachineBudget:
         now = self._clock()
         self._with_state(now, lambda window: window.block_until(until, now))
 
+    def settle(self, booked: float, answered: float) -> None:
+        """Move the slot booked for ``booked`` to ``answered``, for every process of the machine.
+
+        :param booked: the time the slot was booked for.
+        :param answered: the UNIX time the answer came.
+        """
+        self._with_state(self._clock(), lambda window: window.settle(booked, answered))
+
     async def areserve(self, now: float) -> float:
         """:meth:`reserve` in a thread.
 
@@ -323,6 +372,14 @@ class MachineBudget:
         :param until: UNIX time.
         """
         await asyncio.to_thread(self.block_until, until)
+
+    async def asettle(self, booked: float, answered: float) -> None:
+        """:meth:`settle` in a thread.
+
+        :param booked: the time the slot was booked for.
+        :param answered: the UNIX time the answer came.
+        """
+        await asyncio.to_thread(self.settle, booked, answered)
 
     def _with_state(self, now: float, change: Callable[[SlidingWindow], T]) -> T:
         """Apply ``change`` to the shared state (or to this process's own, when it cannot be shared)."""

@@ -4,7 +4,7 @@ Every worker on every machine and every triggerer that names the same Airflow Re
 (``redis_conn_id`` in the Cliniko connection's extras) books its requests in one window per key, kept
 in Redis and changed atomically by a Lua script; a 429's reset holds the key for all of them at once.
 Nothing secret goes into Redis: the keys are named by a hash of the API key, the values are times
-(the window's members are sequence numbers, scored by their send times).
+(the window's members are sequence numbers, scored by their send times, then by their answers).
 
 Redis is a helper, never a dependency of an upload: every call is bounded by short timeouts, and when
 Redis cannot be reached (or answers nonsense) the budget falls back to the machine budget, logs one
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cliniko_provider.utils.budget import WINDOW, RateBudget
+from cliniko_provider.utils.budget import SETTLE_TOLERANCE, WINDOW, RateBudget
 
 if TYPE_CHECKING:
     import redis
@@ -80,6 +80,25 @@ return 1
 """
 
 
+# KEYS: the window. ARGV: booked, answered, tolerance, window length. Moves the slot booked for
+# `booked` to `answered` (never earlier); keeps the window at least one window length longer.
+SETTLE_SCRIPT = """
+local booked = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[3])
+local found = redis.call('ZRANGEBYSCORE', KEYS[1], booked - tolerance, booked + tolerance, 'LIMIT', 0, 1)
+if not found[1] then
+  return 0
+end
+local moved = math.max(booked, tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], 'XX', string.format('%.17g', moved), found[1])
+local ttl = math.ceil(tonumber(ARGV[4]) * 1000)
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+
+
 def redis_keys(kid: str) -> list[str]:
     """Return the Redis keys of one API key's budget: window, hold, sequence counter.
 
@@ -119,7 +138,7 @@ class RedisBudget:
     """A budget shared by every process that reaches the same Redis: workers on any machine, triggerers.
 
     :param kid: the key's identifier (a hash of the API key).
-    :param per_minute: requests allowed in any 61-second window.
+    :param per_minute: requests allowed in any window of ``WINDOW`` seconds.
     :param max_block: the longest hold after a 429, in seconds (a longer one is cut to this).
     :param redis_conn_id: the Airflow connection (type ``redis``) of the shared Redis.
     :param fallback: the budget used while Redis cannot be reached (the machine budget).
@@ -143,8 +162,8 @@ class RedisBudget:
         self._clock = clock or time.time
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
-        self._scripts: tuple[Script, Script] | None = None
-        self._async: tuple[asyncio.AbstractEventLoop, AsyncScript, AsyncScript] | None = None
+        self._scripts: tuple[Script, Script, Script] | None = None
+        self._async: tuple[asyncio.AbstractEventLoop, AsyncScript, AsyncScript, AsyncScript] | None = None
         self._try_again_at = -math.inf
         self._warned = False
         self.shared = True
@@ -159,7 +178,7 @@ class RedisBudget:
         if self._resting(now):
             return self.fallback.reserve(now)
         try:
-            reserve, _ = self._sync_scripts()
+            reserve, _, _ = self._sync_scripts()
             wait = _seconds(reserve(keys=self._keys, args=self._reserve_args(now)))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
@@ -177,7 +196,7 @@ class RedisBudget:
             self.fallback.block_until(until)
             return
         try:
-            _, block = self._sync_scripts()
+            _, block, _ = self._sync_scripts()
             block(keys=self._keys[1:2], args=self._block_args(until, now))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
@@ -185,7 +204,26 @@ class RedisBudget:
             return
         self._reached()
 
-    def _sync_scripts(self) -> tuple[Script, Script]:
+    def settle(self, booked: float, answered: float) -> None:
+        """Move the slot booked for ``booked`` to ``answered``, for the whole cluster.
+
+        :param booked: the time the slot was booked for.
+        :param answered: the UNIX time the answer came.
+        """
+        now = self._clock()
+        if self._resting(now):
+            self.fallback.settle(booked, answered)
+            return
+        try:
+            _, _, settle = self._sync_scripts()
+            settle(keys=self._keys[:1], args=self._settle_args(booked, answered))
+        except Exception as error:  # whatever Redis does, the upload goes on
+            self._fell_back(now, error)
+            self.fallback.settle(booked, answered)
+            return
+        self._reached()
+
+    def _sync_scripts(self) -> tuple[Script, Script, Script]:
         with self._lock:
             if self._scripts is None:
                 import redis
@@ -198,6 +236,7 @@ class RedisBudget:
                 self._scripts = (
                     self._client.register_script(RESERVE_SCRIPT),
                     self._client.register_script(BLOCK_SCRIPT),
+                    self._client.register_script(SETTLE_SCRIPT),
                 )
             return self._scripts
 
@@ -211,7 +250,7 @@ class RedisBudget:
         if self._resting(now):
             return await self.fallback.areserve(now)
         try:
-            reserve, _ = await self._async_scripts()
+            reserve, _, _ = await self._async_scripts()
             wait = _seconds(await reserve(keys=self._keys, args=self._reserve_args(now)))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
@@ -229,7 +268,7 @@ class RedisBudget:
             await self.fallback.ablock_until(until)
             return
         try:
-            _, block = await self._async_scripts()
+            _, block, _ = await self._async_scripts()
             await block(keys=self._keys[1:2], args=self._block_args(until, now))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
@@ -237,7 +276,26 @@ class RedisBudget:
             return
         self._reached()
 
-    async def _async_scripts(self) -> tuple[AsyncScript, AsyncScript]:
+    async def asettle(self, booked: float, answered: float) -> None:
+        """:meth:`settle` with the async Redis client.
+
+        :param booked: the time the slot was booked for.
+        :param answered: the UNIX time the answer came.
+        """
+        now = self._clock()
+        if self._resting(now):
+            await self.fallback.asettle(booked, answered)
+            return
+        try:
+            _, _, settle = await self._async_scripts()
+            await settle(keys=self._keys[:1], args=self._settle_args(booked, answered))
+        except Exception as error:  # whatever Redis does, the upload goes on
+            self._fell_back(now, error)
+            await self.fallback.asettle(booked, answered)
+            return
+        self._reached()
+
+    async def _async_scripts(self) -> tuple[AsyncScript, AsyncScript, AsyncScript]:
         # An asyncio client belongs to the event loop it was made in: make one per loop.
         loop = asyncio.get_running_loop()
         if self._async is None or self._async[0] is not loop:
@@ -248,13 +306,21 @@ class RedisBudget:
 
             conn = await RedisHook.aget_connection(self.redis_conn_id)
             client = redis.asyncio.Redis(**client_options(conn), retry=Retry(NoBackoff(), 0))
-            self._async = (loop, client.register_script(RESERVE_SCRIPT), client.register_script(BLOCK_SCRIPT))
-        return self._async[1], self._async[2]
+            self._async = (
+                loop,
+                client.register_script(RESERVE_SCRIPT),
+                client.register_script(BLOCK_SCRIPT),
+                client.register_script(SETTLE_SCRIPT),
+            )
+        return self._async[1], self._async[2], self._async[3]
 
     # --- falling back and coming back -----------------------------------------------------------------
 
     def _reserve_args(self, now: float) -> list[str]:
         return [repr(float(now)), str(self._limit), repr(WINDOW), repr(float(self._max_block))]
+
+    def _settle_args(self, booked: float, answered: float) -> list[str]:
+        return [repr(float(booked)), repr(float(answered)), repr(SETTLE_TOLERANCE), repr(WINDOW)]
 
     def _block_args(self, until: float, now: float) -> list[str]:
         return [repr(float(until)), repr(float(now)), repr(float(self._max_block))]

@@ -300,9 +300,15 @@ class RetryRunner:
         """
         state = CallState()
         while True:
+            booked = None
             if rules.paced:
-                self._pace(self.budget.reserve(self._clock()), self._sleep)
+                now = self._clock()
+                wait = self.budget.reserve(now)
+                self._pace(wait, self._sleep)
+                booked = now + wait
             result = attempt()
+            if booked is not None:
+                self.budget.settle(booked, self._clock())
             if not isinstance(result, Failure):
                 return result
             decision = self._decide(what, result, rules, state, can_refresh=refresh is not None)
@@ -329,12 +335,17 @@ class RetryRunner:
             raise TypeError("RetryRunner.arun needs asleep")
         state = CallState()
         while True:
+            booked = None
             if rules.paced:
-                wait = await self.budget.areserve(self._clock())
+                now = self._clock()
+                wait = await self.budget.areserve(now)
                 if wait > 0:
                     self._log_pacing(wait)
                     await self._asleep(wait)
+                booked = now + wait
             result = await attempt()
+            if booked is not None:
+                await self.budget.asettle(booked, self._clock())
             if not isinstance(result, Failure):
                 return result
             decision = self._decide(what, result, rules, state, can_refresh=False)

@@ -89,6 +89,56 @@ class CpuSampler:
         return sum(value - base.get(key, 0.0) for key, value in self.seen.get(group, {}).items())
 
 
+class RequestTimeline:
+    """Samples the sandbox's request counts every second while a run lasts, to show where time goes.
+
+    :param stats_url: the sandbox's ``/_sandbox/stats``.
+    """
+
+    def __init__(self, stats_url: str, interval: float = 1.0) -> None:
+        self.stats_url = stats_url
+        self.interval = interval
+        self.samples: list[tuple[float, int, int, int]] = []  # (time, API requests, creates, 429s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                stats = requests.get(self.stats_url, timeout=5).json()
+            except (requests.RequestException, ValueError):
+                continue
+            by_route = stats.get("requests_by_route", {})
+            api = sum(int(count) for route, count in by_route.items() if " /v1/" in route)
+            creates = int(by_route.get("POST /v1/patient_attachments", 0))
+            self.samples.append((time.monotonic(), api, creates, int(stats.get("rate_limited") or 0)))
+
+    def __enter__(self) -> RequestTimeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def phases(self, started: float) -> dict[str, float]:
+        """Seconds from the trigger to the first uploads and to the last create; the request rate between."""
+        if not self.samples:
+            return {}
+        uploading = [sample for sample in self.samples if sample[2] > 0]
+        if not uploading:
+            return {}
+        last_create = max(self.samples, key=lambda sample: sample[2])[2]
+        done = next(sample for sample in self.samples if sample[2] == last_create)
+        first = uploading[0]
+        span = max(done[0] - first[0], 1e-9)
+        return {
+            "first_uploads": first[0] - started,
+            "last_create": done[0] - started,
+            "per_minute": (done[1] - first[1]) / span * 60,
+        }
+
+
 def trigger_with_conf(stack: Any, run_id: str, conf: dict[str, Any], work: Path) -> None:
     """Trigger the DAG with a conf too large for one command-line argument (as ``airflow dags trigger``)."""
     conf_file = work / f"{run_id}-conf.json"
@@ -149,7 +199,8 @@ def run(reports: int, raised: bool) -> dict[str, Any]:
             conf = {"patients": rows, "report_root": (work / "reports").as_uri()}
             roots = {name: stack.processes[name].pid for name in ("scheduler", "triggerer")}
             roots["sandbox"] = sandbox.pid
-            with CpuSampler(roots) as cpu:
+            timeline = RequestTimeline(f"{sandbox.root_url}/_sandbox/stats")
+            with CpuSampler(roots) as cpu, timeline:
                 started = time.monotonic()
                 trigger_with_conf(stack, "economy", conf, work)
                 stack.wait_for(
@@ -187,6 +238,7 @@ def run(reports: int, raised: bool) -> dict[str, Any]:
         "rate_limited": stats.get("rate_limited"),
         "wall": wall,
         "bound": total / 200 * 60,
+        "phases": timeline.phases(started),
         "cpu": {
             "workers": cpu.seconds("scheduler/children"),
             "scheduler": cpu.seconds("scheduler"),
@@ -214,6 +266,12 @@ def report(result: dict[str, Any]) -> None:
         f"   wall time {result['wall']:.0f} s; rate-limit bound {result['bound']:.0f} s ({ratio:.2f}x"
         + (", target <= 1.10x)" if result["limit"] == "200/60" else "; the limit is raised, so no target)")
     )
+    phases = result.get("phases") or {}
+    if phases:
+        print(
+            f"   first upload requests {phases['first_uploads']:.0f} s after the trigger; last create at "
+            f"{phases['last_create']:.0f} s; {phases['per_minute']:.0f} API requests a minute in between"
+        )
     cpu = result["cpu"]
     print(
         "   CPU per report: "
