@@ -241,3 +241,88 @@ def test_join_upload_url_puts_exactly_one_slash_between(url: str, key: str, join
     from cliniko_provider.utils.s3_form import join_upload_url
 
     assert join_upload_url(url, key) == joined
+
+
+def test_each_part_is_written_byte_for_byte_as_a_browser_writes_it() -> None:
+    raw = b"".join(MultipartBody([("acl", "private")], CountingOpener(b"DATA"), 4, "X-ray.pdf", boundary="B"))
+    assert raw == (
+        b"--B\r\n"
+        b'Content-Disposition: form-data; name="acl"\r\n\r\n'
+        b"private\r\n"
+        b"--B\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="X-ray.pdf"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n"
+        b"DATA\r\n"
+        b"--B--\r\n"
+    )
+
+
+def test_the_file_part_carries_the_content_type_given() -> None:
+    raw = b"".join(make_body(b"%PDF", content_type="application/pdf"))
+    assert b'filename="report.pdf"\r\nContent-Type: application/pdf\r\n\r\n%PDF\r\n' in raw
+
+
+def test_an_empty_file_and_one_byte_chunks_are_sent_exactly() -> None:
+    empty = make_body(b"")
+    assert len(empty) == len(b"".join(empty))
+    assert split_parts(b"".join(empty), "BOUNDARY")[-1][1] == b""
+    seen: list[int] = []
+    body = make_body(b"abc", chunk_size=1, progress=seen.append)
+    assert list(body)[1:-1] == [b"a", b"b", b"c"]
+    assert seen == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("size", "chunk_size"), [(-1, 1024), (10, 0), (-1, 0)])
+def test_a_negative_size_or_empty_chunk_is_refused(size: int, chunk_size: int) -> None:
+    with pytest.raises(ValueError, match=r"^size must be >= 0 and chunk_size >= 1$"):
+        MultipartBody(FIELDS, CountingOpener(b""), size, "f.bin", chunk_size=chunk_size)
+
+
+def test_a_file_that_grew_is_refused_before_any_byte_past_its_size_is_sent() -> None:
+    body = MultipartBody(FIELDS, CountingOpener(b"q" * 2600), 2500, "f.bin", chunk_size=1000)
+    sent: list[bytes] = []
+    with pytest.raises(
+        SourceChangedError, match=r"^the file grew while it was being sent \(beyond 2500 bytes\)$"
+    ):
+        sent.extend(body)
+    assert [len(chunk) for chunk in sent[1:]] == [1000, 1000]
+    with pytest.raises(
+        SourceChangedError, match=r"^the file shrank while it was being sent \(3 of 4 bytes\)$"
+    ):
+        b"".join(MultipartBody(FIELDS, CountingOpener(b"abc"), 4, "f.bin"))
+
+
+def test_a_name_with_a_line_break_is_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match=r"^a multipart name may not contain line breaks or NUL characters$"):
+        quote_parameter("a\nb")
+    assert quote_parameter("X-ray 10X.pdf") == '"X-ray 10X.pdf"'
+
+
+def test_s3_answers_keep_the_key_exactly_and_trim_the_rest() -> None:
+    xml = (
+        "<PostResponse>\n  <Location>\n  https://b/1/k  \n</Location>\n  <Bucket> b </Bucket>\n"
+        "  <Key>  1/  spaced name.pdf  </Key>\n  <ETag/>\n</PostResponse>"
+    )
+    assert parse_s3_xml(xml) == {
+        "_root": "PostResponse",
+        "Location": "https://b/1/k",
+        "Bucket": "b",
+        "Key": "  1/  spaced name.pdf  ",
+        "ETag": "",
+    }
+
+
+def test_an_s3_error_with_an_empty_message_falls_back_to_the_body() -> None:
+    from cliniko_provider.utils.s3_form import s3_error
+
+    body = "<Error><Code>AccessDenied</Code><Message/></Error>"
+    answer = parse_s3_xml(body)
+    assert answer["Message"] == ""
+    assert s3_error(403, answer, body).message == body
+
+
+def test_upload_url_keeps_x_and_slashes_inside_the_url_and_key() -> None:
+    from cliniko_provider.utils.s3_form import join_upload_url
+
+    assert join_upload_url("https://s3.example/BOX/", "X-ray.pdf") == "https://s3.example/BOX/X-ray.pdf"
+    assert join_upload_url("https://s3.example/BOX", "/a/X.pdf") == "https://s3.example/BOX/a/X.pdf"

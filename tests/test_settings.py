@@ -13,6 +13,7 @@ from cliniko_provider.exceptions import ClinikoAnswerError, ClinikoConfigError, 
 from cliniko_provider.utils.settings import (
     KNOWN_SHARDS,
     ClinikoSettings,
+    _warn_unknown_shard,
     normalise_base_url,
     shard_from_api_key,
 )
@@ -48,6 +49,7 @@ def test_malformed_suffix_is_a_clear_error(key: str) -> None:
 
 def test_a_well_formed_unknown_shard_is_used_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     """Cliniko opens shards: any suffix of its shape (two letters, one or two digits) is accepted."""
+    _warn_unknown_shard.cache_clear()  # an earlier run in this process (mutmut runs the suite twice) warned
     for _ in range(3):
         settings = ClinikoSettings.from_connection(Conn(password="secretkey-zz9"))
         assert settings.base_url == "https://api.zz9.cliniko.com/v1"
@@ -299,3 +301,26 @@ def test_malformed_redis_conn_id_names_the_field_and_the_fix(value: object) -> N
     extra = {"user_agent": UA, "redis_conn_id": value}
     with pytest.raises(ClinikoConfigError, match=r"'redis_conn_id' must be the id of an Airflow connection"):
         ClinikoSettings.from_connection(Conn(password="key-au1", extra_dejson=extra))
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("http://127.0.0.1\\x/v1", "holds a backslash, which clients read differently"),
+        ("127.0.0.1:8765/v1", "has no scheme (http:// or https://)"),
+        ("ftp://127.0.0.1/v1", "is not an http(s) URL"),
+        ("http:///v1", "is not an http(s) URL"),
+        (
+            "http://u@127.0.0.1/v1",
+            "holds a user name or password before '@'; the API key goes in the Password field",
+        ),
+        ("http://127.0.0.1:65536/v1", "has a port that is not a number from 0 to 65535"),
+    ],
+)
+def test_a_refused_host_is_named_with_the_problem_and_an_example(host: str, problem: str) -> None:
+    with pytest.raises(ClinikoConfigError) as error:
+        normalise_base_url(host)
+    assert str(error.value) == (
+        f"The Cliniko connection's host {host!r} {problem}: give a base URL such as "
+        "http://127.0.0.1:8765/v1 (the sandbox), or leave it empty for Cliniko."
+    )
