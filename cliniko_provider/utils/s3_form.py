@@ -115,7 +115,7 @@ class MultipartBody:
         sent = 0
         with self._opener() as source:
             while True:
-                chunk = source.read(min(self.chunk_size, self.size - sent + 1))
+                chunk = source.read(self.chunk_size)
                 if not chunk:
                     break
                 sent += len(chunk)
