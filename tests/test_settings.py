@@ -324,3 +324,78 @@ def test_a_refused_host_is_named_with_the_problem_and_an_example(host: str, prob
         f"The Cliniko connection's host {host!r} {problem}: give a base URL such as "
         "http://127.0.0.1:8765/v1 (the sandbox), or leave it empty for Cliniko."
     )
+
+
+def test_a_key_with_dashes_takes_the_shard_after_the_last_one() -> None:
+    assert shard_from_api_key("MS0x-LWFi-Y2Rl-uk2") == "uk2"
+    assert (
+        ClinikoSettings.from_connection(Conn(password="a-b-ca1")).base_url == "https://api.ca1.cliniko.com/v1"
+    )
+
+
+def test_a_malformed_shard_suffix_says_how_a_key_ends_and_where_to_copy_it() -> None:
+    with pytest.raises(ClinikoConfigError) as error:
+        shard_from_api_key("abc-AU1")
+    assert str(error.value) == (
+        "The Cliniko API key's shard suffix is malformed: a key ends with '-' and a shard such as '-au1' or "
+        "'-uk2'. Copy the whole key from Cliniko (My Info > Manage API keys)."
+    )
+
+
+def test_plain_http_refusal_names_the_host_and_the_fix() -> None:
+    with pytest.raises(ClinikoConfigError) as error:
+        normalise_base_url("http://cliniko.example.com/v1")
+    assert str(error.value) == (
+        "Plain http:// is refused for the non-loopback host 'cliniko.example.com': Cliniko requires TLS. "
+        "Use https://, or leave the host empty to reach Cliniko directly."
+    )
+
+
+def test_a_host_path_keeps_its_own_characters_and_loses_only_trailing_slashes() -> None:
+    assert (
+        normalise_base_url("https://proxy.example.com/cliniko-X//") == "https://proxy.example.com/cliniko-X"
+    )
+    assert normalise_base_url("http://127.0.0.1:65535/") == "http://127.0.0.1:65535/v1"
+
+
+def test_the_defaults_of_the_numeric_extras() -> None:
+    settings = ClinikoSettings.from_connection(Conn(password="k-au1"))
+    assert settings.conn_id == "cliniko_default"
+    assert (settings.max_attempts, settings.max_rate_limit_wait, settings.timeout) == (5, 65.0, 60.0)
+    assert (settings.requests_per_minute, settings.redis_conn_id) == (200.0, None)
+
+
+def test_extra_handed_over_as_a_json_string_is_read() -> None:
+    """Some secrets backends give ``extra_dejson`` as the JSON text itself."""
+    extra: Any = '{"user_agent": "Acme Reports (ops@acme.example)", "max_attempts": 8}'
+    settings = ClinikoSettings.from_connection(Conn(password="k-au1", extra_dejson=extra))
+    assert (settings.user_agent, settings.max_attempts) == (UA, 8)
+
+
+def test_a_non_ascii_user_agent_is_refused_naming_the_character_and_the_fix() -> None:
+    with pytest.raises(ClinikoConfigError) as error:
+        settings_with(user_agent="Acmé Reports (ops@acme.example)")
+    assert str(error.value) == (
+        "The Cliniko connection 'cliniko_default' has a User-Agent holding the character U+00E9 (LATIN SMALL "
+        "LETTER E WITH ACUTE); HTTP headers take printable ASCII only. Spell it in plain ASCII, e.g. "
+        "'Acme Reports (ops@acme.example)'."
+    )
+
+
+def test_paths_are_joined_as_given_and_the_base_path_alone_is_described_as_root() -> None:
+    settings = ClinikoSettings.from_connection(Conn(password="k-au1", host="http://127.0.0.1:1/v1"))
+    assert settings.url("X/1") == "http://127.0.0.1:1/v1/X/1"
+    assert settings.url("//patients") == "http://127.0.0.1:1/v1/patients"
+    assert settings.describe("GET", "http://127.0.0.1:1/v1") == "GET /"
+    assert settings.describe("GET", "http://127.0.0.1:1/v1/") == "GET /"
+
+
+def test_a_refused_link_says_where_it_pointed_and_why_the_key_stays_home() -> None:
+    settings = ClinikoSettings.from_connection(Conn(password="k-au1", host="http://127.0.0.1:1/v1"))
+    with pytest.raises(ClinikoAnswerError) as error:
+        settings.url("http:///v1/patients")
+    assert str(error.value) == (
+        "Cliniko's answer pointed at http://?:80, which is not the connection's base URL "
+        "http://127.0.0.1:1/v1; not following it, so the API key is not sent there. "
+        "Check the connection's host."
+    )
