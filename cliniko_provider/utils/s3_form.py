@@ -49,7 +49,7 @@ def content_disposition(name: str, filename: str | None = None) -> bytes:
     header = f"Content-Disposition: form-data; name={quote_parameter(name)}"
     if filename is not None:
         header += f"; filename={quote_parameter(filename)}"
-    return header.encode("utf-8")
+    return header.encode()
 
 
 class SourceChangedError(ClinikoError):
@@ -96,7 +96,7 @@ class MultipartBody:
         delimiter = b"--" + self.boundary.encode("ascii") + CRLF
         head = bytearray()
         for name, value in fields:
-            head += delimiter + content_disposition(name) + CRLF + CRLF + value.encode("utf-8") + CRLF
+            head += delimiter + content_disposition(name) + CRLF + CRLF + value.encode() + CRLF
         head += delimiter + content_disposition(file_field, filename) + CRLF
         head += b"Content-Type: " + content_type.encode("ascii") + CRLF + CRLF
         self._head = bytes(head)

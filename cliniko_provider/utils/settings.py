@@ -138,7 +138,7 @@ def _port(parts: SplitResult) -> int | None:
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
-    return parts.scheme.lower(), parts.hostname, _port(parts)
+    return parts.scheme, parts.hostname, _port(parts)  # urlsplit lower-cases the scheme
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def validate_id(name: str, value: object) -> str:
     :param name: the argument's name, for the message (e.g. ``patient_id``).
     :param value: an int or a string of digits.
     """
-    text = str(value).strip() if value is not None else ""
+    text = str(value).strip()  # None gives "None": refused below like any other non-number
     if isinstance(value, bool) or not text.isdigit() or not text.isascii() or int(text) <= 0:
         raise ClinikoInputError(
             f"{name} must be a Cliniko numeric id such as '1234567890', got {value!r}. "
@@ -53,8 +53,8 @@ def check_upload_filename(filename: str) -> str:
             f"holds U+{ord(hidden):04X} ({name}), an invisible control or formatting character that would "
             "show the name other than it is"
         )
-    elif len(filename.encode("utf-8")) > 255:
-        problem = f"is {len(filename.encode('utf-8'))} bytes long in UTF-8 (at most 255)"
+    elif (size := len(filename.encode())) > 255:
+        problem = f"is {size} bytes long in UTF-8 (at most 255)"
     if problem:
         raise ClinikoInputError(
             f"filename {filename!r} {problem}. Pass a plain file name such as 'report.pdf' as filename= "
