@@ -24,7 +24,9 @@ Answers chosen where Cliniko's own behaviour is not publicly confirmed:
   otherwise 422 `{"message": "Validation Failed", "errors": {"temp_attachment_url": "is invalid"}}`.
 - `GET /patient_attachments/{id}/content` serves the bytes (200) once processed, 404 before.
 - Unknown `q[]` fields or operators, and malformed values: 422 with an `errors.q` message;
-  `sort` takes several comma-separated `field[:desc]`.
+  `sort` takes several comma-separated `field[:desc]`; `order` other than `asc`/`desc`, and
+  `per_page` outside the schema's 1 to 100, answer the same 422 (not clamped: a client kept
+  within the schema here works on Cliniko whichever way Cliniko treats them).
 - `OPTIONS` on an API path: 204 with `Allow` naming the methods it serves; another method: 405
   with the same `Allow`. `HEAD` answers as `GET` without a body.
 - Patient fields of Cliniko's create schema the sandbox does not model (address, notes,

@@ -7,6 +7,7 @@ date-times `> >= < <=`, and `?` (is not null), `!?` (is null) for every field. A
 matches no comparison, as in SQL. `archived_at:*` admits archived records, which are otherwise
 left out of lists. An unknown field or operator, or a value of the wrong kind, is refused
 (422) rather than ignored: a silently dropped filter would hand back the wrong records.
+Likewise `per_page` outside 1 to 100 and an `order` other than `asc`/`desc`.
 
 A request becomes one SQL query (`build_query`), run by the store: equality and range filters
 on indexed columns use the indexes; `~`/`~~` are SQL LIKE with every other wildcard escaped and
@@ -161,6 +162,8 @@ def build_query(
 
 def _order_by(sort: str | None, order: str | None, fields: Mapping[str, FieldKind]) -> str:
     """Nulls sort last (first when descending); ties go by id, in the first field's direction."""
+    if order and order.lower() not in ("asc", "desc"):
+        raise ListingError(f"Invalid order {order!r}: use asc or desc")
     terms: list[str] = []
     directions: list[str] = []
     for item in (sort or "id").split(","):
@@ -173,12 +176,12 @@ def _order_by(sort: str | None, order: str | None, fields: Mapping[str, FieldKin
     return ", ".join([*terms, f"id {directions[0]}"])
 
 
-def _positive_int(text: str | None, default: int, name: str) -> int:
+def _natural(text: str | None, default: int, name: str) -> int:
     if text is None or text == "":
         return default
     if not re.fullmatch(r"\d{1,18}", text):
         raise ListingError(f"Invalid {name} {text!r}")
-    return max(int(text), 1)
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -190,8 +193,10 @@ class PageRequest:
 
     @classmethod
     def parse(cls, page_text: str | None, per_page_text: str | None) -> PageRequest:
-        page = _positive_int(page_text, 1, "page")
-        per_page = min(_positive_int(per_page_text, DEFAULT_PER_PAGE, "per_page"), MAX_PER_PAGE)
+        page = max(_natural(page_text, 1, "page"), 1)
+        per_page = _natural(per_page_text, DEFAULT_PER_PAGE, "per_page")
+        if not 1 <= per_page <= MAX_PER_PAGE:
+            raise ListingError(f"Invalid per_page {per_page_text!r}: from 1 to {MAX_PER_PAGE}")
         return cls(page, per_page)
 
     @property

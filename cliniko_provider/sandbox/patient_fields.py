@@ -4,8 +4,9 @@ Cliniko's `POST /patients` takes many more fields than the sandbox uses (address
 pronouns, phone numbers, custom fields...). Each one below is checked against the official
 OpenAPI description's type, length, pattern or enum, stored as given, and returned in every
 patient answer (null or `[]` when not given), as Cliniko does. A field the schema does not
-name is ignored, as Rails ignores unpermitted parameters; the modelled fields (names, email,
-date of birth, old reference id) are handled by the API itself.
+name is ignored, as Rails ignores unpermitted parameters, and so is a key the schema does not
+name inside pronouns or a phone number (the schema admits them, so they are not refused);
+the modelled fields (names, email, date of birth, old reference id) are handled by the API itself.
 """
 
 from __future__ import annotations
@@ -37,24 +38,27 @@ def one_of(*choices: str) -> Check:
     return lambda value: value in choices
 
 
+PRONOUNS = ("accusative", "nominative", "predicative_possessive", "pronominal_possessive", "reflexive")
+PHONE_NUMBER_KEYS = ("number", "phone_type")
+
+
 def pronouns(value: Any) -> bool:
-    names = ("accusative", "nominative", "predicative_possessive", "pronominal_possessive", "reflexive")
-    return isinstance(value, dict) and set(value) == set(names) and all(text(50)(value[n]) for n in names)
+    return isinstance(value, dict) and all(text(50)(value.get(name)) for name in PRONOUNS)
 
 
 def phone_numbers(value: Any) -> bool:
     kinds = one_of("Fax", "Home", "Mobile", "Other", "Work")
     return isinstance(value, list) and all(
         isinstance(item, dict)
-        and set(item) <= {"number", "phone_type"}
-        and text(255)(item.get("number", ""))
+        and ("number" not in item or text(255)(item["number"]))
         and ("phone_type" not in item or kinds(item["phone_type"]))
         for item in value
     )
 
 
 def custom_fields(value: Any) -> bool:
-    sections = value.get("sections") if isinstance(value, dict) else None
+    """An object whose `sections`, if given, each name a `token` and a list of `fields`."""
+    sections = value.get("sections", []) if isinstance(value, dict) else None
     return isinstance(sections, list) and all(
         isinstance(section, dict)
         and text(255)(section.get("token"))
@@ -122,6 +126,15 @@ def extra_fields(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """
     given = {name: body[name] for name in EXTRA_FIELDS if name in body and body[name] is not None}
     errors = {name: "is invalid" for name, value in given.items() if not EXTRA_FIELDS[name](value)}
+    if errors:
+        return given, errors
+    if "pronouns" in given:
+        given["pronouns"] = {name: given["pronouns"][name] for name in PRONOUNS}
+    if "patient_phone_numbers" in given:
+        given["patient_phone_numbers"] = [
+            {key: item[key] for key in PHONE_NUMBER_KEYS if key in item}
+            for item in given["patient_phone_numbers"]
+        ]
     return given, errors
 
 

@@ -300,12 +300,29 @@ def test_pagination_links_and_totals(api: Client, family: tuple[str, list[dict[s
     assert beyond["patients"] == [] and beyond["total_entries"] == 4
 
 
-def test_per_page_defaults_to_50_and_caps_at_100(api: Client) -> None:
+def test_per_page_defaults_to_50_and_takes_1_to_100(api: Client) -> None:
     while api.get("/patients").json()["total_entries"] < 101:
         api.create_patient()
     assert len(api.get("/patients").json()["patients"]) == 50
-    assert len(api.get("/patients", params={"per_page": 500}).json()["patients"]) == 100
+    assert len(api.get("/patients", params={"per_page": 100}).json()["patients"]) == 100
+    assert len(api.get("/patients", params={"per_page": 1}).json()["patients"]) == 1
+    # Outside Cliniko's schema (1 to 100): refused, not served as another page size.
+    for bad in ("101", "0", "500"):
+        response = api.get("/patients", params={"per_page": bad})
+        assert response.status_code == 422, bad
+        assert response.json()["errors"]["q"] == f"Invalid per_page '{bad}': from 1 to 100"
+    assert api.get("/patient_attachments", params={"per_page": 101}).status_code == 422
     assert api.get("/patients", params={"page": "x"}).status_code == 422
+    first = api.get("/patients", params={"page": "1", "per_page": 1}).json()["patients"]
+    assert api.get("/patients", params={"page": "0", "per_page": 1}).json()["patients"] == first
+
+
+def test_order_takes_asc_or_desc_and_an_invalid_one_is_named(api: Client) -> None:
+    for good in ("asc", "DESC", ""):
+        assert api.get("/patients", params={"order": good}).status_code == 200, good
+    response = api.get("/patients", params={"order": "sideways", "sort": "first_name:desc"})
+    assert response.status_code == 422
+    assert response.json()["errors"]["q"] == "Invalid order 'sideways': use asc or desc"
 
 
 @pytest.mark.parametrize(
