@@ -105,10 +105,16 @@ def basic_auth_user(request: Request) -> str | None:
 
 
 async def read_json_object(request: Request, default: bytes | None = b"{}") -> dict[str, Any] | None:
-    """The body as a JSON object, or None; an empty body reads as `default`."""
+    """The body as a JSON object, or None; an empty body reads as `default`.
+
+    Python's parser also takes `NaN`, `Infinity`, numbers beyond a float and lone UTF-16
+    surrogates (`"\\ud800"`), none of which can be stored or answered, and nesting deep enough to
+    exhaust the stack: such a body is refused too.
+    """
     try:
         body = json.loads(await request.body() or default or b"")
-    except ValueError:
+        json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
 

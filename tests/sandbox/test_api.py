@@ -134,6 +134,32 @@ def test_non_json_body_is_a_400(api: Client) -> None:
 
 
 @pytest.mark.parametrize(
+    "extra",
+    [
+        b', "custom_fields": {"sections": [{"token": "t", "fields": [{"v": NaN}]}]}',
+        b', "custom_fields": {"sections": [{"token": "t", "fields": [{"v": -Infinity}]}]}',
+        b', "custom_fields": {"sections": [{"token": "t", "fields": [{"v": 1e999}]}]}',
+        b', "title": "Dr\\ud800"',  # a lone surrogate: not a character
+        b', "notes": ' + b"[" * 100_000 + b"]" * 100_000,
+    ],
+    ids=["nan", "infinity", "float-overflow", "lone-surrogate", "deep-nesting"],
+)
+def test_bodies_python_parses_but_json_does_not_allow_are_a_400_and_store_nothing(
+    api: Client, extra: bytes
+) -> None:
+    """Not a 500 (once after storing the patient): what cannot be stored or answered is refused."""
+    surname = f"Strict-{uuid.uuid4().hex[:8]}"
+    body = b'{"first_name": "Ada", "last_name": "' + surname.encode() + b'"' + extra + b"}"
+    response = api.post("/patients", data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json() == {"message": "The request body must be a JSON object"}
+    assert api.get("/patients", params={"q[]": f"last_name:={surname}"}).json()["total_entries"] == 0
+    emoji = "Dr \U0001f600"  # a surrogate pair in the JSON: a real character, fine
+    escaped = api.post("/patients", json={"first_name": "Ada", "last_name": surname, "title": emoji})
+    assert escaped.status_code == 201 and escaped.json()["title"] == emoji
+
+
+@pytest.mark.parametrize(
     "path", ["/patients/999", "/patients/abc", "/patients/-1", "/patients/99999999999999999999"]
 )
 def test_unknown_or_malformed_ids_are_404_json(api: Client, path: str) -> None:
