@@ -43,8 +43,14 @@ SLOW_TEST_TIMEOUT = 900
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Give every test a timeout (pytest-timeout), so a hang fails the test instead of stalling CI."""
+    """Give every test a timeout (pytest-timeout), so a hang fails the test instead of stalling CI.
+
+    Tests that use the sandbox process are marked ``sandbox``: ``make mutation`` leaves them out
+    (``-k "not sandbox"``), because the process does not run the mutant under test.
+    """
     for item in items:
+        if "sandbox" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.sandbox)
         if item.get_closest_marker("timeout") is None:
             slow = item.get_closest_marker("slow") is not None
             item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT if slow else FAST_TEST_TIMEOUT))

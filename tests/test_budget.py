@@ -230,6 +230,23 @@ def test_unusable_state_dir_falls_back_warns_once_and_shares_again_later(
     assert len(warnings(caplog)) == 1
 
 
+def test_a_state_dir_still_unusable_at_the_retry_is_not_warned_about_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    budget = machine(blocker / "state", per_minute=100)
+    budget.reserve(NOW)
+    assert budget.sharing is False
+    budget.reserve(NOW + SHARE_RETRY_AFTER)  # tried again, still a file in the way
+    budget.reserve(NOW + 2 * SHARE_RETRY_AFTER)
+    assert budget.sharing is False
+    assert len(warnings(caplog)) == 1
+    blocker.unlink()
+    budget.reserve(NOW + 3 * SHARE_RETRY_AFTER)
+    assert budget.sharing is True
+
+
 def test_read_only_state_dir_is_not_shared(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     if os.geteuid() == 0:
         pytest.skip("root writes anywhere")
