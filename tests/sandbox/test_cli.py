@@ -43,22 +43,14 @@ def test_with_the_extra_nothing_is_missing() -> None:
 def test_help_and_start_up_name_the_same_default_key(tmp_path: Path) -> None:
     help_text = subprocess.run([*COMMAND, "--help"], capture_output=True, text=True, timeout=30).stdout
     assert f"(default: {DEFAULT_API_KEY})" in " ".join(help_text.split())
-    process = subprocess.Popen(
-        [*COMMAND, "--port", "0", "--data-dir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert process.stdout.readline().startswith("Cliniko sandbox ready: ")
-    process.terminate()
-    _, stderr = process.communicate(timeout=10)
+    stderr = start_up_stderr(tmp_path)
     assert f"Cliniko sandbox accepts the API key: {DEFAULT_API_KEY} (shard au1)\n" in stderr
 
 
-def test_start_up_lists_every_accepted_key(tmp_path: Path) -> None:
+def start_up_stderr(data_dir: Path, *options: str) -> str:
+    """Start the sandbox, wait for its ready line, stop it; return what it wrote to stderr."""
     process = subprocess.Popen(
-        [*COMMAND, "--port", "0", "--data-dir", str(tmp_path), "--api-key", "dev-au2", "--api-key", "old"],
+        [*COMMAND, "--port", "0", "--data-dir", str(data_dir), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -66,5 +58,9 @@ def test_start_up_lists_every_accepted_key(tmp_path: Path) -> None:
     assert process.stdout is not None
     assert process.stdout.readline().startswith("Cliniko sandbox ready: ")
     process.terminate()
-    _, stderr = process.communicate(timeout=10)
+    return process.communicate(timeout=10)[1]
+
+
+def test_start_up_lists_every_accepted_key(tmp_path: Path) -> None:
+    stderr = start_up_stderr(tmp_path, "--api-key", "dev-au2", "--api-key", "old")
     assert "Cliniko sandbox accepts the API keys: dev-au2 (shard au2), old (shard au1)\n" in stderr
