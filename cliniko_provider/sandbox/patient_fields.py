@@ -69,10 +69,14 @@ def custom_fields(value: Any) -> bool:
 
 
 EMAIL = r"[A-Z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Z0-9.-]+\.[A-Z]{2,63}"
+REMINDER_TYPES = ("None", "SMS", "Email", "SMS & Email")
+DEFAULT_REMINDER_TYPE = "None"
+"""A patient's `reminder_type` when the create gave none: Cliniko answers the account's default reminder
+type (`settings.reminders.default_reminder_type`, never null), which is "None" in the sandbox."""
 DVA_CARD = r"[NVQSWT]([A-Z ][0-9]{1,6}|[A-Z]{2}[0-9]{1,5}|[A-Z]{3}[0-9]{1,4})[A-Z]?"
 
 # Each field of the create body that the patient answer echoes under the same name, with its
-# check; every one of them may also be null.
+# check; every one of them may also be null in the body.
 EXTRA_FIELDS: dict[str, Check] = {
     **{
         name: text(255)
@@ -112,7 +116,7 @@ EXTRA_FIELDS: dict[str, Check] = {
     "accepted_privacy_policy": boolean,
     "receives_cancellation_emails": boolean,
     "receives_confirmation_emails": boolean,
-    "reminder_type": one_of("None", "SMS", "Email", "SMS & Email"),
+    "reminder_type": one_of(*REMINDER_TYPES),
     "pronouns": pronouns,
     "patient_phone_numbers": phone_numbers,
     "custom_fields": custom_fields,
@@ -138,6 +142,14 @@ def extra_fields(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     return given, errors
 
 
+ANSWERED_WHEN_NOT_GIVEN: dict[str, Any] = {
+    "patient_phone_numbers": [],
+    "reminder_type": DEFAULT_REMINDER_TYPE,
+}
+
+
 def render_extra(extra: dict[str, Any]) -> dict[str, Any]:
-    """Every extra field for a patient answer: as stored, else null (`[]` for phone numbers)."""
-    return {name: extra.get(name, [] if name == "patient_phone_numbers" else None) for name in EXTRA_FIELDS}
+    """Every extra field for a patient answer: as stored, else its default (:data:`ANSWERED_WHEN_NOT_GIVEN`)
+    or null.
+    """
+    return {name: extra.get(name, ANSWERED_WHEN_NOT_GIVEN.get(name)) for name in EXTRA_FIELDS}

@@ -245,6 +245,24 @@ FULL_PATIENT = {
 }
 
 
+def test_reminder_type_is_always_one_of_the_schemas_four_strings(api: Client) -> None:
+    patient_schema = json.loads(OPENAPI.read_text())["components"]["schemas"]["Patient"]
+    four = [value for value in patient_schema["properties"]["reminder_type"]["enum"] if value is not None]
+    assert four == ["None", "SMS", "Email", "SMS & Email"]  # nullable in the schema, never null from Cliniko
+    plain = api.create_patient()
+    given_null = api.post("/patients", json={"first_name": "A", "last_name": "B", "reminder_type": None})
+    sms = api.post("/patients", json={"first_name": "A", "last_name": "B", "reminder_type": "SMS"})
+    assert given_null.status_code == sms.status_code == 201
+    # a patient created without one gets the account's default reminder type, "None" in the sandbox
+    assert [plain["reminder_type"], given_null.json()["reminder_type"], sms.json()["reminder_type"]] == [
+        "None",
+        "None",
+        "SMS",
+    ]
+    listed = api.get("/patients").json()["patients"]
+    assert listed and all(patient["reminder_type"] in four for patient in listed)
+
+
 def test_patient_fields_the_sandbox_does_not_model_are_kept_and_echoed(api: Client) -> None:
     request_schema = _pointer(
         "components", "requestBodies", "Patient", "content", "application/json", "schema"
