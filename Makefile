@@ -5,21 +5,21 @@ BIN := $(VENV)/bin
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
 .PHONY: install test test-fast test-slow test-compat compat-constraints dist lint demo bench sandbox constraints \
-	openapi-subset mutation clean
+	openapi-subset mutation docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[test]"
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[test,docs]"
 	touch $@
 
 install: $(VENV)/.installed
 
 lint: install
-	$(BIN)/ruff check cliniko_provider dags_examples tests
-	$(BIN)/ruff format --check cliniko_provider dags_examples tests
+	$(BIN)/ruff check cliniko_provider dags_examples tests docs
+	$(BIN)/ruff format --check cliniko_provider dags_examples tests docs
 	$(BIN)/mypy cliniko_provider dags_examples
 
 ## make test: lint, type-check, then the test suite (the slow fault scenarios run with test-slow)
@@ -42,6 +42,12 @@ demo: install
 
 bench: install
 	$(BIN)/python -m tests.bench
+
+## make docs: the API reference in docs/_build/html, from the docstrings; fails on any warning, including a
+## public class, function or parameter without documentation (docs/conf.py)
+docs: install
+	$(BIN)/sphinx-build -E -W --keep-going -q -b html docs docs/_build/html
+	@echo "API reference: docs/_build/html/index.html"
 
 sandbox: install
 	$(BIN)/cliniko-sandbox
