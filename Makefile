@@ -50,7 +50,7 @@ docs: install
 	@echo "API reference: docs/_build/html/index.html"
 
 sandbox: install
-	$(BIN)/cliniko-sandbox
+	$(BIN)/cliniko-sandbox --seed-example-patients
 
 ## A wheel and an sdist in dist/ (PEP 517, isolated), checked as PyPI checks them
 dist: install

@@ -4,8 +4,9 @@ What it does for each run date (``ds``):
 
 1. ``extract_patients`` reads the patients to report on. Here they come from the ``patients`` param (a
    stand-in for your warehouse query); replace it with your own query.
-2. ``generate_reports`` writes one real CSV report per patient under ``report_root`` (a local path or
-   any object-storage URI, e.g. ``s3://my-bucket/cliniko-reports``).
+2. ``generate_reports`` writes one real CSV report per patient under ``report_root`` (default
+   ``$AIRFLOW_HOME/cliniko-reports``; a local path or any object-storage URI, e.g.
+   ``s3://my-bucket/cliniko-reports``, which every worker can read).
 3. ``resolve_patients`` maps each report to a Cliniko patient id through the hook: by
    ``old_reference_id`` (Cliniko's one filterable external id), falling back to email. Reports with no
    matching patient are skipped with a reason. Reports already attached for this date are skipped too,
@@ -22,10 +23,11 @@ What it does for each run date (``ds``):
 **The rate limit.** Cliniko allows 200 requests a minute per API key. Each upload costs two requests
 (presign and create) plus a share of the coalesced polling; every request of every task draws from
 the key's one rate budget, which paces them under the limit and waits for ``X-RateLimit-Reset`` after
-a 429. The upload tasks run in the Airflow pool ``cliniko_api`` (create it: ``airflow pools set
-cliniko_api 4 "Cliniko API"``), which caps the batches running at once across all workers and DAGs;
-each streams up to ``max_concurrency`` (4) files at once, so a few large files can stream while
-others wait for the limit.
+a 429. At most ``MAX_ACTIVE_BATCHES`` (4) upload tasks of this DAG run at once
+(``max_active_tis_per_dag``: nothing to create first); each streams up to ``max_concurrency`` (4) files at
+once, so a few large files can stream while others wait for the limit. To cap the Cliniko tasks of
+several DAGs together, create a pool (``airflow pools set cliniko_api 4 "Cliniko API"``) and pass
+``pool="cliniko_api"`` to the upload task: a task whose pool does not exist never starts.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import ObjectStoragePath, dag, task
+from airflow.sdk import ObjectStoragePath, Param, dag, task
 
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoBatchUploadOperator
@@ -46,8 +50,12 @@ from cliniko_provider.operators.cliniko import ClinikoBatchUploadOperator
 # at night, 15 keeps the requests few.
 POLL_INTERVAL = float(os.environ.get("CLINIKO_EXAMPLE_POLL_INTERVAL", "15"))
 CLINIKO_CONN_ID = "cliniko_default"
-CLINIKO_POOL = "cliniko_api"
 BATCH_SIZE = 100  # reports per upload task
+MAX_ACTIVE_BATCHES = 4  # upload tasks of this DAG running at once
+# Where the reports are written unless the run says otherwise: under AIRFLOW_HOME, as Airflow's logs are.
+REPORT_ROOT = (Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "cliniko-reports").as_uri()
+
+log = logging.getLogger("cliniko_nightly_report_export")  # its lines go to the task log
 
 # A stand-in for the warehouse: who gets a report. ``reference`` is your own patient id, stored in
 # Cliniko as the patient's ``old_reference_id``.
@@ -58,6 +66,16 @@ SAMPLE_PATIENTS = [
     {"reference": "WH-1004", "email": "edsger.dijkstra@example.com", "name": "Edsger Dijkstra"},
     {"reference": "WH-9999", "email": "nobody@example.com", "name": "Not In Cliniko"},
 ]
+# The trigger form shows and edits the list as JSON, checked against this schema.
+PATIENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "reference": {"type": "string", "minLength": 1},
+        "email": {"type": "string"},
+        "name": {"type": "string"},
+    },
+    "required": ["reference", "email", "name"],
+}
 
 
 def report_date(dag_run: Any) -> str:
@@ -94,9 +112,21 @@ def write_report(path: ObjectStoragePath, patient: dict[str, str], ds: str) -> i
     catchup=False,
     max_active_runs=1,
     params={
-        "patients": SAMPLE_PATIENTS,
-        "report_root": "file:///tmp/cliniko-reports",
-        "batch_size": BATCH_SIZE,
+        "patients": Param(
+            SAMPLE_PATIENTS,
+            type="array",
+            items=PATIENT_SCHEMA,
+            title="Patients",
+            description="Who gets a report: your own reference (Cliniko's old_reference_id), email, name.",
+        ),
+        "report_root": Param(
+            REPORT_ROOT,
+            type="string",
+            minLength=1,
+            title="Report root",
+            description="Where the reports are written: a local path or an object-storage URI (s3://...).",
+        ),
+        "batch_size": Param(BATCH_SIZE, type="integer", minimum=1, title="Reports per upload task"),
     },
     tags=["cliniko", "example"],
 )
@@ -188,15 +218,23 @@ def cliniko_nightly_report_export() -> None:
                 else:
                     uploaded.append({**entry, "processed_at": result.get("processed_at")})
         summary = {"reports": len(reports or []), "uploaded": uploaded, "skipped": skipped, "failed": failed}
-        print(
-            f"Cliniko nightly export: {len(uploaded)} uploaded, {len(skipped)} skipped, {len(failed)} failed"
+        log.info(
+            "Cliniko nightly export: %d uploaded, %d skipped, %d failed",
+            len(uploaded),
+            len(skipped),
+            len(failed),
         )
         for item in uploaded:
-            print(f"  uploaded {item['reference']}: attachment {item['attachment_id']}")
+            log.info(
+                "  uploaded %s: patient %s, attachment %s",
+                item["reference"],
+                item["patient_id"],
+                item["attachment_id"],
+            )
         for item in skipped:
-            print(f"  skipped {item['reference']}: {item['reason']}")
+            log.info("  skipped %s: %s", item["reference"], item["reason"])
         for item in failed:
-            print(f"  failed {item['reference']} (patient {item['patient_id']}): {item['reason']}")
+            log.warning("  failed %s (patient %s): %s", item["reference"], item["patient_id"], item["reason"])
         if failed:
             raise RuntimeError(f"{len(failed)} report(s) failed to upload; see the summary above")
         return summary
@@ -207,7 +245,7 @@ def cliniko_nightly_report_export() -> None:
     uploaded = ClinikoBatchUploadOperator.partial(
         task_id="upload_reports",
         cliniko_conn_id=CLINIKO_CONN_ID,
-        pool=CLINIKO_POOL,
+        max_active_tis_per_dag=MAX_ACTIVE_BATCHES,
         max_concurrency=4,
         wait_for_completion=True,
         deferrable=True,

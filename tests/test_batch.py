@@ -122,10 +122,22 @@ def test_each_good_file_is_attached_once_and_each_bad_one_says_why(
 def test_all_good_returns_the_results_in_order(
     hook: ClinikoHook, patients: list[str], tmp_path: Path
 ) -> None:
+    from structlog.testing import capture_logs
+
     files = [write_file(tmp_path, f"r{n}.csv", 100 + n) for n in range(5)]
-    uploads = [{"patient_id": patients[n % 2], "file_path": str(path)} for n, path in enumerate(files)]
+    uploads = [
+        {"patient_id": patients[n % 2], "file_path": str(path), "description": f"secret {n}"}
+        for n, path in enumerate(files)
+    ]
     ctx = fake_context()
-    results = batch(hook, uploads).execute(ctx)
+    with capture_logs() as logs:
+        results = batch(hook, uploads).execute(ctx)
+    text = "\n".join(str(entry["event"]) % tuple(entry.get("positional_args", ())) for entry in logs)
+    # The log names each file and its patient (never the description or the contents).
+    for n, (path, result) in enumerate(zip(files, results, strict=True)):
+        line = f"Upload #{n}: {path} to patient {patients[n % 2]}: attachment {result['attachment_id']}"
+        assert line in text
+    assert "secret" not in text
     assert "cliniko_error" not in ctx["ti"].pushed
     assert [r["file_path"] for r in results] == [str(path) for path in files]
     assert [r["patient_id"] for r in results] == [patients[n % 2] for n in range(5)]

@@ -366,7 +366,16 @@ class ClinikoBatchUploadOperator(BaseOperator):
 
         def run(item: BatchItem) -> None:
             try:
-                results[item.index].update(self._upload(context, item, look_first))
+                result = self._upload(context, item, look_first)
+                results[item.index].update(result)
+                self.log.info(
+                    "Upload #%d: %s to patient %s: attachment %s%s",
+                    item.index,
+                    item.file_path,
+                    item.patient_id,
+                    result["attachment_id"],
+                    f" (an earlier upload: {result['reused']})" if result.get("reused") else "",
+                )
             except Exception as error:  # one bad file must not stop the others: its reason is its result
                 results[item.index] = self._failed(results[item.index], error)
 
@@ -447,21 +456,33 @@ class ClinikoBatchUploadOperator(BaseOperator):
         return result
 
     def _failed(self, result: JsonDict, error: BaseException) -> JsonDict:
-        self.log.warning("Upload #%d (%s) failed: %s", result["index"], result["file_path"], error)
+        self.log.warning(
+            "Upload #%d: %s to patient %s failed: %s",
+            result["index"],
+            result["file_path"],
+            result["patient_id"],
+            error,
+        )
         return failed(result, error)
 
-    @staticmethod
     def _with_outcomes(
-        results: list[JsonDict], outcomes: Mapping[str, JsonDict | Exception]
+        self, results: list[JsonDict], outcomes: Mapping[str, JsonDict | Exception]
     ) -> list[JsonDict]:
         """Return the results with each waited-for file's outcome: when processed, or why it failed."""
         merged = []
         for result in results:
             outcome = outcomes.get(str(result.get("attachment_id")))
             if "error" not in result and isinstance(outcome, Exception):
-                result = failed(result, outcome)
+                result = self._failed(result, outcome)
             elif "error" not in result and isinstance(outcome, dict):
                 result = {**result, "processed_at": outcome.get("processed_at")}
+                self.log.info(
+                    "Upload #%d: %s processed for patient %s (attachment %s)",
+                    result["index"],
+                    result["file_path"],
+                    result["patient_id"],
+                    result["attachment_id"],
+                )
             merged.append(result)
         return merged
 

@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a connection whose request body stops arriving for this long (default: %(default)s)",
     )
     parser.add_argument(
+        "--seed-example-patients",
+        action="store_true",
+        help="create the example DAGs' patients (WH-1001 to WH-1004) in every account, unless there",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         header_timeout=args.header_timeout,
         idle_timeout=args.idle_timeout,
+        seed_example_patients=args.seed_example_patients,
     )
     from cliniko_provider.sandbox.server import serve  # the heavy imports, after argument errors
 

@@ -68,5 +68,6 @@ class SandboxSettings:
     seed: int | None = None
     header_timeout: float = 10.0  # seconds for a request's headers to arrive
     idle_timeout: float = 30.0  # seconds a request body may stop arriving
+    seed_example_patients: bool = False  # create the example DAGs' patients in every account
     # One-shot: cut the connection of the next S3 upload after this many body bytes.
     s3_reset_after_bytes: int | None = None

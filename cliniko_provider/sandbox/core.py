@@ -18,6 +18,7 @@ from cliniko_provider.sandbox.config import (
     bucket_of,
     region_of,
 )
+from cliniko_provider.sandbox.examples import seed_example_patients
 from cliniko_provider.sandbox.store import Account, Attachment, Patient, Store, StoredObject, utc_now_iso
 from cliniko_provider.sandbox.traffic import FaultInjector, RateLimiter, Stats
 
@@ -50,6 +51,10 @@ class Sandbox:
         self.settings = settings
         self.store = Store(settings.data_dir)
         self.accounts_by_key = {key: self.store.ensure_account(key) for key in settings.api_keys}
+        self.seeded = 0  # example patients created at start-up
+        if settings.seed_example_patients:
+            for account in self.accounts_by_key.values():
+                self.seeded += len(seed_example_patients(self.store, account))
         self.stats = Stats()
         self.faults = FaultInjector(settings.seed)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_window)

@@ -188,6 +188,12 @@ async def serve(settings: SandboxSettings, host: str, port: int, log_level: str 
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
         await asyncio.sleep(0.01)
+    if settings.seed_example_patients:
+        print(
+            f"Cliniko sandbox: the example patients are there ({sandbox.seeded} created now)",
+            file=sys.stderr,
+            flush=True,
+        )
     if server.started:
         bound_port: Any = sock.getsockname()[1]
         print(f"{READY_PREFIX}{public_url(host, int(bound_port))}", flush=True)

@@ -189,7 +189,6 @@ def run(reports: int, raised: bool) -> dict[str, Any]:
             work / "airflow", REPO / "dags_examples", env={"AIRFLOW_CONN_CLINIKO_DEFAULT": connection}
         )
         with stack:
-            stack.cli("pools", "set", "cliniko_api", "4", "Cliniko API")
             stack.wait_for(
                 lambda: stack.check_alive() or stack.dag_is_parsed(DAG_ID), 180, "the DAG to be parsed"
             )

@@ -125,7 +125,6 @@ def test_nightly_export_on_celery_workers_shares_one_budget_and_survives_losing_
         }
         stack = CeleryCluster(tmp_path / "airflow", REPO / "dags_examples", broker.url, env)
         with stack:
-            stack.cli("pools", "set", "cliniko_api", "8", "Cliniko API")
             stack.wait_for(
                 lambda: stack.check_alive() or stack.dag_is_parsed(DAG_ID), 180, f"{DAG_ID} to be parsed"
             )

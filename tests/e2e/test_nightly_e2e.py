@@ -49,7 +49,6 @@ def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: 
             tmp_path / "airflow", REPO / "dags_examples", env={"AIRFLOW_CONN_CLINIKO_DEFAULT": connection}
         )
         with stack:
-            stack.cli("pools", "set", "cliniko_api", "4", "Cliniko API")
             stack.wait_for(
                 lambda: stack.check_alive() or stack.dag_is_parsed(DAG_ID), 180, f"{DAG_ID} to be parsed"
             )

@@ -139,7 +139,6 @@ def test_5_triggerer_killed_while_105_waits_are_deferred_and_no_secret_anywhere(
             },
         )
         with stack:
-            stack.cli("pools", "set", "cliniko_api", "4", "Cliniko API")
 
             def parsed() -> bool:
                 stack.check_alive()
