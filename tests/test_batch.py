@@ -23,6 +23,7 @@ from cliniko_provider.exceptions import (
 )
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoBatchUploadOperator
+from cliniko_provider.protocol.upload import UploadProtocol
 from cliniko_provider.triggers.cliniko import ProcessingCompletedBatchTrigger, error_event, success_event
 from cliniko_provider.utils.batch import MAX_CONCURRENCY, failure_summary, parse_upload
 from tests.conftest import SANDBOX_KEY
@@ -150,16 +151,16 @@ def test_a_failure_a_retry_may_fix_makes_the_task_retryable(
     hook: ClinikoHook, patients: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = [write_file(tmp_path, f"r{n}.csv", 100 + n) for n in range(3)]
-    real = hook.upload_once
+    real = UploadProtocol.upload_once
 
-    def flaky(patient_id: str, source: Any, **kwargs: Any) -> Any:
+    def flaky(self: UploadProtocol, patient_id: str, source: Any, **kwargs: Any) -> Any:
         if source.name == "r1.csv":
             raise ClinikoServerError(503, "Service Unavailable", {}, "POST /patient_attachments")
         if source.name == "r2.csv":
             raise OSError("disk went away")
-        return real(patient_id, source, **kwargs)
+        return real(self, patient_id, source, **kwargs)
 
-    monkeypatch.setattr(hook, "upload_once", flaky)
+    monkeypatch.setattr(UploadProtocol, "upload_once", flaky)
     uploads = [{"patient_id": patients[0], "file_path": str(path)} for path in files]
     uploads.append({"patient_id": patients[0], "file_path": str(tmp_path / "missing.csv")})
     ctx = fake_context()
@@ -182,15 +183,15 @@ def test_files_upload_at_once_and_every_request_draws_from_the_one_budget(
     uploads = [{"patient_id": patients[n % 2], "file_path": str(path)} for n, path in enumerate(files)]
     together = threading.Barrier(4, timeout=20)  # broken (and the test fails) unless 4 run at once
     threads: set[str] = set()
-    real = hook.upload_once
+    real = UploadProtocol.upload_once
 
-    def at_once(patient_id: str, source: Any, **kwargs: Any) -> Any:
+    def at_once(self: UploadProtocol, patient_id: str, source: Any, **kwargs: Any) -> Any:
         threads.add(threading.current_thread().name)
         if source.name in {"c0.csv", "c1.csv", "c2.csv", "c3.csv"}:
             together.wait()
-        return real(patient_id, source, **kwargs)
+        return real(self, patient_id, source, **kwargs)
 
-    monkeypatch.setattr(hook, "upload_once", at_once)
+    monkeypatch.setattr(UploadProtocol, "upload_once", at_once)
     hook.settings  # noqa: B018 - the budget is the key's
     budget = hook.budget
     reserved: list[float] = []

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -24,8 +24,9 @@ from cliniko_provider.exceptions import (
     S3UploadError,
     S3UploadRejectedError,
 )
-from cliniko_provider.hooks.cliniko import PENDING_POLL, PENDING_WAIT, PRESIGN_REFRESHES, ClinikoHook
+from cliniko_provider.hooks.cliniko import PRESIGN_REFRESHES, ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
+from cliniko_provider.protocol.upload import PENDING_POLL, PENDING_WAIT
 from cliniko_provider.triggers.cliniko import error_event
 from cliniko_provider.utils.idempotency import UploadJournal
 from cliniko_provider.utils.s3_form import MultipartBody, join_upload_url
@@ -312,9 +313,14 @@ def test_join_upload_url_never_doubles_the_slash(url: str, key: str, expected: s
 # --- idempotency ---------------------------------------------------------------------------------
 
 
-def forget_journal(hook: ClinikoHook, tmp_path: Path) -> None:
+@pytest.fixture
+def forget_journal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[], None]:
     """Act as another worker: one whose private journal holds nothing of earlier tries."""
-    hook.journal = UploadJournal(KEY, tmp_path / "other-worker")
+
+    def forget() -> None:
+        monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path / "other-worker"))
+
+    return forget
 
 
 def test_a_retry_on_the_same_worker_reuses_the_recorded_attachment_with_one_get(
@@ -340,10 +346,15 @@ def test_a_retry_on_the_same_worker_reuses_the_recorded_attachment_with_one_get(
 
 
 def test_a_retry_on_another_worker_recognises_its_upload_by_description_and_content(
-    hook: ClinikoHook, fake: FakeCliniko, report: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    report: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    forget_journal: Callable[[], None],
 ) -> None:
     first = operator(hook, file_path=str(report), description="Nightly").execute(context())
-    forget_journal(hook, tmp_path)
+    forget_journal()
     before = len(fake.requests)
     ctx = context(try_number=2)
     again = operator(hook, file_path=str(report), description="Nightly").execute(ctx)
@@ -359,14 +370,18 @@ def test_a_retry_on_another_worker_recognises_its_upload_by_description_and_cont
 
 
 def test_same_name_and_size_with_other_bytes_is_another_upload(
-    hook: ClinikoHook, fake: FakeCliniko, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    forget_journal: Callable[[], None],
 ) -> None:
     (tmp_path / "2026-01").mkdir()
     (tmp_path / "2026-02").mkdir()
     a = write_file(tmp_path / "2026-01", "summary.csv", 300, seed=1)
     b = write_file(tmp_path / "2026-02", "summary.csv", 300, seed=2)
     first = operator(hook, file_path=str(a), description="Summary").execute(fake_context(map_index=0))
-    forget_journal(hook, tmp_path)  # the worst case: nothing remembered locally
+    forget_journal()  # the worst case: nothing remembered locally
     second = operator(hook, file_path=str(b), description="Summary").execute(
         fake_context(map_index=1, try_number=2)
     )
@@ -480,11 +495,12 @@ def test_a_candidate_that_never_finishes_processing_fails_retryably_without_uplo
     report: Path,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
+    forget_journal: Callable[[], None],
 ) -> None:
     fake.list_views_until_processed = None
     fake.gets_until_processed = 10**9
     operator(hook, file_path=str(report), description="D").execute(context())
-    forget_journal(hook, tmp_path)
+    forget_journal()
     with pytest.raises(ClinikoError, match="still being processed after 300 s") as caught:
         operator(hook, file_path=str(report), description="D").execute(context(try_number=2))
     assert not isinstance(caught.value, AirflowFailException)
@@ -524,11 +540,11 @@ def test_a_tampered_journal_entry_is_ignored(
     hook: ClinikoHook, fake: FakeCliniko, report: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     first = operator(hook, file_path=str(report), description="D").execute(context())
-    (entry,) = hook.journal.directory.glob("*.json")
+    (entry,) = UploadJournal(KEY).directory.glob("*.json")
     data = json.loads(entry.read_text())
     data["payload"] = data["payload"].replace(first["id"], "999")
     entry.write_text(json.dumps(data))
-    assert oct(hook.journal.directory.stat().st_mode & 0o777) == "0o700"
+    assert oct(UploadJournal(KEY).directory.stat().st_mode & 0o777) == "0o700"
     again = operator(hook, file_path=str(report), description="D").execute(context(try_number=2))
     assert again["id"] == first["id"]
     assert "GET /v1/patient_attachments/999" not in fake.paths()
@@ -536,13 +552,18 @@ def test_a_tampered_journal_entry_is_ignored(
 
 
 def test_the_opt_in_marker_is_visible_and_found(
-    hook: ClinikoHook, fake: FakeCliniko, report: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    report: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    forget_journal: Callable[[], None],
 ) -> None:
     first = operator(hook, file_path=str(report), description="Same", description_marker=True).execute(
         context()
     )
     assert re.fullmatch(r"Same \[ref:[0-9a-f]{12}\]", first["description"])
-    forget_journal(hook, tmp_path)
+    forget_journal()
     again = operator(hook, file_path=str(report), description="Same", description_marker=True).execute(
         context(try_number=2)
     )
@@ -561,13 +582,18 @@ def test_the_marker_leaves_236_characters_for_the_description(
 
 
 def test_a_description_merely_containing_the_hex_is_not_a_match(
-    hook: ClinikoHook, fake: FakeCliniko, report: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    report: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    forget_journal: Callable[[], None],
 ) -> None:
     first = operator(hook, file_path=str(report), description_marker=True).execute(context())
     hex_only = first["description"][5:-1]
     fake.records["999"] = {**fake.records[first["id"]], "id": "999", "description": f"see {hex_only}"}
     fake.records.pop(first["id"])
-    forget_journal(hook, tmp_path)
+    forget_journal()
     record = operator(hook, file_path=str(report), description_marker=True).execute(context(try_number=2))
     assert record["id"] not in ("999", first["id"])
 

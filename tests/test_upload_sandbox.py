@@ -25,8 +25,9 @@ from cliniko_provider.exceptions import (
 )
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
+from cliniko_provider.protocol.upload import UploadProtocol
 from cliniko_provider.sandbox.process import SandboxProcess
-from cliniko_provider.utils.idempotency import UploadJournal, wire_filename
+from cliniko_provider.utils.idempotency import wire_filename
 from tests.conftest import REPO, SANDBOX_KEY, connection_json
 from tests.helpers import TRICKY_NAMES, env_with, fake_context, sandbox_control, sandbox_faults, write_file
 
@@ -154,7 +155,7 @@ def test_a_retry_after_a_crash_makes_exactly_one_attachment(
         crashing.setattr(ClinikoHook, method, patched)
         with pytest.raises(Crash):
             upload(hook, patient, source, description="Nightly")
-    hook.journal = UploadJournal(SANDBOX_KEY, tmp_path / "retry-on-another-worker")
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path / "retry-on-another-worker"))
     record = upload(hook, patient, source, description="Nightly", try_number=2)
     again = upload(hook, patient, source, description="Nightly", try_number=3)
     assert again["id"] == record["id"]
@@ -348,5 +349,5 @@ def test_a_file_that_shrinks_while_uploading_fails_without_a_record(
     path = write_file(tmp_path, "shrinking.csv", 10_000)
     source = UploadSource(uri=str(path), name=path.name, size=20_000, opener=lambda: path.open("rb"))
     with pytest.raises(SourceChangedError, match="shrank"):
-        hook.upload_attachment(patient, source)
+        UploadProtocol(hook).upload_attachment(patient, source)
     assert attachments(hook, patient) == []

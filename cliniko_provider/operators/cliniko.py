@@ -20,6 +20,7 @@ from cliniko_provider.exceptions import (
     ClinikoInputError,
 )
 from cliniko_provider.hooks.cliniko import ClinikoHook
+from cliniko_provider.protocol.upload import UploadProtocol
 from cliniko_provider.triggers.cliniko import (
     ProcessingCompletedBatchTrigger,
     ProcessingCompletedTrigger,
@@ -179,7 +180,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             idempotency_key=str(self.idempotency_key) if self.idempotency_key else None,
         )
         ti = context["ti"]
-        outcome = self.hook.upload_once(
+        outcome = UploadProtocol(self.hook).upload_once(
             patient_id,
             source,
             filename=name,
@@ -267,8 +268,8 @@ class ClinikoBatchUploadOperator(BaseOperator):
     processed, or ``"error"`` (the reason, one line) and ``"retryable"`` for a file that failed. A failed
     task also leaves every reason in XCom ``cliniko_error``, one line per file.
 
-    **Idempotency** is each file's own, exactly as for a single upload (``hook.upload_once`` with an
-    identity from :func:`~cliniko_provider.utils.idempotency.upload_identity`): the task instance, the
+    **Idempotency** is each file's own, exactly as for a single upload (``UploadProtocol.upload_once``
+    with an identity from :func:`~cliniko_provider.utils.idempotency.upload_identity`): the task instance, the
     file's path as the item's discriminator (not its position), the patient, name, description and
     content identity; descriptions are sent exactly as given. A retried or cleared task finds each file's
     earlier upload (this worker's journal, else Cliniko's records by description and content) and uploads
@@ -364,9 +365,11 @@ class ClinikoBatchUploadOperator(BaseOperator):
             except ClinikoInputError as error:
                 results[index] = self._failed(results[index], error)
 
+        protocol = UploadProtocol(self.hook)
+
         def run(item: BatchItem) -> None:
             try:
-                result = self._upload(context, item, look_first)
+                result = self._upload(context, protocol, item, look_first)
                 results[item.index].update(result)
                 self.log.info(
                     "Upload #%d: %s to patient %s: attachment %s%s",
@@ -427,7 +430,9 @@ class ClinikoBatchUploadOperator(BaseOperator):
                 outcomes[str(attachment_id)] = error
         return self._finish(context, self._with_outcomes(results, outcomes))
 
-    def _upload(self, context: Context, item: BatchItem, look_first: bool) -> JsonDict:
+    def _upload(
+        self, context: Context, protocol: UploadProtocol, item: BatchItem, look_first: bool
+    ) -> JsonDict:
         """Upload one file (or find its earlier upload); return its part of the result."""
         source = resolve_source(item.file_path)
         name = check_upload_filename(item.filename or source.name)
@@ -440,7 +445,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
             idempotency_key=item.idempotency_key or None,
             item=source.uri,  # the file, not its position: re-splitting batches uploads nothing again
         )
-        outcome = self.hook.upload_once(
+        outcome = protocol.upload_once(
             item.patient_id,
             source,
             filename=name,

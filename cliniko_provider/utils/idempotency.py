@@ -1,6 +1,7 @@
 """What makes an upload the upload it is, and how a retry recognises its own earlier upload.
 
-No network I/O here (the hook asks Cliniko, see ``ClinikoHook.find_earlier_upload``); this module decides.
+No network I/O here (:mod:`cliniko_provider.protocol.upload` asks Cliniko through the hook); this module
+decides.
 
 **Identity.** :class:`UploadIdentity` is the task instance (DAG, task, run, map index; or the user's
 ``idempotency_key`` instead), a per-item discriminator (a batch's item; empty for one upload), the patient,
