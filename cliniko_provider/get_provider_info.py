@@ -45,30 +45,38 @@ def get_provider_info() -> dict[str, Any]:
                 "conn-fields": {
                     "user_agent": {
                         "label": "User-Agent",
-                        "description": "Required by Cliniko: your app or company name and a contact "
-                        f"email, e.g. '{USER_AGENT_EXAMPLE}'.",
-                        # Not nullable: the form marks it required. The UI shows examples as its hint.
-                        "schema": {"type": "string", "minLength": 1, "examples": [USER_AGENT_EXAMPLE]},
+                        "description": "Required by Cliniko: your own app or company name and a contact "
+                        "email, as 'App name (email)'.",
+                        # Not nullable: the form marks it required. No "examples": the UI offers those as
+                        # one-click values, and a sample name must never reach Cliniko as yours.
+                        "schema": {"type": "string", "minLength": 1},
                     },
                     "max_attempts": {
                         "label": "Max attempts",
-                        "description": "Attempts per request on 5xx, 429 and connection errors.",
-                        "schema": {"type": ["integer", "null"], "default": 5, "minimum": 1},
+                        "description": "Attempts per request on 5xx answers and connection errors, 1 to "
+                        "20. A 429 is not an attempt: it is waited out.",
+                        "schema": {"type": ["integer", "null"], "default": 5, "minimum": 1, "maximum": 20},
                     },
                     "max_rate_limit_wait": {
                         "label": "Max wait on 429 (seconds)",
-                        "description": "Longest single wait for Cliniko's rate limit to reset.",
-                        "schema": {"type": ["number", "null"], "default": 65},
+                        "description": "Longest single wait for a 429 to clear, 0 to 3600 seconds.",
+                        "schema": {"type": ["number", "null"], "default": 65, "minimum": 0, "maximum": 3600},
                     },
                     "timeout": {
                         "label": "Request timeout (seconds)",
-                        "schema": {"type": ["number", "null"], "default": 60},
+                        "description": "Per request, 1 to 3600 seconds.",
+                        "schema": {"type": ["number", "null"], "default": 60, "minimum": 1, "maximum": 3600},
                     },
                     "requests_per_minute": {
                         "label": "Requests per minute",
                         "description": "The API key's budget, shared by every process that uses the key "
-                        "(Cliniko allows 200 a minute per key).",
-                        "schema": {"type": ["number", "null"], "default": 200, "minimum": 1},
+                        "(Cliniko allows 200 a minute per key), 1 to 1,000,000.",
+                        "schema": {
+                            "type": ["number", "null"],
+                            "default": 200,
+                            "minimum": 1,
+                            "maximum": 1_000_000,
+                        },
                     },
                     "redis_conn_id": {
                         "label": "Redis connection id (optional)",
@@ -84,7 +92,7 @@ def get_provider_info() -> dict[str, Any]:
                         "password": f"Your API key, e.g. MS0xLWFi...-au2 (Cliniko: {API_KEY_LOCATION})",
                         "host": "Leave empty for real Cliniko (shard from the key); "
                         "e.g. http://127.0.0.1:8765/v1 for the sandbox",
-                        "user_agent": USER_AGENT_EXAMPLE,
+                        "user_agent": f"App name (email), e.g. {USER_AGENT_EXAMPLE}",
                         "redis_conn_id": "redis_default",
                     },
                 },
@@ -116,7 +124,7 @@ def connection_form_widgets() -> dict[str, Any]:
         label = spec["label"] + (" (required)" if required else "")
         validators: list[Any] = [InputRequired()] if required else [Optional()]
         if "minimum" in schema:
-            validators.append(NumberRange(min=schema["minimum"]))
+            validators.append(NumberRange(min=schema["minimum"], max=schema.get("maximum")))
         field = IntegerField if "integer" in types else StringField  # 3.1 allows no float field
         widgets[name] = field(
             label,

@@ -90,8 +90,11 @@ def test_5xx_gives_up_after_max_attempts_with_clinikos_message() -> None:
 def test_connection_errors_are_retried_then_reported() -> None:
     broken = requests.ConnectionError("connection refused")
     hook, adapter, clock = make_hook(*[Answer(raise_error=broken)] * 5)
-    with pytest.raises(ClinikoConnectionError, match=r"Could not reach Cliniko at .* after 5 attempt"):
+    with pytest.raises(
+        ClinikoConnectionError, match=r"Could not reach Cliniko at .* after 5 attempt"
+    ) as raised:
         hook.get_patient(9)
+    assert "Check the host/network" in str(raised.value) and "cliniko-sandbox" not in str(raised.value)
     assert len(adapter.requests) == 5
     assert len(clock.sleeps) == 4
 
@@ -288,6 +291,7 @@ def test_test_connection_to_an_unreachable_host(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", connection_json(KEY, "http://127.0.0.1:9/v1"))
     ok, message = ClinikoHook().test_connection()
     assert not ok and "Could not reach Cliniko at http://127.0.0.1:9/v1" in message and "refused" in message
+    assert "Is `cliniko-sandbox` running?" in message  # a loopback host is the sandbox's
 
 
 def test_bad_connection_is_a_config_error_that_does_not_retry(monkeypatch: pytest.MonkeyPatch) -> None:

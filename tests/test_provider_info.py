@@ -80,8 +80,28 @@ def test_user_agent_is_required_and_shows_its_shape() -> None:
     schema = conn_type["conn-fields"]["user_agent"]["schema"]
     assert schema["type"] == "string"  # no "null": Airflow's form marks the field required
     assert schema["minLength"] == 1
-    assert schema["examples"] == [USER_AGENT_EXAMPLE]  # what Airflow 3.2+ shows as the field's hint
+    # A placeholder, never a value: Airflow 3.2+ offers a schema's examples as one-click values.
+    assert "examples" not in schema and "default" not in schema
+    assert USER_AGENT_EXAMPLE in conn_type["ui-field-behaviour"]["placeholders"]["user_agent"]
     assert USER_AGENT_PATTERN.match(USER_AGENT_EXAMPLE)
+
+
+def test_the_help_texts_say_what_the_settings_do() -> None:
+    from cliniko_provider.utils import settings
+
+    fields = get_provider_info()["connection-types"][0]["conn-fields"]
+    assert "A 429 is not an attempt" in fields["max_attempts"]["description"]
+    assert "429" in fields["max_rate_limit_wait"]["description"]
+    limits = {
+        "max_attempts": (1, settings.MAX_ATTEMPTS),
+        "max_rate_limit_wait": (0, settings.MAX_RATE_LIMIT_WAIT),
+        "timeout": (1, settings.MAX_TIMEOUT),
+        "requests_per_minute": (1, settings.MAX_REQUESTS_PER_MINUTE),
+    }
+    for name, (low, high) in limits.items():
+        schema = fields[name]["schema"]
+        assert (schema["minimum"], schema["maximum"]) == (low, high), name
+        assert f"{low} to {int(high)}" in fields[name]["description"].replace(",", ""), name
 
 
 def test_the_api_key_location_is_the_same_in_form_readme_and_errors() -> None:
@@ -131,7 +151,7 @@ def test_the_airflow_31_form_is_built_from_conn_fields() -> None:
     attempts = widgets["max_attempts"]
     assert attempts.field_class.__name__ == "IntegerField"
     assert any(isinstance(v, Optional) for v in attempts.kwargs["validators"])
-    assert [v.min for v in attempts.kwargs["validators"] if isinstance(v, NumberRange)] == [1]
+    assert [(v.min, v.max) for v in attempts.kwargs["validators"] if isinstance(v, NumberRange)] == [(1, 20)]
     assert ClinikoHook.get_ui_field_behaviour() == {
         "hidden_fields": conn_type["ui-field-behaviour"]["hidden-fields"],
         "relabeling": conn_type["ui-field-behaviour"]["relabeling"],

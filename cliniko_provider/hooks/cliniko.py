@@ -50,7 +50,7 @@ from cliniko_provider.utils.s3_form import (
     parse_s3_xml,
     s3_error,
 )
-from cliniko_provider.utils.settings import ClinikoSettings
+from cliniko_provider.utils.settings import ClinikoSettings, is_loopback_url
 from cliniko_provider.utils.upload import (
     UploadProgress,
     UploadSource,
@@ -216,10 +216,18 @@ class _ClinikoBase(BaseHook):
         reason = network_reason(error)
         base_url = self._require_settings().base_url
 
+        if is_loopback_url(base_url):
+            advice = (
+                "Is `cliniko-sandbox` running? Start it (`cliniko-sandbox --port <port> "
+                "--seed-example-patients`) or fix the connection's host."
+            )
+        else:
+            advice = "Check the host/network; the task's retries may succeed."
+
         def final(attempts: int) -> Exception:
             return ClinikoConnectionError(
                 f"Could not reach Cliniko at {base_url} for {what} after {attempts} attempt(s): {reason}. "
-                "Check the host/network; the task's retries may succeed."
+                f"{advice}"
             )
 
         return Failure(None, {}, final, reason)

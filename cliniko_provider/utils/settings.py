@@ -95,6 +95,14 @@ def _is_loopback(hostname: str) -> bool:
         return False
 
 
+def is_loopback_url(url: str) -> bool:
+    """Whether a URL's host is this machine (``localhost``, ``127.0.0.1``, ``::1``...): the sandbox's.
+
+    :param url: an absolute URL.
+    """
+    return _is_loopback(urlsplit(url).hostname or "")
+
+
 def normalise_base_url(host: str) -> str:
     """Validate a base URL override and add ``/v1`` when it has no path.
 
@@ -149,7 +157,7 @@ class ClinikoSettings:
     :param api_key: the API key (never shown in ``repr``).
     :param base_url: API base URL ending in ``/v1`` (no trailing slash).
     :param user_agent: the ``User-Agent`` Cliniko requires.
-    :param max_attempts: attempts per request on 5xx, 429 and connection errors.
+    :param max_attempts: attempts per request on 5xx and connection errors (a 429 is not an attempt).
     :param max_rate_limit_wait: longest single wait for a 429 to clear, in seconds.
     :param timeout: per-request timeout in seconds.
     :param requests_per_minute: the key's request budget (every process sharing the budget together).
