@@ -204,6 +204,20 @@ class ClinikoAttachmentGoneError(ClinikoError, AirflowFailException):
         return (type(self), (self.attachment_id, self.reason, self.archived_at, str(self)))
 
 
+class S3IntegrityError(ClinikoError):
+    """S3 holds other bytes than were sent: its ETag is not the MD5 of the file, even after sending it again.
+
+    Retryable: the task's retries send the file anew (nothing was created in Cliniko for it).
+    """
+
+
+class ClinikoIntegrityError(ClinikoError, AirflowFailException):
+    """What Cliniko made of a file differs from what was sent (its size, name or bytes), once processed.
+
+    Not retried: a retry would find the same attachment. The message names the attachment to check.
+    """
+
+
 class ClinikoBatchError(ClinikoError):
     """Some uploads of a batch failed, and retrying the task may fix at least one of them."""
 

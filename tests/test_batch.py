@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import threading
 import time
@@ -144,7 +145,13 @@ def test_all_good_returns_the_results_in_order(
     assert [r["patient_id"] for r in results] == [patients[n % 2] for n in range(5)]
     records = {str(r["id"]): r for p in patients for r in attachments_of(hook, p)}
     assert sorted(records) == sorted(str(r["attachment_id"]) for r in results)
-    assert all(set(r) == {"index", "patient_id", "file_path", "attachment_id"} for r in results)
+    fields = {"index", "patient_id", "file_path", "attachment_id", "filename", "size", "sha256", "md5"}
+    assert all(set(r) == fields | {"verification"} for r in results)
+    assert [(r["filename"], r["size"], r["verification"]) for r in results] == [
+        (path.name, path.stat().st_size, "etag") for path in files
+    ]
+    assert [r["sha256"] for r in results] == [hashlib.sha256(path.read_bytes()).hexdigest() for path in files]
+    assert [r["md5"] for r in results] == [hashlib.md5(path.read_bytes()).hexdigest() for path in files]
 
 
 def test_a_failure_a_retry_may_fix_makes_the_task_retryable(

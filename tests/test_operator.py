@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -338,6 +339,9 @@ def test_a_retry_on_the_same_worker_reuses_the_recorded_attachment_with_one_get(
         "reused": True,
         "reason": f"this worker recorded attachment {first['id']} as this upload",
         "identity": ctx["ti"].pushed["cliniko_upload"]["identity"],
+        "sha256": hashlib.sha256(report.read_bytes()).hexdigest(),  # as the first try recorded it
+        "md5": None,  # nothing sent
+        "verification": "none",
     }
     assert (
         f"reusing attachment {first['id']} of patient 42, because this worker recorded"

@@ -8,7 +8,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -30,6 +30,8 @@ from cliniko_provider.exceptions import (
 )
 from cliniko_provider.utils.budget import RateBudget, budget_for
 from cliniko_provider.utils.errors import decode_json_object, error_for_answer
+from cliniko_provider.utils.idempotency import DigestingOpener
+from cliniko_provider.utils.integrity import S3Upload, s3_mismatch
 from cliniko_provider.utils.retry import (
     API_CALL,
     API_CREATE,
@@ -45,6 +47,8 @@ from cliniko_provider.utils.s3_form import (
     MultipartBody,
     Opener,
     Progress,
+    answered_etag,
+    etag_md5,
     expected_key,
     join_upload_url,
     parse_s3_xml,
@@ -286,6 +290,7 @@ class ClinikoHook(_ClinikoBase):
         self._local = threading.local()
         self._first_sessions: dict[str, requests.Session] = {}
         self._sessions_lock = threading.Lock()
+        self._etag_note_given = False  # said once per hook: S3's ETags here are no MD5
 
     @cached_property
     def settings(self) -> ClinikoSettings:
@@ -621,39 +626,69 @@ class ClinikoHook(_ClinikoBase):
         *,
         progress: Progress | None = None,
         refresh_presign: Callable[[], JsonDict] | None = None,
-    ) -> str:
-        """POST one file to S3 with a presign's fields (streamed, exact Content-Length); return S3's ``Key``.
+    ) -> S3Upload:
+        """POST one file to S3 with a presign's fields (streamed, exact Content-Length); return what S3 holds.
 
         Goes through the retry runner: S3 5xx answers (``503 SlowDown`` included) and broken connections
         are retried; a 403 (the presign expired or was refused) fetches a fresh presign when
         ``refresh_presign`` is given; any other S3 error raises :class:`S3UploadRejectedError` with S3's
         Code and Message. Only the first 64 KiB of S3's answer is read.
 
+        The file's MD5 and SHA-256 are computed as it streams, and the MD5 is compared with the ETag of
+        S3's answer (the MD5 of what S3 stored). A mismatch sends the file once more (with a fresh presign
+        when ``refresh_presign`` is given), then raises :class:`S3IntegrityError`. An ETag that is no MD5
+        (SSE-KMS buckets) is noted once at debug level and the upload goes on.
+
         :param presign: ``{"url": ..., "fields": {...}}`` from :meth:`get_presigned_post` (never logged).
         :param opener: opens the file for binary reading; called once per attempt.
         :param size: the file's exact size in bytes.
         :param filename: the file part's name; S3 puts it in place of ``${filename}`` in the key.
         :param progress: called with the bytes sent so far; by default large files log progress lines.
-        :param refresh_presign: fetches a fresh presign after a 403, at most ``PRESIGN_REFRESHES`` times.
+        :param refresh_presign: fetches a fresh presign after a 403, at most ``PRESIGN_REFRESHES`` times,
+            and before sending again after an ETag mismatch.
         """
         current = presign
+        digesting = opener if isinstance(opener, DigestingOpener) else DigestingOpener(opener, size)
 
         def refresh() -> None:
             nonlocal current
             if refresh_presign is not None:
                 current = refresh_presign()
 
-        return self._runner(self._sleep).run(
-            "S3 upload",
-            lambda: self._s3_attempt(current, opener, size, filename, progress),
-            S3_UPLOAD_REFRESHING if refresh_presign is not None else S3_UPLOAD,
-            refresh,
-        )
+        for attempt in (1, 2):
+            key, etag, headers = self._runner(self._sleep).run(
+                "S3 upload",
+                lambda: self._s3_attempt(current, digesting, size, filename, progress),
+                S3_UPLOAD_REFRESHING if refresh_presign is not None else S3_UPLOAD,
+                refresh,
+            )
+            sha256, md5 = digesting.sha256, digesting.md5
+            if sha256 is None or md5 is None:  # pragma: no cover - MultipartBody checks the size it sent
+                raise ClinikoError(f"The upload of {filename!r} ended before the whole file was read")
+            held, why_not = etag_md5(etag, headers)
+            if held is None:
+                if not self._etag_note_given:
+                    self._etag_note_given = True
+                    self.log.debug("Not comparing S3's ETag with the MD5 of the file sent: %s", why_not)
+                return S3Upload(key, size, sha256, md5, etag, etag_verified=False)
+            if held == md5:
+                return S3Upload(key, size, sha256, md5, etag, etag_verified=True)
+            if attempt == 2:
+                raise s3_mismatch(filename, size, md5, etag)
+            self.log.warning(
+                "S3 holds other bytes than were sent for %s (sent MD5 %s, S3's ETag %s): sending it again%s",
+                filename,
+                md5,
+                etag,
+                " with a fresh presign" if refresh_presign is not None else "",
+            )
+            refresh()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _s3_attempt(
         self, presign: JsonDict, opener: Opener, size: int, filename: str, progress: Progress | None
-    ) -> str | Failure:
-        """POST the file once; return S3's ``Key``, or the failure."""
+    ) -> tuple[str, str, Mapping[str, str]] | Failure:
+        """POST the file once; return (S3's ``Key``, its ETag, the answer's headers), or the failure."""
         url = str(presign["url"])
         fields = [(str(name), str(value)) for name, value in dict(presign["fields"]).items()]
         reporter = progress or UploadProgress(size, self.log.info, self._clock)
@@ -684,17 +719,18 @@ class ClinikoHook(_ClinikoBase):
                 elapsed,
                 format_bytes(size / elapsed),
             )
-            return key
+            return key, answered_etag(answer, headers), headers
         failure = s3_error(status, answer, content.decode("utf-8", "replace"))
         return Failure(status, headers, final(failure), f"{failure.code}: {failure.message}")
 
     def upload_to_patient(
         self, patient_id: int | str, source: UploadSource, filename: str, *, progress: Progress | None = None
-    ) -> str:
-        """Presign and upload one file of a patient; return the ``upload_url`` for the attachment record.
+    ) -> S3Upload:
+        """Presign and upload one file of a patient; return what S3 stored, with the ``upload_url`` to use.
 
         A 403 from S3 (expired or refused presign) fetches a fresh presign, at most ``PRESIGN_REFRESHES``
-        times. The URL is the presign ``url`` + S3's ``Key`` (never S3's ``Location``).
+        times, and so does an ETag mismatch (see :meth:`upload_file`). The ``upload_url`` is the presign
+        ``url`` + S3's ``Key`` (never S3's ``Location``).
 
         :param patient_id: the Cliniko patient id.
         :param source: the file to upload (see :func:`resolve_source`).
@@ -708,10 +744,10 @@ class ClinikoHook(_ClinikoBase):
             presign = self.patient_call(patient_id, self.get_presigned_post)
             return presign
 
-        key = self.upload_file(
+        stored = self.upload_file(
             presign, source.opener, source.size, filename, progress=progress, refresh_presign=refresh
         )
-        return join_upload_url(str(presign["url"]), key)
+        return replace(stored, upload_url=join_upload_url(str(presign["url"]), stored.key))
 
     def attachment_sha256(self, attachment_id: int | str) -> str:
         """Return the SHA-256 (hex) of a processed attachment's bytes, streamed from ``/content``.

@@ -36,7 +36,7 @@ from cliniko_provider.utils.batch import (
     failure_summary,
     parse_upload,
 )
-from cliniko_provider.utils.idempotency import upload_identity
+from cliniko_provider.utils.idempotency import upload_identity, wire_filename
 from cliniko_provider.utils.upload import resolve_source
 from cliniko_provider.utils.validation import check_upload_filename, one_line, validate_id
 
@@ -264,9 +264,12 @@ class ClinikoBatchUploadOperator(BaseOperator):
 
     The result (XCom ``return_value``: pushed once the uploads are done, kept while the task waits, and
     pushed even when the task fails) lists, in the order given,
-    ``{"index", "patient_id", "file_path", "attachment_id"}`` per file, plus ``"processed_at"`` once
-    processed, or ``"error"`` (the reason, one line) and ``"retryable"`` for a file that failed. A failed
-    task also leaves every reason in XCom ``cliniko_error``, one line per file.
+    ``{"index", "patient_id", "file_path", "attachment_id"}`` per file; once uploaded (or found) also
+    ``"filename"`` (as sent), ``"size"``, ``"sha256"``, ``"md5"`` (of the bytes sent; None for a reuse)
+    and ``"verification"`` (the highest integrity check passed, see
+    :mod:`~cliniko_provider.utils.integrity`); plus ``"processed_at"`` once processed, or ``"error"``
+    (the reason, one line) and ``"retryable"`` for a file that failed. A failed task also leaves every
+    reason in XCom ``cliniko_error``, one line per file.
 
     **Idempotency** is each file's own, exactly as for a single upload (``UploadProtocol.upload_once``
     with an identity from :func:`~cliniko_provider.utils.idempotency.upload_identity`): the task instance, the
@@ -453,7 +456,14 @@ class ClinikoBatchUploadOperator(BaseOperator):
             identity=identity,
             look_first=look_first,
         )
-        result: JsonDict = {"attachment_id": str(outcome.record["id"])}
+        result: JsonDict = {
+            "attachment_id": str(outcome.record["id"]),
+            "filename": wire_filename(name),
+            "size": source.size,
+            "sha256": outcome.sha256,
+            "md5": outcome.md5,
+            "verification": outcome.verification,
+        }
         if outcome.reused:
             result["reused"] = outcome.reason
         if outcome.record.get("processing_completed") is True:

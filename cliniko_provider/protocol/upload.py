@@ -23,7 +23,6 @@ from cliniko_provider.exceptions import (
 )
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.utils.idempotency import (
-    DigestingOpener,
     UploadIdentity,
     UploadJournal,
     UploadOutcome,
@@ -103,7 +102,10 @@ class UploadProtocol:
             record = self._still_attached(identity, str(recorded), description_marker)
             if record is not None:
                 return UploadOutcome(
-                    record, True, f"this worker recorded attachment {recorded} as this upload"
+                    record,
+                    True,
+                    f"this worker recorded attachment {recorded} as this upload",
+                    sha256=str(facts["sha256"]) if facts.get("sha256") else None,
                 )
         if description_marker:
             found = self.find_attachment_by_marker(pid, identity.marker)
@@ -143,7 +145,7 @@ class UploadProtocol:
                         f"attachment {record.get('id')} (created {record.get('created_at')}) has this "
                         f"description, file name, size and content (SHA-256 {ours[:12]}...)"
                     )
-                    return UploadOutcome(record, True, reason)
+                    return UploadOutcome(record, True, reason, sha256=ours, verification="content")
         self.log.info(
             "No earlier upload of %s for patient %s: %d attachment(s) with this description since %s, %d "
             "with this name and size, none with this file's content%s",
@@ -233,16 +235,13 @@ class UploadProtocol:
                 )
                 return found
         self.log.info("Uploading %s (%s) for patient %s", name, format_bytes(source.size), pid)
-        digesting = DigestingOpener(source.opener, source.size)
-        upload_url = self.hook.upload_to_patient(
-            pid, replace(source, opener=digesting), name, progress=progress
-        )
-        if identity is not None and digesting.hexdigest:
-            self.journal.write(identity.key, sha256=digesting.hexdigest, patient_id=pid)
-        outcome = self._create_once(pid, upload_url, sent, identity, source, description_marker)
+        stored = self.hook.upload_to_patient(pid, source, name, progress=progress)
+        if identity is not None:
+            self.journal.write(identity.key, sha256=stored.sha256, patient_id=pid)
+        outcome = self._create_once(pid, stored.upload_url, sent, identity, source, description_marker)
         if identity is not None:
             self.journal.write(identity.key, attachment_id=str(outcome.record.get("id")))
-        return outcome
+        return replace(outcome, sha256=stored.sha256, md5=stored.md5, verification=stored.verification)
 
     def upload_attachment(
         self,

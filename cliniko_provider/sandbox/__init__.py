@@ -34,4 +34,11 @@ Answers chosen where Cliniko's own behaviour is not publicly confirmed:
   echoed; fields the schema does not name are ignored (see `patient_fields`).
 - Injected faults (`--fail-rate`, `--throttle-rate`) carry the header `X-Sandbox-Fault`;
   injected throttling answers 429 on the API and, as real S3 does, 503 `SlowDown` on S3.
+- S3's answer to a POST carries `ETag`: the quoted MD5 of the object stored, as S3's does for a
+  single-part upload; an attachment's `size` (and `filename`, `content_type`) are null until it is
+  processed. Corruption faults, set through `POST /_sandbox/faults` and counted down as they strike:
+  `corrupt_s3_objects` (the next uploads are stored with their first byte flipped, so the ETag and
+  the bytes differ from what was sent), `corrupt_processed_sizes` (the next processed records show a
+  `size` one byte more than their file) and `corrupt_processed_contents` (the next processed files
+  have their first byte flipped, size unchanged).
 """

@@ -470,6 +470,8 @@ class Api:
         ]
 
 
+# Counted-down faults that make stored bytes or processed records differ from what was sent.
+CORRUPTIONS = ("corrupt_s3_objects", "corrupt_processed_sizes", "corrupt_processed_contents")
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 ControlHandler = Callable[[Request], Awaitable[Response]]
 
@@ -520,6 +522,7 @@ class Controls:
         "presign_ttl",
         "s3_reset_after_bytes",
         "rate_limit",
+        *CORRUPTIONS,
     )
 
     def __init__(self, sandbox: Sandbox) -> None:
@@ -571,6 +574,10 @@ class Controls:
         reset_after = merged["s3_reset_after_bytes"]
         if reset_after is not None and int(reset_after) < 0:
             raise ValueError("s3_reset_after_bytes must not be negative")
+        for name in CORRUPTIONS:
+            count = merged[name]
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"{name} must be a whole number of uploads, 0 or more, not {count!r}")
         limit, window = parse_rate_limit(str(merged["rate_limit"]))
         settings.fail_rate = float(merged["fail_rate"])
         settings.throttle_rate = float(merged["throttle_rate"])
@@ -578,6 +585,8 @@ class Controls:
         settings.processing_delay_per_mb = float(merged["processing_delay_per_mb"])
         settings.presign_ttl = int(merged["presign_ttl"])
         settings.s3_reset_after_bytes = None if reset_after is None else int(reset_after)
+        for name in CORRUPTIONS:
+            setattr(settings, name, merged[name])
         self.sandbox.limiter.limit, self.sandbox.limiter.window = limit, window
 
     def guarded(self, handler: ControlHandler) -> ControlHandler:

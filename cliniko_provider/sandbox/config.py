@@ -71,3 +71,9 @@ class SandboxSettings:
     seed_example_patients: bool = False  # create the example DAGs' patients in every account
     # One-shot: cut the connection of the next S3 upload after this many body bytes.
     s3_reset_after_bytes: int | None = None
+    # Counted down: the next N S3 uploads are stored with their first byte flipped (ETag and bytes
+    # then differ from what was sent); the next N processed attachments get a record `size` one byte
+    # more than their file, or have one byte of their content flipped (size unchanged).
+    corrupt_s3_objects: int = 0
+    corrupt_processed_sizes: int = 0
+    corrupt_processed_contents: int = 0

@@ -156,6 +156,16 @@ class Sandbox:
             log.warning("attachment %s: uploaded object is missing; left unprocessed", attachment.id)
             self.store.update_attachment(attachment, process_after=float("inf"))
             return
+        size = target.stat().st_size
+        settings = self.settings
+        if settings.corrupt_processed_contents > 0 and size > 0:
+            settings.corrupt_processed_contents -= 1
+            self.stats.corrupted["processed_contents"] += 1
+            _flip_first_byte(target)
+        if settings.corrupt_processed_sizes > 0:
+            settings.corrupt_processed_sizes -= 1
+            self.stats.corrupted["processed_sizes"] += 1
+            size += 1
         now = utc_now_iso()
         with self.store.transaction():
             self.store.drop_object(attachment.source_bucket, attachment.source_key, attachment.source_path)
@@ -165,7 +175,7 @@ class Sandbox:
                 filename=attachment.upload_filename,
                 content_type=mimetypes.guess_type(attachment.upload_filename)[0]
                 or "application/octet-stream",
-                size=target.stat().st_size,
+                size=size,
                 processed_at=now,
                 updated_at=now,
                 processing_completed=True,
@@ -187,3 +197,11 @@ class Sandbox:
                 await asyncio.wait_for(
                     self._wake_processor.wait(), timeout=min(60.0, max(0.01, next_due - now))
                 )
+
+
+def _flip_first_byte(path: os.PathLike[str]) -> None:
+    """Flip the first byte of a file in place (the `corrupt_processed_contents` fault)."""
+    with open(path, "r+b") as handle:
+        first = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([first[0] ^ 0xFF]))

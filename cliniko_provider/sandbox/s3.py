@@ -8,7 +8,9 @@ fields after the file ignored, every field covered by the signed, unexpired poli
 within `content-length-range`. Answers and errors are S3's XML.
 
 Test support: with the one-shot `s3_reset_after_bytes` set, the upload's connection is
-aborted (TCP reset) once that many body bytes have arrived.
+aborted (TCP reset) once that many body bytes have arrived. While `corrupt_s3_objects` is above
+0, each upload that arrives counts it down and is stored with its first byte flipped: the ETag
+answered is the MD5 of the bytes stored, as S3's is, so it differs from the MD5 of what was sent.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class Upload:
         self.content_length = content_length
         self.cut_after = sandbox.settings.s3_reset_after_bytes
         sandbox.settings.s3_reset_after_bytes = None  # one-shot
+        self.corrupt = sandbox.settings.corrupt_s3_objects > 0
+        if self.corrupt:
+            sandbox.settings.corrupt_s3_objects -= 1
         self.received = 0
 
     async def _chunks(self) -> AsyncIterator[bytes]:
@@ -106,7 +111,11 @@ class Upload:
         size = 0
         maximum = policy.size_range[1]
         data_start = reader.position
+        flip = self.corrupt
         async for data in reader.read_data():
+            if flip and data:
+                data, flip = bytes([data[0] ^ 0xFF]) + data[1:], False
+                self.sandbox.stats.corrupted["s3_objects"] += 1
             size += len(data)
             if size > maximum:
                 # Say no before the whole body arrives, as S3 does; the size is the one proposed.

@@ -62,6 +62,7 @@ class Stats:
     injected_failures: int = 0
     bytes_received: int = 0
     uploads: int = 0
+    corrupted: Counter[str] = field(default_factory=Counter)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -73,4 +74,5 @@ class Stats:
             "injected_failures": self.injected_failures,
             "bytes_received": self.bytes_received,
             "uploads": self.uploads,
+            "corrupted": dict(self.corrupted),
         }

@@ -129,41 +129,46 @@ def content_identity(size: int, info: Mapping[str, Any] | None = None, mtime_ns:
 
 
 class DigestingOpener:
-    """Wraps an opener so the bytes read through it are hashed (SHA-256) on the way, at no extra read.
+    """Wraps an opener so the bytes read through it are hashed (SHA-256 and MD5) on the way, at no extra read.
+
+    Both hashes release the GIL on large buffers, so threads uploading at once hash in parallel.
 
     :param opener: opens the file for binary reading.
-    :param size: the file's size; :attr:`hexdigest` is set only after exactly that many bytes were read.
+    :param size: the file's size; the digests are set only after exactly that many bytes were read.
     """
 
     def __init__(self, opener: Opener, size: int) -> None:
         self._opener = opener
-        self._size = size
-        self.hexdigest: str | None = None
+        self.size = size
+        self.sha256: str | None = None
+        self.md5: str | None = None
 
     def __call__(self) -> IO[bytes]:
-        self.hexdigest = None
+        self.sha256 = self.md5 = None
         return cast(IO[bytes], _DigestingReader(self._opener(), self))
 
-    def _finish(self, digest: hashlib._Hash, count: int) -> None:
-        if count == self._size:
-            self.hexdigest = digest.hexdigest()
+    def _finish(self, sha256: hashlib._Hash, md5: hashlib._Hash, count: int) -> None:
+        if count == self.size:
+            self.sha256, self.md5 = sha256.hexdigest(), md5.hexdigest()
 
 
 class _DigestingReader:
-    """A read-only file object that feeds what it reads to SHA-256 (what MultipartBody needs of a file)."""
+    """A read-only file object that feeds what it reads to SHA-256 and MD5 (what MultipartBody needs)."""
 
     def __init__(self, raw: IO[bytes], owner: DigestingOpener) -> None:
         self._raw = raw
         self._owner = owner
-        self._digest = hashlib.sha256()
+        self._sha256 = hashlib.sha256()
+        self._md5 = hashlib.md5(usedforsecurity=False)
         self._count = 0
 
     def read(self, size: int = -1) -> bytes:
         chunk = self._raw.read(size)
-        self._digest.update(chunk)
+        self._sha256.update(chunk)
+        self._md5.update(chunk)
         self._count += len(chunk)
         if not chunk:
-            self._owner._finish(self._digest, self._count)
+            self._owner._finish(self._sha256, self._md5, self._count)
         return chunk
 
     def close(self) -> None:
@@ -326,11 +331,19 @@ class UploadOutcome:
     :param record: the attachment record.
     :param reused: True when an earlier upload of the same identity was returned instead of uploading.
     :param reason: why it was reused (which evidence), or how it was made.
+    :param sha256: hex SHA-256 of the file (computed while it streamed; for a reuse, as recorded or
+        compared), None when unknown.
+    :param md5: hex MD5 of the bytes sent (None for a reuse: nothing was sent).
+    :param verification: the highest integrity check passed so far (see
+        :mod:`cliniko_provider.utils.integrity`): ``"none"``, ``"etag"``, ``"processed"``, ``"content"``.
     """
 
     record: JsonDict
     reused: bool
     reason: str
+    sha256: str | None = None
+    md5: str | None = None
+    verification: str = "none"
 
     def summary(self, identity: UploadIdentity | None) -> JsonDict:
         """Return the plain summary the operator leaves in XCom ``cliniko_upload``.
@@ -342,6 +355,9 @@ class UploadOutcome:
             "reused": self.reused,
             "reason": self.reason,
             "identity": identity.key if identity else None,
+            "sha256": self.sha256,
+            "md5": self.md5,
+            "verification": self.verification,
         }
 
 

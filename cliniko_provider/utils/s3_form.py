@@ -14,6 +14,7 @@ No ``filename*`` parameter: RFC 7578 forbids it in form data, and S3 substitutes
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO
@@ -24,6 +25,7 @@ from cliniko_provider.utils.validation import one_line
 
 CHUNK_SIZE = 1024 * 1024
 CRLF = b"\r\n"
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")
 
 Opener = Callable[[], IO[bytes]]
 Progress = Callable[[int], None]
@@ -191,3 +193,33 @@ def join_upload_url(url: str, key: str) -> str:
     :param key: the ``Key`` from S3's answer.
     """
     return url.rstrip("/") + "/" + key.lstrip("/")
+
+
+def answered_etag(answer: Mapping[str, str], headers: Mapping[str, str]) -> str:
+    """Return the ETag of S3's answer to a POST (the XML's ``ETag``, else the header), quotes removed.
+
+    :param answer: the parsed XML (see :func:`parse_s3_xml`); empty for a 204 answer.
+    :param headers: the answer's headers.
+    """
+    etag = answer.get("ETag") or headers.get("ETag") or ""
+    return etag.strip().removeprefix("W/").strip('"')
+
+
+def etag_md5(etag: str, headers: Mapping[str, str]) -> tuple[str | None, str]:
+    """Return (the MD5 an S3 ETag stands for, or None; why it stands for none).
+
+    A single-part upload's ETag is the hex MD5 of the object, except with SSE-KMS or customer keys
+    (S3 then says so in ``x-amz-server-side-encryption`` or ``...-customer-algorithm``) and for
+    multipart uploads (``<hex>-<parts>``).
+
+    :param etag: the ETag without quotes (see :func:`answered_etag`).
+    :param headers: the answer's headers.
+    """
+    encryption = headers.get("x-amz-server-side-encryption", "").lower()
+    if encryption.startswith("aws:kms") or headers.get("x-amz-server-side-encryption-customer-algorithm"):
+        return None, f"the bucket encrypts with {encryption or 'a customer key'}, so its ETag is no MD5"
+    if not etag:
+        return None, "S3 answered no ETag"
+    if not _MD5_HEX.fullmatch(etag.lower()):
+        return None, f"S3's ETag {one_line(etag)[:80]!r} is not an MD5"
+    return etag.lower(), ""

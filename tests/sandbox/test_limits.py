@@ -192,3 +192,35 @@ def test_controls_cannot_be_used_from_a_web_page(sandbox: SandboxProcess) -> Non
     same_origin = {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"}
     assert requests.post(url, json={}, headers=same_origin, timeout=5).status_code == 200
     assert requests.post(url, json=[], timeout=5).status_code == 400
+
+
+def test_corruption_controls_take_whole_counts(sandbox: SandboxProcess) -> None:
+    url = f"{sandbox.root_url}/_sandbox/faults"
+    for name in ("corrupt_s3_objects", "corrupt_processed_sizes", "corrupt_processed_contents"):
+        for bad in (-1, 1.5, True, "1", None):
+            response = requests.post(url, json={name: bad}, timeout=5)
+            assert response.status_code == 400 and name in response.json()["message"], (name, bad)
+        assert requests.post(url, json={name: 0}, timeout=5).json()[name] == 0
+
+
+def test_corrupt_processed_size_and_content(start_sandbox: Start) -> None:
+    sandbox = start_sandbox(*FAST_ARGS)
+    api = Client(sandbox, "sandbox-api-key-au1")
+    patient = api.create_patient()
+    data = b"0123456789" * 100
+    set_faults(sandbox, corrupt_processed_sizes=1)
+    sized = api.attach(patient["id"], data)
+    assert sized["size"] is None  # set only once processed
+    processed = api.wait_processed(sized["id"])
+    assert processed["size"] == len(data) + 1
+    assert api.get(f"/patient_attachments/{sized['id']}/content").content == data
+    set_faults(sandbox, corrupt_processed_contents=1)
+    changed = api.wait_processed(api.attach(patient["id"], data)["id"])
+    assert changed["size"] == len(data)
+    assert api.get(f"/patient_attachments/{changed['id']}/content").content == b"\xcf" + data[1:]
+    clean = api.wait_processed(api.attach(patient["id"], data)["id"])
+    assert clean["size"] == len(data)
+    assert api.get(f"/patient_attachments/{clean['id']}/content").content == data
+    assert stats(sandbox)["corrupted"] == {"processed_sizes": 1, "processed_contents": 1}
+    current = set_faults(sandbox)
+    assert current["corrupt_processed_sizes"] == current["corrupt_processed_contents"] == 0

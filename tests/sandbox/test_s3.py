@@ -393,3 +393,26 @@ def test_connection_reset_mid_upload_stores_nothing(sandbox: SandboxProcess, pre
     response = s3_post(presign["url"], form_parts(presign["fields"], file=("big.bin", b"z" * 3_000_000)))
     assert response.status_code == 201
     assert stats(sandbox)["temp_objects"] == before + 1
+
+
+def test_corrupt_s3_objects_flips_a_byte_and_answers_the_stored_etag(
+    sandbox: SandboxProcess, api: Client, patient: dict[str, Any]
+) -> None:
+    data = b"%PDF-1.4 report" * 1000
+    assert set_faults(sandbox, corrupt_s3_objects=1)["corrupt_s3_objects"] == 1
+    post = api.presign(patient["id"])
+    response = s3_post(post["url"], form_parts(post["fields"], file=("r.pdf", data)))
+    assert response.status_code == 201
+    stored = bytes([data[0] ^ 0xFF]) + data[1:]
+    etag = f'"{hashlib.md5(stored).hexdigest()}"'
+    assert response.headers["ETag"] == xml_value(response.text, "ETag") == etag
+    assert set_faults(sandbox)["corrupt_s3_objects"] == 0  # counted down
+    record = api.post(
+        "/patient_attachments",
+        json={"patient_id": patient["id"], "upload_url": post["url"] + xml_value(response.text, "Key")},
+    ).json()
+    assert api.get(f"/patient_attachments/{api.wait_processed(record['id'])['id']}/content").content == stored
+    again = api.presign(patient["id"])
+    clean = s3_post(again["url"], form_parts(again["fields"], file=("r.pdf", data)))
+    assert clean.headers["ETag"] == f'"{hashlib.md5(data).hexdigest()}"'
+    assert stats(sandbox)["corrupted"]["s3_objects"] >= 1

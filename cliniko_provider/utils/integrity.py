@@ -1,0 +1,160 @@
+"""Integrity: is what S3 and Cliniko hold byte for byte what was sent? Checks, no network I/O here.
+
+Three levels, each costing what it says (the hook and the operators run them):
+
+- ``"etag"`` (always, no request): the file's MD5 and SHA-256 are computed while it streams to S3; a
+  single-part POST's ETag is the MD5 of the object S3 stored, so they must be equal. When the ETag is
+  no MD5 (SSE-KMS buckets, multipart), the upload goes on unchecked at this level.
+- ``"processed"`` (whenever the operators wait for processing, no request: the wait fetches the
+  record anyway): Cliniko's processed record must show the size and file name that were sent.
+- ``"content"`` (``verify="content"``: one request and the file's bytes): the SHA-256 of Cliniko's
+  ``/content`` must be the source's.
+
+An upload's :attr:`verification` is the highest level it passed (``"none"`` when none ran).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cliniko_provider.exceptions import ClinikoIntegrityError, S3IntegrityError
+from cliniko_provider.utils.upload import format_bytes
+
+JsonDict = dict[str, Any]
+Verification = Literal["none", "etag", "processed", "content"]
+LEVELS: tuple[Verification, ...] = ("none", "etag", "processed", "content")
+VERIFY_CHOICES = (None, "content")
+
+
+@dataclass(frozen=True)
+class S3Upload:
+    """A file S3 stored: where, what was sent, and whether S3's ETag proved S3 holds those bytes.
+
+    :param key: S3's ``Key``.
+    :param size: bytes sent.
+    :param sha256: hex SHA-256 of the bytes sent.
+    :param md5: hex MD5 of the bytes sent.
+    :param etag: S3's ETag, without quotes ("" when none).
+    :param etag_verified: True when the ETag is an MD5 and equals ``md5``.
+    :param upload_url: the presign ``url`` + ``key`` (what the attachment record is made from).
+    """
+
+    key: str
+    size: int
+    sha256: str
+    md5: str
+    etag: str
+    etag_verified: bool
+    upload_url: str = ""
+
+    @property
+    def verification(self) -> Verification:
+        """``"etag"`` when S3's ETag proved the stored bytes, else ``"none"``."""
+        return "etag" if self.etag_verified else "none"
+
+
+def s3_mismatch(filename: str, size: int, md5: str, etag: str) -> S3IntegrityError:
+    """Return the error for an object S3 holds with other bytes than were sent, twice.
+
+    :param filename: the file's name as sent.
+    :param size: bytes sent.
+    :param md5: hex MD5 of the bytes sent.
+    :param etag: S3's ETag (the MD5 of what it holds).
+    """
+    return S3IntegrityError(
+        f"S3 holds other bytes than were sent for {filename!r}, twice (the second time with a fresh "
+        f"presign): sent {size} bytes with MD5 {md5}, S3's ETag (the MD5 of what it stored) is {etag}. "
+        "No attachment was created. Something between this worker and S3 alters uploads (a proxy or "
+        "a faulty network device?); the task's retries send the file again."
+    )
+
+
+def expectation(size: int, filename: str) -> JsonDict:
+    """Return what a processed record must show for a file sent: plain values, safe in trigger kwargs.
+
+    :param size: bytes sent.
+    :param filename: the file name as it travelled (see ``wire_filename``).
+    """
+    return {"size": int(size), "filename": str(filename)}
+
+
+def check_processed_record(record: Mapping[str, Any], expect: Mapping[str, Any] | None) -> None:
+    """Check a processed attachment record against what was sent; raise naming both if they differ.
+
+    :param record: the processed record (untrusted).
+    :param expect: :func:`expectation` of the file sent, or None to check nothing.
+    :raises ClinikoIntegrityError: the size or the file name differs.
+    """
+    if not expect:
+        return
+    attachment_id = record.get("id")
+    size = record.get("size")
+    if "size" in expect and _as_int(size) != int(expect["size"]):
+        shown = "no size" if size is None else f"{size!s:.40} bytes"
+        raise ClinikoIntegrityError(
+            f"Cliniko processed attachment {attachment_id} as {shown}, but {expect['size']} bytes "
+            f"({format_bytes(int(expect['size']))}) were sent: the file Cliniko holds is not the one "
+            f"uploaded. Check attachment {attachment_id} in Cliniko (archive it), then clear the task "
+            "to upload again."
+        )
+    filename = record.get("filename")
+    if "filename" in expect and filename != expect["filename"]:
+        raise ClinikoIntegrityError(
+            f"Cliniko processed attachment {attachment_id} under the file name {str(filename)[:300]!r}, "
+            f"but it was sent as {expect['filename']!r}. Check attachment {attachment_id} in Cliniko "
+            "(archive it), then clear the task to upload again."
+        )
+
+
+def content_mismatch(attachment_id: str, expected: str, actual: str, size: int) -> ClinikoIntegrityError:
+    """Return the error for processed bytes whose SHA-256 is not the source's.
+
+    :param attachment_id: the attachment id.
+    :param expected: hex SHA-256 of the source.
+    :param actual: hex SHA-256 of Cliniko's ``/content``.
+    :param size: bytes read from ``/content``.
+    """
+    return ClinikoIntegrityError(
+        f"The content of Cliniko attachment {attachment_id} ({size} bytes read) has SHA-256 {actual}, but "
+        f"the file sent has SHA-256 {expected}: Cliniko holds other bytes. Check attachment "
+        f"{attachment_id} in Cliniko (archive it), then clear the task to upload again."
+    )
+
+
+def check_verify(verify: object, wait_for_completion: bool) -> str | None:
+    """Check an operator's ``verify`` argument; return it.
+
+    :param verify: None (default) or ``"content"``.
+    :param wait_for_completion: whether the operator waits for processing (content exists only then).
+    """
+    if verify not in VERIFY_CHOICES:
+        raise ValueError(
+            f"verify must be None or 'content', got {verify!r}. 'content' reads each processed file back "
+            "from Cliniko and compares its SHA-256 with the source's."
+        )
+    if verify == "content" and not wait_for_completion:
+        raise ValueError(
+            "verify='content' compares the bytes Cliniko holds once it has processed the file: set "
+            "wait_for_completion=True too."
+        )
+    return None if verify is None else str(verify)
+
+
+def higher(level: Verification, other: Verification) -> Verification:
+    """Return the higher of two verification levels.
+
+    :param level: a level.
+    :param other: another level.
+    """
+    return max(level, other, key=LEVELS.index)
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
