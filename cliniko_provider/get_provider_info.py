@@ -14,7 +14,7 @@ API_KEY_LOCATION = "My Info > Manage API keys"
 def get_provider_info() -> dict[str, Any]:
     """Return the provider's metadata: hooks, operators, sensors, triggers and the connection form."""
     integration = "Cliniko"
-    return {
+    info: dict[str, Any] = {
         "package-name": "airflow-provider-cliniko",
         "name": "Cliniko",
         "description": "Upload patient attachments to `Cliniko <https://www.cliniko.com/>`__ "
@@ -99,6 +99,11 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
     }
+    from cliniko_provider.version_compat import AIRFLOW_V_3_3_PLUS
+
+    if AIRFLOW_V_3_3_PLUS:  # `airflow cliniko ...`; elsewhere the console script `cliniko` does the same
+        info["cli"] = ["cliniko_provider.cli.definition.get_cliniko_cli_commands"]
+    return info
 
 
 def connection_fields() -> dict[str, Any]:
