@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from airflow.providers.common.compat.sdk import AirflowFailException
 
 from cliniko_provider.exceptions import (
     ClinikoAnswerError,
+    ClinikoConnectionError,
     ClinikoServerError,
+    S3UploadError,
     S3UploadRejectedError,
 )
 from cliniko_provider.hooks import cliniko as hook_module
@@ -67,7 +70,15 @@ class StandIn:
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
-                if callable(reply.body):
+                if callable(reply.body) and "Content-Length" in reply.headers:  # sent as it comes
+                    self.end_headers()
+                    try:
+                        for chunk in reply.body():
+                            self.wfile.write(chunk)
+                            self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                elif callable(reply.body):
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     try:
@@ -372,3 +383,91 @@ async def test_async_absurd_429_is_answered_within_its_bound_and_shared_with_no_
     assert len(api.seen) == 2 and 0 < sum(slept) <= 2
     other = MachineBudget(key_id(KEY), 200, 2, state_dir=tmp_path)
     assert other.reserve(time.time()) == 0
+
+
+# --- deadlines: a whole answer within the connection's timeout ------------------------------------------
+
+
+def trickle() -> Iterator[bytes]:
+    """One byte every half second, for ever: never trips a per-read timeout of 1 s."""
+    while True:
+        yield b" "
+        time.sleep(0.5)
+
+
+def steady() -> Iterator[bytes]:
+    """A body that never ends, at 100 KiB/s: under the size cap for far longer than the deadline."""
+    while True:
+        yield b"[" * 1024
+        time.sleep(0.01)
+
+
+TRICKLES = {
+    "chunked": lambda: Reply(body=trickle),
+    "content-length": lambda: Reply(body=trickle, headers={"Content-Length": "100000"}),
+    "never-ending": lambda: Reply(body=steady, headers={"Content-Length": "1000000000000"}),
+}
+DEADLINE_MESSAGE = (
+    r"after {attempts} attempt\(s\): no complete answer within the 1 s deadline \(the connection's "
+    r"'timeout' extra, which bounds connect, answer and body together\).*the task's retries may succeed"
+)
+
+
+@pytest.mark.parametrize("kind", sorted(TRICKLES))
+def test_an_answer_that_never_ends_ends_at_the_deadline(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    api = stand_ins(TRICKLES[kind]())
+    use(monkeypatch, api, timeout=1, max_attempts=2)
+    slept: list[float] = []
+    started = time.monotonic()
+    with pytest.raises(ClinikoConnectionError, match=DEADLINE_MESSAGE.format(attempts=2)) as caught:
+        ClinikoHook(sleep=slept.append).get_patient(1)
+    elapsed = time.monotonic() - started
+    assert not isinstance(caught.value, AirflowFailException)  # retryable: the task's retries may help
+    assert len(api.seen) == 2 and len(slept) == 1  # retried once, like a broken connection
+    assert 2.0 <= elapsed < 2.6, f"two attempts of a 1 s deadline took {elapsed:.2f} s"
+
+
+def test_an_answer_within_the_deadline_is_read_whole(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def slow() -> Iterator[bytes]:
+        for part in (b'{"id": ', b'"1"}'):
+            time.sleep(0.3)
+            yield part
+
+    use(monkeypatch, stand_ins(Reply(body=slow)), timeout=1)
+    assert ClinikoHook().get_patient(1) == {"id": "1"}
+
+
+@pytest.mark.parametrize("kind", sorted(TRICKLES))
+async def test_async_answer_that_never_ends_ends_at_the_deadline(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    api = stand_ins(TRICKLES[kind]())
+    use(monkeypatch, api, timeout=1, max_attempts=1)
+    hook = ClinikoAsyncHook()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ClinikoConnectionError, match=DEADLINE_MESSAGE.format(attempts=1)):
+            await hook.aget_attachment(1)
+    finally:
+        await hook.aclose()
+    elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 1.5, f"a 1 s deadline took {elapsed:.2f} s"
+
+
+def test_s3s_answer_that_never_ends_ends_at_the_deadline_after_the_body(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    s3 = stand_ins(Reply(201, body=trickle, headers={"Content-Type": "application/xml"}))
+    use(monkeypatch, stand_ins(), timeout=1, max_attempts=1)
+    source = tmp_path / "a.txt"
+    source.write_bytes(b"abc")
+    presign = {"url": f"{s3.url}/", "fields": {"key": "k/${filename}"}}
+    started = time.monotonic()
+    with pytest.raises(S3UploadError, match=r"\(0 Timeout\): S3's answer: no complete answer within the 1 s"):
+        ClinikoHook().upload_file(presign, lambda: source.open("rb"), 3, "a.txt")
+    elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 1.5, f"a 1 s deadline took {elapsed:.2f} s"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
@@ -37,6 +40,8 @@ from cliniko_provider.utils.retry import (
     API_CREATE,
     S3_UPLOAD,
     S3_UPLOAD_REFRESHING,
+    Deadline,
+    DeadlineExceeded,
     Failure,
     RetryPolicy,
     RetryRunner,
@@ -92,22 +97,27 @@ class Answer:
         return decode_json_object(self.content, self.headers.get("Content-Type", ""), what)
 
 
-def read_capped(chunks: Iterable[bytes], cap: int) -> bytes:
+def read_capped(chunks: Iterable[bytes], cap: int, deadline: Deadline | None = None) -> bytes:
     """Read a streamed body, stopping once it holds more than ``cap`` bytes (at most ``cap + 1`` kept).
 
     :param chunks: the body's chunks.
     :param cap: the bytes wanted at most.
+    :param deadline: when the whole body must be in; checked after each chunk (a read that blocks is
+        ended by :class:`DeadlineWatch`).
+    :raises DeadlineExceeded: the deadline passed before the body ended.
     """
     body = bytearray()
     for chunk in chunks:
         body += chunk
         if len(body) > cap:
             break
+        if deadline is not None:
+            deadline.check()
     return bytes(body[: cap + 1])
 
 
 async def aread_capped(chunks: AsyncIterator[bytes], cap: int) -> bytes:
-    """The async twin of :func:`read_capped`.
+    """The async twin of :func:`read_capped` (its caller bounds the whole exchange by the deadline).
 
     :param chunks: the body's chunks.
     :param cap: the bytes wanted at most.
@@ -118,6 +128,43 @@ async def aread_capped(chunks: AsyncIterator[bytes], cap: int) -> bytes:
         if len(body) > cap:
             break
     return bytes(body[: cap + 1])
+
+
+class DeadlineWatch:
+    """Shuts an answer's connection when its deadline passes, so that no read blocks past it.
+
+    ``requests`` bounds each socket read, not the whole answer: a server sending one byte every half
+    second never trips a one-second read timeout, and one blocking read of a 64 KiB chunk can last for
+    hours. Used as a context manager around the reads; :attr:`fired` tells that the deadline ended them
+    (what was read may then be cut short).
+
+    :param response: the streamed answer (its connection is still attached).
+    :param deadline: when the answer must be in whole.
+    """
+
+    def __init__(self, response: requests.Response, deadline: Deadline) -> None:
+        self.fired = False
+        self._deadline = deadline
+        self._socket: socket.socket | None = getattr(getattr(response.raw, "connection", None), "sock", None)
+        self._timer = threading.Timer(max(0.0, deadline.remaining()), self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> DeadlineWatch:
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._timer.cancel()
+        if self.fired:
+            raise DeadlineExceeded(self._deadline.reason()) from error
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread
 
 
 def equality_filters(*filters: str, **equals: object) -> list[str]:
@@ -216,11 +263,20 @@ class _ClinikoBase(BaseHook):
         error = error_for_answer(status, text, what)
         return Failure(status, headers, final(error), error.message)
 
-    def _connection_failure(self, error: BaseException, what: str) -> Failure:
-        reason = network_reason(error)
+    def _connection_failure(
+        self, error: BaseException, what: str, deadline: Deadline | None = None
+    ) -> Failure:
+        """The failure of an attempt that got no whole answer: the network's reason, or the deadline's."""
+        late = deadline is not None and deadline.passed()
+        reason = deadline.reason() if deadline is not None and late else network_reason(error)
         base_url = self._require_settings().base_url
 
-        if is_loopback_url(base_url):
+        if late:
+            advice = (
+                "Raise the connection's timeout if answers are this slow by nature, or check the "
+                "host/network; the task's retries may succeed."
+            )
+        elif is_loopback_url(base_url):
             advice = (
                 "Is `cliniko-sandbox` running? Start it (`cliniko-sandbox --port <port> "
                 "--seed-example-patients`) or fix the connection's host."
@@ -331,14 +387,18 @@ class ClinikoHook(_ClinikoBase):
         what = self.settings.describe(method, url)
 
         def attempt() -> Answer | Failure:
+            deadline = Deadline(self.settings.timeout)
             try:
-                with self.session.request(
-                    method, url, params=params, json=json, timeout=self.settings.timeout, stream=True
-                ) as response:
-                    content = read_capped(response.iter_content(CHUNK), MAX_ANSWER_BYTES)
+                with (
+                    self.session.request(
+                        method, url, params=params, json=json, timeout=self.settings.timeout, stream=True
+                    ) as response,
+                    DeadlineWatch(response, deadline),
+                ):
+                    content = read_capped(response.iter_content(CHUNK), MAX_ANSWER_BYTES, deadline)
                     status, headers = response.status_code, response.headers
-            except requests.RequestException as error:
-                return self._connection_failure(error, what)
+            except (requests.RequestException, DeadlineExceeded) as error:
+                return self._connection_failure(error, what, deadline)
             self.log.debug("Cliniko %s -> %s", what, status)
             return self._api_answer(status, headers, content, what)
 
@@ -697,6 +757,8 @@ class ClinikoHook(_ClinikoBase):
         )
         started = self._clock()
         try:
+            # Sending the file has no total deadline (5 GiB take minutes), only progress: each write
+            # within the timeout. S3's answer, which comes once the body is in, is read by a deadline.
             with self.s3_session.post(
                 url,
                 data=body,
@@ -704,11 +766,16 @@ class ClinikoHook(_ClinikoBase):
                 timeout=self.settings.timeout,
                 stream=True,
             ) as response:
-                content = read_capped(response.iter_content(CHUNK), MAX_ERROR_BYTES)
+                deadline = Deadline(self.settings.timeout)
+                with DeadlineWatch(response, deadline):
+                    content = read_capped(response.iter_content(CHUNK), MAX_ERROR_BYTES, deadline)
                 status, headers = response.status_code, response.headers
-        except requests.RequestException as error:
-            reason = network_reason(error)
-            return Failure(None, {}, final(S3UploadError(0, "ConnectionError", reason)), reason)
+        except (requests.RequestException, DeadlineExceeded) as error:
+            if isinstance(error, DeadlineExceeded):
+                code, reason = "Timeout", f"S3's answer: {error}"
+            else:
+                code, reason = "ConnectionError", network_reason(error)
+            return Failure(None, {}, final(S3UploadError(0, code, reason)), reason)
         answer = parse_s3_xml(content)
         if status < 300:
             key = answer.get("Key") or expected_key(fields, filename)
@@ -888,13 +955,17 @@ class ClinikoAsyncHook(_ClinikoBase):
         url = settings.url(path_or_url)
         what = settings.describe(method, url)
 
+        async def exchange() -> tuple[int, Mapping[str, str], bytes]:
+            async with client.stream(method, url, params=params, json=json) as response:
+                content = await aread_capped(response.aiter_bytes(CHUNK), MAX_ANSWER_BYTES)
+                return response.status_code, response.headers, content
+
         async def attempt() -> Answer | Failure:
-            try:
-                async with client.stream(method, url, params=params, json=json) as response:
-                    content = await aread_capped(response.aiter_bytes(CHUNK), MAX_ANSWER_BYTES)
-                    status, headers = response.status_code, response.headers
-            except httpx.HTTPError as error:
-                return self._connection_failure(error, what)
+            deadline = Deadline(settings.timeout)
+            try:  # connect, answer and body together: httpx's own timeout bounds each read only
+                status, headers, content = await asyncio.wait_for(exchange(), deadline.seconds)
+            except (httpx.HTTPError, asyncio.TimeoutError) as error:
+                return self._connection_failure(error, what, deadline)
             return self._api_answer(status, headers, content, what)
 
         return await self._runner(asleep=self._asleep).arun(what, attempt)

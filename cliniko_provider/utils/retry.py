@@ -20,6 +20,9 @@ The rules:
 - S3's 403 means the presign expired or was refused: when the call can refresh it, it does so (at most
   ``max_refreshes`` times) and tries again at once.
 - Anything else (4xx) fails at once.
+- Each attempt has a total deadline (:class:`Deadline`, the connection's ``timeout``): the transports
+  end an attempt whose answer has not come whole by then, and report it as a failure without an
+  answer, so it is retried like a broken connection.
 """
 
 from __future__ import annotations
@@ -50,6 +53,45 @@ class Log(Protocol):
     def info(self, event: str, *args: Any) -> Any: ...
 
     def warning(self, event: str, *args: Any) -> Any: ...
+
+
+class DeadlineExceeded(TimeoutError):
+    """An attempt's answer had not come whole by its :class:`Deadline` (raised by the transports' reads)."""
+
+
+class Deadline:
+    """The time one attempt has in all: connect, answer and body, on the monotonic clock.
+
+    A wall-clock jump neither shortens nor stretches it.
+
+    :param seconds: the time allowed (the connection's ``timeout``).
+    :param clock: a monotonic clock.
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self.at = clock() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left; 0 or less once the deadline has passed."""
+        return self.at - self._clock()
+
+    def passed(self) -> bool:
+        """Whether the deadline has passed."""
+        return self.remaining() <= 0
+
+    def check(self) -> None:
+        """Raise :class:`DeadlineExceeded` once the deadline has passed."""
+        if self.passed():
+            raise DeadlineExceeded(self.reason())
+
+    def reason(self) -> str:
+        """What went wrong, for a :attr:`Failure.reason` and the final error (names the deadline)."""
+        return (
+            f"no complete answer within the {self.seconds:g} s deadline (the connection's 'timeout' extra, "
+            "which bounds connect, answer and body together)"
+        )
 
 
 @dataclass(frozen=True)
