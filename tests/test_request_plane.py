@@ -6,6 +6,7 @@ can prove what was, and was not, sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -30,6 +31,7 @@ from cliniko_provider.exceptions import (
 )
 from cliniko_provider.hooks import cliniko as hook_module
 from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
+from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
 from cliniko_provider.utils.budget import PROCESS_BUDGETS, MachineBudget, key_id
 from tests.conftest import REPO, connection_json
 
@@ -471,3 +473,28 @@ def test_s3s_answer_that_never_ends_ends_at_the_deadline_after_the_body(
         ClinikoHook().upload_file(presign, lambda: source.open("rb"), 3, "a.txt")
     elapsed = time.monotonic() - started
     assert 1.0 <= elapsed < 1.5, f"a 1 s deadline took {elapsed:.2f} s"
+
+
+async def test_a_trigger_deadline_inside_a_hung_round_fires_within_one_poll_interval(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    api = stand_ins(Reply(body=trickle))  # the status check never ends (until its own 30 s deadline)
+    use(monkeypatch, api, timeout=30)
+    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    started = time.time()
+    asked = ProcessingCompletedTrigger("1", poll_interval=0.5, deadline=started + 1.0)  # asked at 0.5 s
+    late = ProcessingCompletedTrigger("2", poll_interval=5.0, deadline=started + 1.5)  # joins in the round
+
+    async def fire(trigger: ProcessingCompletedTrigger, after: float) -> tuple[dict[str, Any], float]:
+        await asyncio.sleep(after)
+        events = [event.payload async for event in trigger.run()]
+        return events[0], time.time() - (trigger.deadline or 0)
+
+    (first, first_over), (second, second_over) = await asyncio.wait_for(
+        asyncio.gather(fire(asked, 0), fire(late, 0.7)), timeout=10
+    )
+    assert len(api.seen) == 1 and "q%5B%5D=id%3A%3D1&" in api.seen[0].path  # the round asking about "1"
+    assert first["reason"] == second["reason"] == "timeout"
+    assert "Cliniko had not answered the status check in flight" in first["message"]
+    assert 0 <= first_over < 0.5 * 0.1 + 0.2, f"fired {first_over:.3f} s after its deadline"  # a tenth more
+    assert 0 <= second_over < 0.2, f"fired {second_over:.3f} s after its deadline"  # not asked: on time

@@ -19,6 +19,10 @@ Rules:
   with an earlier deadline) wakes it.
 - Processed → success; archived → ``archived``; missing from the answer (deleted, never existed, or
   another account) → ``not_found``; deadline passed → ``timeout``.
+- Deadlines fire on time whatever the poller is doing: while a round waits for Cliniko (retries, a 429,
+  an answer that trickles in), the waiters whose deadline passes get their ``timeout`` at once. A
+  waiter the round is asking about gets a tenth of its interval more (:data:`EARLY_FRACTION`), so an
+  answer already on its way still counts; every deadline fires within one poll interval.
 - Retryable failures (5xx, 429, connection errors, after the hook's own retries) are retried when the
   waiter is next due, until its deadline or until ``max_failed_rounds`` checks in a row failed for it,
   when it gets a retryable ``api_error``. Other failures (401, 403, other 4xx, a broken connection
@@ -32,6 +36,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -61,7 +66,11 @@ RETRYABLE_ERRORS = (ClinikoServerError, ClinikoRateLimitError, ClinikoConnection
 MIN_POLL_INTERVAL = 0.1
 """The shortest poll interval a waiter gets, in seconds (shorter ones, 0 and NaN are raised to it)."""
 EARLY_FRACTION = 0.1
-"""A waiter may be asked this fraction of its interval early, to share a round with others."""
+"""A waiter may be asked this fraction of its interval early, to share a round with others, and, while a
+round asks about it, may time out this fraction of its interval after its deadline."""
+DEADLINE_TICK = 1.0
+"""During a round, the clock is read again at least this often (real seconds), so a clock that jumps
+(a changed wall clock) still fires the deadlines it passed."""
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,13 @@ class Waiter:
     due: float
     failures: int = 0
     last_error: str = ""
+    asked: bool = False  # a round in flight is asking about it
+
+    def expires_at(self) -> float:
+        """When this waiter times out: its deadline, a little later while a round asks about it."""
+        if self.deadline is None:
+            return math.inf
+        return self.deadline + (self.poll_interval * EARLY_FRACTION if self.asked else 0.0)
 
     def due_by(self, now: float) -> bool:
         """Whether a round at ``now`` should ask about this waiter (it is due, or nearly).
@@ -220,7 +236,7 @@ class AttachmentPoller:
                 now = self._clock()
                 due = any(w.due <= now for w in self._all_waiters())
                 if due and now >= last_round + self._beat():
-                    await self._round(hook, now)
+                    await self._round_by_deadlines(hook, now)
                     last_round = now
                 self._expire(self._clock())
                 if not self._waiters:
@@ -257,11 +273,48 @@ class AttachmentPoller:
             for sleeper in sleepers:
                 sleeper.cancel()
 
-    async def _round(self, hook: ClinikoAsyncHook, now: float) -> None:
-        """Ask about every attachment with a waiter due by ``now``, 100 ids a request.
+    async def _round_by_deadlines(self, hook: ClinikoAsyncHook, now: float) -> None:
+        """Run a round while firing the deadlines that pass meanwhile, so a slow round holds no trigger.
 
         :param hook: the async hook.
-        :param now: the round's UNIX time; the waiters asked are next due one interval after it.
+        :param now: the round's UNIX time.
+        """
+        due = [item for item, waiters in self._waiters.items() if any(w.due_by(now) for w in waiters)]
+        asked = [waiter for item in due for waiter in self._waiters[item]]
+        for waiter in asked:
+            waiter.due = now + waiter.poll_interval
+            waiter.asked = True
+        round_task = asyncio.ensure_future(self._round(hook, now, due))
+        try:
+            self._planned_wake = -math.inf  # busy: any waiter that joins wakes this loop, for its deadline
+            while not round_task.done():
+                first_expiry = min((w.expires_at() for w in self._all_waiters()), default=math.inf)
+                self._wake.clear()
+                waker = asyncio.ensure_future(self._wake.wait())
+                pause = max(0.0, min(first_expiry - self._clock(), DEADLINE_TICK))
+                try:
+                    await asyncio.wait(
+                        {round_task, waker}, timeout=pause, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    waker.cancel()
+                if not round_task.done():
+                    self._expire(self._clock())
+                if not self._waiters:
+                    round_task.cancel()  # nobody waits for its answer any more
+        finally:
+            round_task.cancel()
+            for waiter in asked:
+                waiter.asked = False
+        with contextlib.suppress(asyncio.CancelledError):
+            await round_task
+
+    async def _round(self, hook: ClinikoAsyncHook, now: float, due: list[str]) -> None:
+        """Ask about the attachments ``due``, 100 ids a request.
+
+        :param hook: the async hook.
+        :param now: the round's UNIX time.
+        :param due: the attachment ids to ask about.
         """
         try:
             settings = await hook.aget_settings()
@@ -270,10 +323,6 @@ class AttachmentPoller:
             self._fail(self._all_waiters(), message, not isinstance(error, AirflowFailException))
             return
         self._secrets = (settings.api_key, settings.authorization.split(" ", 1)[1])
-        due = [item for item, waiters in self._waiters.items() if any(w.due_by(now) for w in waiters)]
-        for item in due:
-            for waiter in self._waiters[item]:
-                waiter.due = now + waiter.poll_interval
         requests = 0
         for ids in batched(due, PER_PAGE):
             requests += 1
@@ -337,8 +386,11 @@ class AttachmentPoller:
 
     def _expire(self, now: float) -> None:
         for waiter in self._all_waiters():
-            if waiter.deadline is not None and waiter.deadline <= now:
-                message = self._timeout_message(waiter.attachment_id, waiter.deadline, waiter.last_error)
+            if waiter.deadline is not None and waiter.expires_at() <= now:
+                last_error = waiter.last_error
+                if waiter.asked:
+                    last_error = "Cliniko had not answered the status check in flight"
+                message = self._timeout_message(waiter.attachment_id, waiter.deadline, last_error)
                 self._resolve(waiter, error_event(waiter.attachment_id, REASON_TIMEOUT, message))
 
     def _beat(self) -> float:
