@@ -119,6 +119,7 @@ def test_try_upload_uploads_waits_verifies_and_archives(
         "7. Archive",
     ]
     assert [line.split(":")[0].strip() for line in lines[1:8]] == [f"ok    {step}" for step in steps]
+    assert "S3's ETag matches the bytes sent" in text
     assert "file name, size and content (sha256) match" in text and lines[-1] == "All good."
     (record,) = hook.list_attachments(patient_id=patient, include_archived=True)
     assert record["archived_at"] and record["description"] == commands.TRY_UPLOAD_DESCRIPTION

@@ -247,8 +247,10 @@ def try_upload(
 
         def upload() -> str:
             started = time.monotonic()
-            state["upload_url"] = hook.upload_to_patient(patient_id, state["source"], state["source"].name)
-            return f"presigned and posted to S3 in {time.monotonic() - started:.1f} s"
+            uploaded = hook.upload_to_patient(patient_id, state["source"], state["source"].name)
+            state["upload_url"] = uploaded.upload_url
+            checked = "S3's ETag matches the bytes sent" if uploaded.etag_verified else "S3 sent no MD5 ETag"
+            return f"presigned and posted to S3 in {time.monotonic() - started:.1f} s ({checked})"
 
         def create() -> str:
             record = hook.create_attachment(patient_id, state["upload_url"], TRY_UPLOAD_DESCRIPTION)
