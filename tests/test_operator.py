@@ -874,3 +874,136 @@ def test_file_uri_and_memory_uri_sources(tmp_path: Path) -> None:
     with pytest.raises(ClinikoInputError, match="no such file"):
         resolve_source("memory://bucket/nothing.csv")
     assert os.path.exists(local)
+
+
+# --- look-up rules and durable state (issue 18) ----------------------------------------------------------
+
+
+class FakeTaskStateStore:
+    """Airflow 3.3's ``task_state_store`` as a task sees it (get/set), shared by every try and worker."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.values: dict[str, Any] = {}
+        self.failing = failing
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        if self.failing:
+            raise RuntimeError("state store unreachable")
+        self.values[key] = json.loads(json.dumps(value))
+
+
+def durable_context(store: FakeTaskStateStore, try_number: int = 1) -> Any:
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    ctx = context(try_number=try_number)
+    ctx["task_state_store"] = store
+    ctx["dag_run"] = SimpleNamespace(run_after=datetime(2023, 11, 14, tzinfo=timezone.utc), start_date=None)
+    return ctx
+
+
+def test_a_first_try_with_always_is_not_held_by_another_files_upload_still_processing(
+    hook: ClinikoHook, fake: FakeCliniko, clock: FakeClock, tmp_path: Path
+) -> None:
+    fake.list_views_until_processed = None
+    fake.gets_until_processed = 10**9
+    a = write_file(tmp_path, "a.pdf", 100, seed=1)
+    b = write_file(tmp_path, "b.pdf", 200, seed=2)
+    operator(hook, file_path=str(a), description="D").execute(context())
+    kwargs: Any = {"description": "D", "look_for_existing": "always", "idempotency_key": "k-b"}
+    record = operator(hook, file_path=str(b), **kwargs).execute(context())
+    assert clock.sleeps == [] and len(fake.records) == 2 and record["id"] != "1000"
+
+
+def test_a_retry_reuses_its_ready_upload_at_once_beside_another_still_processing(
+    hook: ClinikoHook, fake: FakeCliniko, clock: FakeClock, tmp_path: Path, forget_journal: Callable[[], None]
+) -> None:
+    a = write_file(tmp_path, "a.pdf", 100, seed=1)
+    b = write_file(tmp_path, "b.pdf", 200, seed=2)
+    first_b = operator(hook, file_path=str(b), description="D").execute(context())
+    fake.records[first_b["id"]]["created_at"] = "2026-01-01T00:00:01Z"
+    fake.process(fake.records[first_b["id"]])
+    fake.list_views_until_processed = None
+    fake.gets_until_processed = 10**9
+    operator(hook, file_path=str(a), description="D").execute(context())
+    forget_journal()
+    again = operator(hook, file_path=str(b), description="D").execute(context(try_number=2))
+    assert again["id"] == first_b["id"] and clock.sleeps == [] and len(fake.records) == 2
+
+
+def test_content_is_read_once_per_candidate_and_never_beyond_the_records_size(
+    hook: ClinikoHook, fake: FakeCliniko, tmp_path: Path, forget_journal: Callable[[], None]
+) -> None:
+    from cliniko_provider.protocol.upload import UploadProtocol
+    from cliniko_provider.utils.idempotency import upload_identity
+    from cliniko_provider.utils.upload import resolve_source
+
+    path = write_file(tmp_path, "r.pdf", 300, seed=3)
+    record = operator(hook, file_path=str(path), description="D").execute(context())
+    fake.process(fake.records[record["id"]])
+    forget_journal()
+    (tmp_path / "other").mkdir()
+    other = resolve_source(str(write_file(tmp_path / "other", "r.pdf", 300, seed=4)))
+    source = resolve_source(str(path))
+    protocol = UploadProtocol(hook, context(try_number=2))
+
+    def identity(key: str, content: str) -> Any:
+        return upload_identity(context(), PATIENT, "r.pdf", "D", content, idempotency_key=key)
+
+    # Same name, size and description: the other file's look-up reads the record's content, this one's
+    # reuses that reading; once taken, the record is no third identity's.
+    assert protocol.find_earlier_upload(identity("other", other.content), other) is None
+    assert protocol.find_earlier_upload(identity("mine", source.content), source) is not None
+    assert protocol.find_earlier_upload(identity("third", source.content), source) is None
+    assert fake.paths().count(f"GET /v1/patient_attachments/{record['id']}/content") == 1
+    hook.settings  # noqa: B018
+    data = fake.data_of(fake.records[record["id"]])
+    fake.uploads = [(n, d + b"trailing bytes never read", k) for n, d, k in fake.uploads]
+    import hashlib
+
+    assert hook.attachment_sha256(record["id"], max_bytes=300) == hashlib.sha256(data).hexdigest()
+
+
+def test_on_the_task_state_store_a_retry_on_another_worker_asks_one_get_and_reads_no_content(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path, forget_journal: Callable[[], None]
+) -> None:
+    store = FakeTaskStateStore()
+    first = operator(hook, file_path=str(report), description="D").execute(durable_context(store))
+    (facts,) = store.values.values()
+    assert facts["attachment_id"] == first["id"] and len(facts["sha256"]) == 64 and facts["create_sent_at"]
+    forget_journal()
+    before = len(fake.requests)
+    again = operator(hook, file_path=str(report), description="D").execute(durable_context(store, 2))
+    assert again["id"] == first["id"]
+    assert fake.paths()[before:] == [f"GET /v1/patient_attachments/{first['id']}"]
+
+
+def test_on_the_task_state_store_no_create_sent_means_no_look_up(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FakeTaskStateStore()
+    monkeypatch.setattr(ClinikoHook, "create_attachment", crash := _crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        operator(hook, file_path=str(report), description="D").execute(durable_context(store))
+    monkeypatch.undo()
+    (facts,) = store.values.values()
+    facts.pop("create_sent_at")  # as a try that crashed after S3, before sending the create, leaves it
+    before = len(fake.requests)
+    operator(hook, file_path=str(report), description="D").execute(durable_context(store, 2))
+    assert "GET /v1/patients/42/patient_attachments" not in fake.paths()[before:]
+    assert crash is _crash and len(fake.records) == 1
+
+
+def test_a_state_store_that_cannot_record_stops_the_try_before_the_create(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path
+) -> None:
+    with pytest.raises(RuntimeError, match="unreachable"):
+        operator(hook, file_path=str(report)).execute(durable_context(FakeTaskStateStore(failing=True)))
+    assert fake.records == {} and "POST /v1/patient_attachments" not in fake.paths()
+
+
+def _crash(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("crash")

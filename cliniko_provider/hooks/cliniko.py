@@ -816,16 +816,19 @@ class ClinikoHook(_ClinikoBase):
         )
         return replace(stored, upload_url=join_upload_url(str(presign["url"]), stored.key))
 
-    def attachment_sha256(self, attachment_id: int | str) -> str:
+    def attachment_sha256(self, attachment_id: int | str, *, max_bytes: int | None = None) -> str:
         """Return the SHA-256 (hex) of a processed attachment's bytes, streamed from ``/content``.
 
         :param attachment_id: the attachment id.
+        :param max_bytes: read no more than this many bytes (the record's ``size``): what lies beyond is not
+            downloaded, and the hash is of what was read.
         """
         url = self.settings.url(f"/patient_attachments/{validate_id('attachment_id', attachment_id)}/content")
         what = self.settings.describe("GET", url)
 
         def attempt() -> str | Failure:
             digest = hashlib.sha256()
+            count = 0
             try:
                 with self.session.get(url, timeout=self.settings.timeout, stream=True) as response:
                     status, headers = response.status_code, response.headers
@@ -834,7 +837,12 @@ class ClinikoHook(_ClinikoBase):
                         refused = self._api_answer(status, headers, content, what)
                         if isinstance(refused, Failure):
                             return refused
-                    for chunk in response.iter_content(CHUNK_SIZE):
+                    while max_bytes is None or count < max_bytes:
+                        want = CHUNK_SIZE if max_bytes is None else min(CHUNK_SIZE, max_bytes - count)
+                        chunk = next(response.iter_content(want), b"")  # exactly ``want`` at most
+                        if not chunk:
+                            break
+                        count += len(chunk)
                         digest.update(chunk)
             except requests.RequestException as error:
                 return self._connection_failure(error, what)

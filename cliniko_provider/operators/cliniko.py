@@ -180,7 +180,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             idempotency_key=str(self.idempotency_key) if self.idempotency_key else None,
         )
         ti = context["ti"]
-        outcome = UploadProtocol(self.hook).upload_once(
+        outcome = UploadProtocol(self.hook, context).upload_once(
             patient_id,
             source,
             filename=name,
@@ -368,7 +368,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
             except ClinikoInputError as error:
                 results[index] = self._failed(results[index], error)
 
-        protocol = UploadProtocol(self.hook)
+        protocol = UploadProtocol(self.hook, context)
 
         def run(item: BatchItem) -> None:
             try:

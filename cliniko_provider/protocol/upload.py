@@ -8,9 +8,12 @@ patient's record unless an earlier try of the same upload already did (see
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from airflow.providers.common.compat.sdk import AirflowSensorTimeout
 
@@ -23,6 +26,7 @@ from cliniko_provider.exceptions import (
 )
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.utils.idempotency import (
+    CLOCK_SKEW,
     UploadIdentity,
     UploadJournal,
     UploadOutcome,
@@ -41,6 +45,62 @@ PENDING_WAIT = 300.0  # longest wait for an earlier attachment's processing befo
 PENDING_POLL = 5.0
 
 
+class UploadState(Protocol):
+    """What each upload identity reached (``UploadJournal`` and :class:`TaskStateProgress` both are one)."""
+
+    def read(self, identity_key: str) -> JsonDict:
+        """Return the facts recorded for an identity ({} when none).
+
+        :param identity_key: :attr:`UploadIdentity.key`.
+        """
+
+    def write(self, identity_key: str, **facts: object) -> None:
+        """Record facts for an identity (merged with what it already holds).
+
+        :param identity_key: :attr:`UploadIdentity.key`.
+        :param facts: e.g. ``sha256=...``, ``create_sent_at=...``, ``attachment_id=...``.
+        """
+
+
+class TaskStateProgress:
+    """Each upload's progress in Airflow's task state store (AIP-103, Airflow 3.3+): it survives the machine.
+
+    One key per upload identity, holding its facts as one JSON object (the SHA-256 once streamed, when
+    the create was sent, the attachment id once created). Retries of the task instance share it on any
+    worker. A read that fails counts as nothing known (the look-up asks Cliniko); a write that fails
+    raises, so a try never sends a create it could not record.
+
+    :param store: the context's ``task_state_store``.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    @staticmethod
+    def _key(identity_key: str) -> str:
+        return f"cliniko-upload:{identity_key}"
+
+    def read(self, identity_key: str) -> JsonDict:
+        """Return the facts recorded for an identity ({} when none or unreadable).
+
+        :param identity_key: :attr:`UploadIdentity.key`.
+        """
+        try:
+            value = self._store.get(self._key(identity_key))
+        except Exception:  # the store is a fast path: Cliniko's records remain the last resort
+            return {}
+        return dict(value) if isinstance(value, dict) and value.get("identity") == identity_key else {}
+
+    def write(self, identity_key: str, **facts: object) -> None:
+        """Record facts for an identity (merged with what it already holds).
+
+        :param identity_key: :attr:`UploadIdentity.key`.
+        :param facts: e.g. ``sha256=...``, ``create_sent_at=...``, ``attachment_id=...``.
+        """
+        merged = {**self.read(identity_key), **facts, "identity": identity_key}
+        self._store.set(self._key(identity_key), merged)
+
+
 class UploadProtocol:
     """Upload files into patients' records exactly once, through a :class:`ClinikoHook` for all I/O.
 
@@ -49,18 +109,41 @@ class UploadProtocol:
     :param hook: the Cliniko hook every request goes through.
     """
 
-    def __init__(self, hook: ClinikoHook) -> None:
+    def __init__(self, hook: ClinikoHook, context: Mapping[str, Any] | None = None) -> None:
         self.hook = hook
+        self._context = context or {}
+        self._lock = threading.Lock()
+        self._reading: dict[str, threading.Lock] = {}
+        self._digests: dict[str, str | None] = {}  # attachment id -> SHA-256 of its content, this try
+        self._claimed: dict[str, str] = {}  # attachment id -> the identity key it is known to be
+
+    @cached_property
+    def state(self) -> UploadState:
+        """Where each upload's progress is kept: the task state store (Airflow 3.3+), else the journal."""
+        store = self._context.get("task_state_store")
+        if store is not None:
+            return TaskStateProgress(store)
+        return UploadJournal(self.hook.settings.api_key)
+
+    @property
+    def durable(self) -> bool:
+        """True when the state survives the machine (the task state store), so a retry anywhere sees it."""
+        return isinstance(self.state, TaskStateProgress)
+
+    @property
+    def _where(self) -> str:
+        return "the task state store" if self.durable else "this worker"
+
+    @property
+    def first_try(self) -> bool:
+        """True on a task instance's first try (no earlier try of its uploads exists)."""
+        ti = self._context.get("ti")
+        return ti is not None and int(getattr(ti, "try_number", 2) or 2) <= 1
 
     @property
     def log(self) -> Log:
         """The hook's logger: the protocol's lines read as the upload's, where they always were."""
         return self.hook.log
-
-    @cached_property
-    def journal(self) -> UploadJournal:
-        """This worker's private record of what each upload identity reached (see ``UploadJournal``)."""
-        return UploadJournal(self.hook.settings.api_key)
 
     def find_attachment_by_marker(self, patient_id: int | str, marker: str) -> JsonDict | None:
         """Return the patient's oldest non-archived attachment whose description holds ``marker``, if any.
@@ -80,33 +163,53 @@ class UploadProtocol:
         return min(matches, key=lambda record: int(record.get("id") or 0), default=None)
 
     def find_earlier_upload(
-        self, identity: UploadIdentity, source: UploadSource, *, description_marker: bool = False
+        self,
+        identity: UploadIdentity,
+        source: UploadSource,
+        *,
+        description_marker: bool = False,
+        pending_may_be_ours: bool = True,
     ) -> UploadOutcome | None:
         """Return the attachment an earlier attempt of this upload made, or None if none did.
 
-        In order: the attachment this worker's journal recorded for the identity (one ``GET``); with
+        In order: the attachment the upload's state recorded (one ``GET``); nothing more when the task
+        state store shows that no earlier try of this task instance sent the create; with
         ``description_marker``, the attachment whose description holds the marker; otherwise the patient's
-        attachments with exactly this description created since ``identity.since`` (less 10 minutes of
-        clock skew), kept only if they hold this file's name, size and bytes (SHA-256 of ``/content``).
-        Candidates still processing are waited for (``PENDING_WAIT`` seconds at most); if one still is,
-        this raises a retryable error rather than guess.
+        attachments with exactly this description created since the create was sent (or
+        ``identity.since``), less 10 minutes of clock skew. Records another file of this task recorded as
+        its own are skipped. Processed ones with this file's name and size are compared first, by the
+        SHA-256 of their ``/content`` (each read at most once per try, never beyond the record's size); a
+        match is reused at once. Only then, and only if ``pending_may_be_ours``, candidates still
+        processing are waited for (``PENDING_WAIT`` seconds at most); if one still is, this raises a
+        retryable error rather than guess.
 
         :param identity: the upload's identity.
         :param source: the file (its bytes are hashed only if a candidate needs comparing).
         :param description_marker: look for the visible marker instead of the description and content.
+        :param pending_may_be_ours: False when no earlier try of this upload can have made a record that is
+            still processing (a first try): such records are then not waited for.
         """
         pid = identity.patient_id
-        facts = self.journal.read(identity.key)
+        facts = self.state.read(identity.key)
         recorded = facts.get("attachment_id")
         if recorded:
             record = self._still_attached(identity, str(recorded), description_marker)
             if record is not None:
+                self._claim(str(recorded), identity)
                 return UploadOutcome(
                     record,
                     True,
-                    f"this worker recorded attachment {recorded} as this upload",
+                    f"{self._where} recorded attachment {recorded} as this upload",
                     sha256=str(facts["sha256"]) if facts.get("sha256") else None,
                 )
+        if self.durable and identity.since is not None and facts and not facts.get("create_sent_at"):
+            self.log.info(
+                "No earlier upload of %s for patient %s: the task state store shows that no earlier try "
+                "sent the create",
+                identity.filename,
+                pid,
+            )
+            return None
         if description_marker:
             found = self.find_attachment_by_marker(pid, identity.marker)
             reason = (
@@ -114,11 +217,30 @@ class UploadProtocol:
             )
             return UploadOutcome(found, True, reason) if found else None
         filters = [f"description:={identity.description}"] if identity.description else []
-        bound = identity.created_after()
+        bound = created_bound(facts.get("create_sent_at")) or identity.created_after()
         if bound:
             filters.append(f"created_at:>={bound}")
-        records = self._patient_attachments(pid, *filters)
+        records = [
+            record
+            for record in self._patient_attachments(pid, *filters)
+            if self._claimed.get(str(record.get("id")), identity.key) == identity.key
+        ]
         ready, pending = screen_candidates(records, identity, source.size)
+        ours = str(facts.get("sha256") or "") or None
+        for record in ready:
+            ours = ours or sha256_of(source.opener)
+            same = self._same_content(record, identity, ours)
+            if same is not None:
+                return same
+        checked = len(ready)
+        if pending and not pending_may_be_ours:
+            self.log.info(
+                "%d attachment(s) of patient %s with this description are still processing; none can be "
+                "this upload's (no earlier try of it exists), so they are not waited for",
+                len(pending),
+                pid,
+            )
+            pending = []
         deadline = self.hook.now() + PENDING_WAIT
         for record in pending:
             try:
@@ -134,18 +256,12 @@ class UploadProtocol:
                     "cannot be told yet (its bytes are readable only once processed). Not uploading, to "
                     "avoid a duplicate; the task's next retry checks again."
                 ) from None
-            ready += screen_candidates([processed], identity, source.size)[0]
-        checked = 0
-        if ready:
-            ours = str(facts.get("sha256") or sha256_of(source.opener))
-            for record in ready:
+            for candidate in screen_candidates([processed], identity, source.size)[0]:
                 checked += 1
-                if self.hook.attachment_sha256(record["id"]) == ours:
-                    reason = (
-                        f"attachment {record.get('id')} (created {record.get('created_at')}) has this "
-                        f"description, file name, size and content (SHA-256 {ours[:12]}...)"
-                    )
-                    return UploadOutcome(record, True, reason, sha256=ours, verification="content")
+                ours = ours or sha256_of(source.opener)
+                same = self._same_content(candidate, identity, ours)
+                if same is not None:
+                    return same
         self.log.info(
             "No earlier upload of %s for patient %s: %d attachment(s) with this description since %s, %d "
             "with this name and size, none with this file's content%s",
@@ -157,6 +273,31 @@ class UploadProtocol:
             " (the file changed since: regenerated?)" if checked else "",
         )
         return None
+
+    def _same_content(self, record: JsonDict, identity: UploadIdentity, ours: str) -> UploadOutcome | None:
+        """Return the record as this upload's if its bytes hash to ``ours`` (read once a try, size-bound)."""
+        attachment_id = str(record["id"])
+        with self._lock:
+            lock = self._reading.setdefault(attachment_id, threading.Lock())
+        with lock:
+            if attachment_id not in self._digests:
+                size = _size(record)
+                self._digests[attachment_id] = (
+                    None if size is None else self.hook.attachment_sha256(attachment_id, max_bytes=size)
+                )
+        if self._digests[attachment_id] != ours:
+            return None
+        self._claim(attachment_id, identity)
+        reason = (
+            f"attachment {attachment_id} (created {record.get('created_at')}) has this "
+            f"description, file name, size and content (SHA-256 {ours[:12]}...)"
+        )
+        return UploadOutcome(record, True, reason, sha256=ours, verification="content")
+
+    def _claim(self, attachment_id: str, identity: UploadIdentity) -> None:
+        """Remember that an attachment is this identity's: no other file of this task can take it."""
+        with self._lock:
+            self._claimed.setdefault(attachment_id, identity.key)
 
     def _patient_attachments(self, patient_id: str, *filters: str) -> list[JsonDict]:
         """Return a patient's non-archived attachments matching the filters (unknown patient: input error)."""
@@ -225,7 +366,12 @@ class UploadProtocol:
         else:
             sent = check_description(text) if text else None
         if identity is not None and look_first:
-            found = self.find_earlier_upload(identity, source, description_marker=description_marker)
+            found = self.find_earlier_upload(
+                identity,
+                source,
+                description_marker=description_marker,
+                pending_may_be_ours=not self.first_try,
+            )
             if found is not None:
                 self.log.info(
                     "Not uploading again: reusing attachment %s of patient %s, because %s",
@@ -237,10 +383,15 @@ class UploadProtocol:
         self.log.info("Uploading %s (%s) for patient %s", name, format_bytes(source.size), pid)
         stored = self.hook.upload_to_patient(pid, source, name, progress=progress)
         if identity is not None:
-            self.journal.write(identity.key, sha256=stored.sha256, patient_id=pid)
+            self.state.write(identity.key, sha256=stored.sha256, patient_id=pid)
+            # Recorded before the create is sent (the task state store raises if it cannot): a later try
+            # whose state has no create_sent_at knows that no record of this upload can exist.
+            self.state.write(identity.key, create_sent_at=_now_iso(self.hook.now()))
         outcome = self._create_once(pid, stored.upload_url, sent, identity, source, description_marker)
         if identity is not None:
-            self.journal.write(identity.key, attachment_id=str(outcome.record.get("id")))
+            attachment_id = str(outcome.record.get("id"))
+            self._claim(attachment_id, identity)
+            self.state.write(identity.key, attachment_id=attachment_id)
         return replace(outcome, sha256=stored.sha256, md5=stored.md5, verification=stored.verification)
 
     def upload_attachment(
@@ -306,3 +457,31 @@ class UploadProtocol:
 
         # Each attempt is already paced (its requests book their own slots).
         return self.hook.retry_runner().run("POST /patient_attachments", attempt, UNPACED_CALL)
+
+
+def created_bound(moment: object) -> str | None:
+    """Return the ``created_at:>=`` bound for a create sent at ``moment`` (ISO, UTC) less the clock skew.
+
+    :param moment: ``create_sent_at`` as recorded (None or unparsable: no bound).
+    """
+    if not isinstance(moment, str):
+        return None
+    try:
+        sent = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if sent.tzinfo is None:
+        return None
+    return (sent.astimezone(timezone.utc) - CLOCK_SKEW).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now_iso(now: float) -> str:
+    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _size(record: JsonDict) -> int | None:
+    try:
+        size = int(str(record.get("size")))
+    except ValueError:
+        return None
+    return size if size >= 0 else None
