@@ -296,6 +296,7 @@ def test_user_facing_arguments_are_templated() -> None:
         "filename",
         "description",
         "idempotency_key",
+        "audit_path",
     }
 
 

@@ -18,6 +18,8 @@ from cliniko_provider.exceptions import (
     ClinikoBatchFinalError,
     ClinikoError,
     ClinikoInputError,
+    ClinikoIntegrityError,
+    S3IntegrityError,
 )
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.protocol.upload import UploadProtocol
@@ -25,6 +27,14 @@ from cliniko_provider.triggers.cliniko import (
     ProcessingCompletedBatchTrigger,
     ProcessingCompletedTrigger,
     record_from_event,
+)
+from cliniko_provider.utils.audit import (
+    AUDIT_FACTS_KEY,
+    manifest_location,
+    record_from,
+    records_from_results,
+    task_of,
+    write_manifest,
 )
 from cliniko_provider.utils.batch import (
     MAX_CONCURRENCY,
@@ -36,7 +46,7 @@ from cliniko_provider.utils.batch import (
     failure_summary,
     parse_upload,
 )
-from cliniko_provider.utils.idempotency import upload_identity, wire_filename
+from cliniko_provider.utils.idempotency import UploadOutcome, upload_identity, wire_filename
 from cliniko_provider.utils.upload import resolve_source
 from cliniko_provider.utils.validation import check_upload_filename, one_line, validate_id
 
@@ -45,6 +55,24 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 JsonDict = dict[str, Any]
+INTEGRITY_ERRORS = (S3IntegrityError, ClinikoIntegrityError)  # a verification failed (the manifest says so)
+
+
+def audit_facts(outcome: UploadOutcome) -> JsonDict:
+    """What the audit manifest says of an uploaded (or reused) file: digests, verification and times.
+
+    :param outcome: how the upload ended.
+    """
+    record = outcome.record
+    facts: JsonDict = {
+        "created_at": record.get("created_at"),
+        "sha256": outcome.sha256,
+        "md5": outcome.md5,
+        "verification": outcome.verification,
+    }
+    if record.get("processing_completed") is True:
+        facts["processed_at"] = record.get("processed_at")
+    return facts
 
 
 class ClinikoAttachmentUploadOperator(BaseOperator):
@@ -109,6 +137,10 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         ``idempotency_key`` that spans runs).
     :param description_marker: append the identity's visible marker to the description and find earlier
         uploads by it (for DAGs whose descriptions are not unique; see the limits above).
+    :param audit_path: a local directory or any ObjectStoragePath URI (templated): when the task ends,
+        failed or not, it receives the task's audit manifest (one JSON Lines line for the file; see
+        :mod:`cliniko_provider.utils.audit`) at ``<audit_path>/<dag_id>/<run_id>/<task_id>[-<map
+        index>].jsonl``, written atomically.
     """
 
     template_fields: Sequence[str] = (
@@ -117,6 +149,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         "filename",
         "description",
         "idempotency_key",
+        "audit_path",
     )
     ui_color = "#e8f4f8"
 
@@ -135,6 +168,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         idempotency_key: str | None = None,
         look_for_existing: Literal["always", "on_retry"] = "on_retry",
         description_marker: bool = False,
+        audit_path: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -152,7 +186,9 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             raise ValueError(f"look_for_existing must be 'always' or 'on_retry', got {look_for_existing!r}")
         self.look_for_existing = look_for_existing
         self.description_marker = description_marker
+        self.audit_path = audit_path
         self._attachment_id: str | None = None  # for lineage, once known
+        self._facts: JsonDict = {}  # what the manifest says of the file, gathered while uploading
 
     @cached_property
     def hook(self) -> ClinikoHook:
@@ -161,16 +197,22 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
 
     def execute(self, context: Context) -> JsonDict:
         """Upload the file (or find its earlier upload) and optionally wait for processing."""
+        self._facts = {"patient_id": str(self.patient_id), "file_path": os.fspath(self.file_path)}
         try:
-            return self._upload(context)
+            record = self._upload(context)
         except Exception as error:
             self._report_failure(context, error)
+            self._audit_failure(context, error)
             raise
+        self._audit(context, record)
+        return record
 
     def _upload(self, context: Context) -> JsonDict:
         patient_id = validate_id("patient_id", self.patient_id)
         source = resolve_source(self.file_path)
+        self._facts["size"] = source.size
         name = check_upload_filename(self.filename or source.name)
+        self._facts["filename"] = wire_filename(name)
         identity = upload_identity(
             context,
             patient_id,
@@ -192,9 +234,14 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         ti.xcom_push(key="cliniko_upload", value=outcome.summary(identity))
         record = outcome.record
         attachment_id = self._attachment_id = str(record["id"])
+        self._facts.update(audit_facts(outcome), attachment_id=attachment_id)
+        if outcome.reused:
+            self._facts["reused"] = outcome.reason
         if not self.wait_for_completion or record.get("processing_completed") is True:
             return record
         if self.deferrable:
+            if self.audit_path:
+                ti.xcom_push(key=AUDIT_FACTS_KEY, value=self._facts)
             self.defer(
                 trigger=ProcessingCompletedTrigger(
                     attachment_id,
@@ -219,13 +266,46 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         :param context: the task context.
         :param event: the trigger's event.
         """
+        if self.audit_path:
+            ti = context["ti"]
+            facts = ti.xcom_pull(task_ids=ti.task_id, key=AUDIT_FACTS_KEY, map_indexes=ti.map_index)
+            self._facts = facts if isinstance(facts, dict) else {}
         try:
             record = record_from_event(event)
         except Exception as error:
             self._report_failure(context, error)
+            self._audit_failure(context, error)
             raise
         self._attachment_id = str(record["id"])
+        self._audit(context, record)
         return record
+
+    def _audit(self, context: Context, record: JsonDict) -> None:
+        """Write the task's manifest (with ``audit_path``): the file, attached."""
+        if not self.audit_path:
+            return
+        processed = {"processed_at": record.get("processed_at")} if record.get("processing_completed") else {}
+        self._write_audit(context, {**self._facts, **processed})
+
+    def _audit_failure(self, context: Context, error: BaseException) -> None:
+        """Write the task's manifest with the file's error; a manifest that cannot be written is logged."""
+        if not self.audit_path:
+            return
+        try:
+            facts = failed(self._facts, error)
+            if isinstance(error, INTEGRITY_ERRORS):
+                facts["verification_outcome"] = "failed"
+            self._write_audit(context, facts)
+        except Exception as audit_error:  # the upload's own error is what the task fails with
+            self.log.error("The audit manifest could not be written: %s", audit_error)
+
+    def _write_audit(self, context: Context, facts: JsonDict) -> None:
+        assert self.audit_path is not None
+        base = task_of(context)
+        where = write_manifest(
+            manifest_location(self.audit_path, **base), [record_from(base, facts, index=None)]
+        )
+        self.log.info("Audit manifest: %s", where)
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any] | None:
         """Report the source file as input and the attachment as output (with the OpenLineage provider).
@@ -297,9 +377,13 @@ class ClinikoBatchUploadOperator(BaseOperator):
     :param timeout: seconds to wait for processing before a file fails with a timeout.
     :param look_for_existing: ``"on_retry"`` (default: a first try asks nothing extra) or ``"always"``, as
         for the single-file operator.
+    :param audit_path: a local directory or any ObjectStoragePath URI (templated): when the task ends,
+        failed or not, it receives the task's audit manifest, one JSON Lines file with a line per file
+        (see :mod:`cliniko_provider.utils.audit`), at ``<audit_path>/<dag_id>/<run_id>/<task_id>[-<map
+        index>].jsonl``, written atomically.
     """
 
-    template_fields: Sequence[str] = ("uploads",)
+    template_fields: Sequence[str] = ("uploads", "audit_path")
     ui_color = "#e8f4f8"
 
     def __init__(
@@ -313,6 +397,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
         poll_interval: float = 30.0,
         timeout: float = 60 * 60.0,
         look_for_existing: Literal["always", "on_retry"] = "on_retry",
+        audit_path: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -330,6 +415,8 @@ class ClinikoBatchUploadOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.look_for_existing = look_for_existing
+        self.audit_path = audit_path
+        self._facts: dict[str, JsonDict] = {}  # per item index: what the manifest needs beyond the result
 
     @cached_property
     def hook(self) -> ClinikoHook:
@@ -394,6 +481,8 @@ class ClinikoBatchUploadOperator(BaseOperator):
                 # The results wait in XCom (kept through a deferral, and shown in the UI meanwhile), not
                 # in the deferral's kwargs, which `airflow dags test` drops when it runs the trigger.
                 context["ti"].xcom_push(key="return_value", value=results)
+                if self.audit_path:
+                    context["ti"].xcom_push(key=AUDIT_FACTS_KEY, value=self._facts)
                 self.log.info("Deferring until Cliniko has processed %d attachment(s)", len(pending))
                 self.defer(
                     trigger=ProcessingCompletedBatchTrigger(
@@ -425,6 +514,9 @@ class ClinikoBatchUploadOperator(BaseOperator):
             raise ClinikoError(f"Unexpected event from the Cliniko batch trigger: {str(event)[:200]}")
         if not isinstance(results, list):
             raise ClinikoError("The batch's results are missing from XCom 'return_value': clear the task")
+        if self.audit_path:
+            facts = ti.xcom_pull(task_ids=ti.task_id, key=AUDIT_FACTS_KEY, map_indexes=ti.map_index)
+            self._facts = facts if isinstance(facts, dict) else {}
         outcomes: dict[str, JsonDict | Exception] = {}
         for attachment_id, payload in events.items():
             try:
@@ -438,7 +530,9 @@ class ClinikoBatchUploadOperator(BaseOperator):
     ) -> JsonDict:
         """Upload one file (or find its earlier upload); return its part of the result."""
         source = resolve_source(item.file_path)
+        facts = self._facts[str(item.index)] = {"size": source.size}
         name = check_upload_filename(item.filename or source.name)
+        facts["filename"] = wire_filename(name)
         identity = upload_identity(
             context,
             item.patient_id,
@@ -456,6 +550,9 @@ class ClinikoBatchUploadOperator(BaseOperator):
             identity=identity,
             look_first=look_first,
         )
+        facts["created_at"] = outcome.record.get(
+            "created_at"
+        )  # the rest of the manifest's line is the result
         result: JsonDict = {
             "attachment_id": str(outcome.record["id"]),
             "filename": wire_filename(name),
@@ -478,6 +575,8 @@ class ClinikoBatchUploadOperator(BaseOperator):
             result["patient_id"],
             error,
         )
+        if isinstance(error, INTEGRITY_ERRORS):
+            self._facts.setdefault(str(result["index"]), {})["verification_outcome"] = "failed"
         return failed(result, error)
 
     def _with_outcomes(
@@ -502,7 +601,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
         return merged
 
     def _finish(self, context: Context, results: list[JsonDict]) -> list[JsonDict]:
-        """Return the results, or push them with the reasons and fail if any file failed."""
+        """Write the manifest; return the results, or push them with the reasons and fail if any failed."""
         failures = [result for result in results if "error" in result]
         self.log.info(
             "Cliniko batch: %d of %d file(s) attached, %d failed",
@@ -510,6 +609,12 @@ class ClinikoBatchUploadOperator(BaseOperator):
             len(results),
             len(failures),
         )
+        if self.audit_path:
+            base = task_of(context)
+            where = write_manifest(
+                manifest_location(self.audit_path, **base), records_from_results(base, results, self._facts)
+            )
+            self.log.info("Audit manifest: %s (%d line(s))", where, len(results))
         if not failures:
             return results
         ti = context["ti"]

@@ -1,0 +1,334 @@
+"""The audit manifest: what the operators write for each task, read back; atomic writes; merging a night."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cliniko_provider.exceptions import ClinikoBatchFinalError, ClinikoInputError
+from cliniko_provider.hooks.cliniko import ClinikoHook
+from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator, ClinikoBatchUploadOperator
+from cliniko_provider.utils.audit import (
+    AuditRecord,
+    manifest_location,
+    merge_manifests,
+    read_manifest,
+    redact_uri,
+    task_manifests,
+    write_manifest,
+)
+from tests.conftest import SANDBOX_KEY, connection_json
+from tests.helpers import fake_context
+
+JsonDict = dict[str, Any]
+
+
+@pytest.fixture
+def hook(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> ClinikoHook:
+    """A hook on the sandbox with a budget that does not pace these few hundred requests."""
+    conn = connection_json(SANDBOX_KEY, sandbox.base_url, requests_per_minute=100_000)
+    monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", conn)
+    return ClinikoHook()
+
+
+def text_file(directory: Path, name: str, marker: str, repeat: int = 20) -> Path:
+    """A small file whose content is easy to look for (it must never show in a manifest)."""
+    path = directory / name
+    path.write_text(f"CONTENT-{marker}-do-not-leak\n" * repeat)
+    return path
+
+
+def record(**fields: Any) -> AuditRecord:
+    base: JsonDict = {
+        "run_id": "scheduled__2026-12-07T00:00:00+00:00",
+        "dag_id": "nightly",
+        "task_id": "upload",
+        "map_index": None,
+        "index": 0,
+        "patient_id": "1",
+        "source": "/data/a.pdf",
+    }
+    return AuditRecord(**{**base, **fields})
+
+
+# --- a batch of 100 with failures and reuses, against the sandbox --------------------------------------
+
+
+@pytest.mark.slow  # about 400 requests: 30 to 50 s on a busy machine
+def test_a_batch_of_100_writes_a_line_per_file_with_failures_and_reuses(
+    hook: ClinikoHook, tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    patients = [str(hook.create_patient("Audit", f"{tag}-{n}")["id"]) for n in range(3)]
+    files = [text_file(tmp_path, f"report-{n}.txt", f"{tag}-{n}", repeat=1 + n % 7) for n in range(100)]
+    uploads: list[JsonDict] = [
+        {"patient_id": patients[n % 3], "file_path": str(path), "description": f"Report {n}"}
+        for n, path in enumerate(files)
+    ]
+    uploads[10]["file_path"] = str(tmp_path / "missing.txt")  # no such file
+    uploads[20]["patient_id"] = "999999999"  # no such patient
+    (tmp_path / "empty.txt").write_bytes(b"")
+    uploads[30]["file_path"] = str(tmp_path / "empty.txt")  # empty
+    uploads[40]["filename"] = "bad/name.txt"  # a name S3 would cut
+    audit = tmp_path / "audit"
+    presigned: list[JsonDict] = []
+    get_presigned_post = hook.get_presigned_post
+
+    def recording(patient_id: int | str) -> JsonDict:
+        answer = get_presigned_post(patient_id)
+        presigned.append(answer)
+        return answer
+
+    hook.get_presigned_post = recording  # type: ignore[method-assign]
+
+    def run(items: list[JsonDict], try_number: int) -> tuple[Any, list[AuditRecord]]:
+        op = ClinikoBatchUploadOperator(
+            task_id="upload",
+            uploads=items,
+            wait_for_completion=True,
+            deferrable=False,
+            poll_interval=0.2,
+            timeout=60,
+            max_concurrency=8,
+            audit_path=str(audit),
+        )
+        op.hook = hook
+        ctx = fake_context(run_id="scheduled__2026-12-07T00:00:00+00:00", try_number=try_number, map_index=4)
+        with contextlib.suppress(ClinikoBatchFinalError):  # four files fail on purpose
+            op.execute(ctx)
+        where = manifest_location(audit, "nightly", "scheduled__2026-12-07T00:00:00+00:00", "upload", 4)
+        return ctx, read_manifest(where)
+
+    run(uploads[:5], try_number=1)  # an earlier try attached the first five
+    ctx, lines = run(uploads, try_number=2)
+    results = ctx["ti"].pushed["return_value"]
+    where = audit / "nightly" / "scheduled__2026-12-07T00:00:00+00:00" / "upload-4.jsonl"
+    assert where.is_file() and [p.name for p in where.parent.iterdir()] == ["upload-4.jsonl"]
+
+    assert len(lines) == 100
+    records = {str(r["id"]): r for p in patients for r in hook.list_attachments(patient_id=p)}
+    assert len(records) == 96  # each good file once: the reused five were not sent again
+    for n, line in enumerate(lines):
+        assert (line.run_id, line.dag_id, line.task_id, line.map_index, line.index) == (
+            "scheduled__2026-12-07T00:00:00+00:00",
+            "nightly",
+            "upload",
+            4,
+            n,
+        )
+        assert line.patient_id == uploads[n]["patient_id"]
+        assert line.source == uploads[n]["file_path"]
+        assert line.recorded_at and line.recorded_at.endswith("+00:00")
+        if n in (10, 20, 30, 40):
+            assert line.failed and line.attachment_id is None and line.retryable is False
+            assert line.error == results[n]["error"]
+            continue
+        content = files[n].read_bytes()
+        attachment = records[str(line.attachment_id)]
+        assert line.attachment_id == results[n]["attachment_id"]
+        assert line.filename == files[n].name == attachment["filename"]
+        assert line.size == len(content) == attachment["size"]
+        assert line.sha256 == hashlib.sha256(content).hexdigest()
+        assert line.md5 == (None if n < 5 and results[n]["md5"] is None else hashlib.md5(content).hexdigest())
+        assert (line.verification, line.verification_outcome) == (results[n]["verification"], "passed")
+        assert line.verification in ("etag", "processed", "content")
+        assert line.created_at == attachment["created_at"] and line.processed_at == attachment["processed_at"]
+        assert line.error is None and line.retryable is None
+        assert line.reused is (n < 5)
+        if n < 5:
+            assert line.reused_reason and "recorded attachment" in line.reused_reason
+        else:
+            assert line.reused_reason is None
+    assert "no such file" in str(lines[10].error) and "no such patient" in str(lines[20].error)
+    assert lines[10].size is None and lines[20].size == len(files[20].read_bytes())
+    assert lines[40].filename is None  # refused before it had a name
+
+    # nothing secret and no file content in it
+    raw = where.read_text("utf-8")
+    secrets = {SANDBOX_KEY, base64.b64encode(f"{SANDBOX_KEY}:".encode()).decode()}
+    for answer in presigned:
+        fields = answer.get("fields") or {}
+        secrets |= {str(fields[name]) for name in fields if name.lower() in ("policy", "x-amz-signature")}
+    assert len(presigned) == 96 and len(secrets) > 2 + len(presigned)
+    assert not [secret for secret in secrets if secret in raw]
+    assert "do-not-leak" not in raw and "CONTENT-" not in raw
+    assert "url" not in json.loads(raw.splitlines()[0])
+
+
+def test_the_manifest_survives_a_deferral_and_has_the_processed_times(
+    hook: ClinikoHook, tmp_path: Path
+) -> None:
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    from tests.test_batch import fire
+
+    patient = str(hook.create_patient("Audit", uuid.uuid4().hex[:8])["id"])
+    files = [text_file(tmp_path, f"d{n}.txt", str(n)) for n in range(3)]
+    uploads = [{"patient_id": patient, "file_path": f.as_uri()} for f in files]
+    op = ClinikoBatchUploadOperator(
+        task_id="upload",
+        uploads=uploads,
+        wait_for_completion=True,
+        deferrable=True,
+        poll_interval=0.2,
+        timeout=60,
+        audit_path=(tmp_path / "audit").as_uri(),
+    )
+    op.hook = hook
+    ctx = fake_context()
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(ctx)
+    assert not (tmp_path / "audit").exists()  # written when the task ends, not before
+    event = asyncio.run(asyncio.wait_for(fire(deferred.value.trigger), timeout=60))
+    ctx["ti"].pushed = json.loads(json.dumps(ctx["ti"].pushed))  # as XCom keeps them
+    resumed = ClinikoBatchUploadOperator(task_id="upload", uploads=uploads, audit_path=op.audit_path)
+    resumed.hook = hook
+    resumed.execute_complete(ctx, json.loads(json.dumps(event)))
+    lines = read_manifest(tmp_path / "audit" / "nightly" / "manual__1" / "upload.jsonl")
+    assert [line.map_index for line in lines] == [None] * 3
+    assert all(line.processed_at and line.created_at and line.sha256 and line.size for line in lines)
+    assert [line.filename for line in lines] == [f.name for f in files]
+
+
+def test_the_single_file_operator_writes_its_line_on_success_and_on_failure(
+    hook: ClinikoHook, tmp_path: Path
+) -> None:
+    patient = str(hook.create_patient("Audit", uuid.uuid4().hex[:8])["id"])
+    path = text_file(tmp_path, "one.txt", "one")
+    audit = tmp_path / "audit"
+    op = ClinikoAttachmentUploadOperator(
+        task_id="one", patient_id=patient, file_path=str(path), audit_path=str(audit)
+    )
+    op.hook = hook
+    made = op.execute(fake_context(map_index=2))
+    (line,) = read_manifest(audit / "nightly" / "manual__1" / "upload-2.jsonl")
+    assert (line.index, line.map_index, line.attachment_id, line.patient_id) == (
+        None,
+        2,
+        str(made["id"]),
+        patient,
+    )
+    assert line.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and line.size == path.stat().st_size
+    assert line.created_at == made["created_at"] and line.processed_at is None and not line.failed
+
+    bad = ClinikoAttachmentUploadOperator(
+        task_id="bad", patient_id="999999999", file_path=str(path), audit_path=str(audit)
+    )
+    bad.hook = hook
+    with pytest.raises(ClinikoInputError):
+        bad.execute(fake_context())
+    (failed,) = read_manifest(audit / "nightly" / "manual__1" / "upload.jsonl")
+    assert failed.failed and "no such patient" in str(failed.error) and failed.retryable is False
+    assert failed.attachment_id is None and failed.size == path.stat().st_size
+
+
+# --- writing, reading, merging ------------------------------------------------------------------------
+
+
+def test_records_round_trip_and_unknown_keys_are_ignored(tmp_path: Path) -> None:
+    one = record(sha256="ab" * 32, size=10, reused=True, reused_reason="found", attachment_id="5")
+    where = write_manifest(tmp_path / "m.jsonl", [one, record(index=1, error="boom", retryable=True)])
+    assert read_manifest(where) == [one, record(index=1, error="boom", retryable=True)]
+    newer = json.dumps({**json.loads(one.to_json()), "added_later": 1})
+    assert AuditRecord.from_json(newer) == one
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [("{not json", "line 2"), ("[1]", "expected a JSON object"), ('{"run_id": 1}', "run_id is missing")],
+)
+def test_a_malformed_manifest_line_is_named(tmp_path: Path, line: str, words: str) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text(record().to_json() + "\n" + line + "\n")
+    with pytest.raises(ClinikoInputError, match=words):
+        read_manifest(path)
+
+
+def test_a_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ClinikoInputError, match="No audit manifest at"):
+        read_manifest(tmp_path / "none.jsonl")
+
+
+def test_an_interrupted_write_leaves_the_old_manifest_whole_or_none(tmp_path: Path) -> None:
+    target = tmp_path / "audit" / "upload.jsonl"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from cliniko_provider.utils import audit
+        def killed(*args):
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker dies between the write and the rename
+        os.replace = killed
+        audit.write_manifest({str(target)!r}, [audit.AuditRecord(
+            run_id="r", dag_id="d", task_id="t", map_index=None, index=n, patient_id="1", source="/a")
+            for n in range(1000)])
+        """
+    )
+    write_manifest(target, [record()])
+    died = subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    assert died.returncode == -9
+    assert read_manifest(target) == [record()]  # the old manifest, whole: the new one's lines are not in it
+    leftover = [path for path in target.parent.iterdir() if path != target]
+    assert [path.name[:14] for path in leftover] == [".upload.jsonl."] and leftover[0].suffix == ".tmp"
+    assert len(leftover[0].read_text().splitlines()) == 1000  # what was interrupted, hidden and unread
+    assert task_manifests(target.parent) == [target]  # a merge leaves the temporary file out
+
+
+def test_a_failed_write_removes_its_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        write_manifest(tmp_path / "m.jsonl", [record()])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_object_storage_gets_the_manifest_in_one_write(tmp_path: Path) -> None:
+    from airflow.sdk import ObjectStoragePath
+
+    base = f"memory://audit-{uuid.uuid4().hex[:8]}"
+    where = write_manifest(str(manifest_location(base, "d", "r", "t", None)), [record()])
+    assert where.endswith("/d/r/t.jsonl")
+    assert read_manifest(ObjectStoragePath(f"{base}/d/r/t.jsonl")) == [record()]
+
+
+def test_a_nights_task_manifests_merge_into_one(tmp_path: Path) -> None:
+    run = "scheduled__2026-12-07T00:00:00+00:00"
+    write_manifest(
+        manifest_location(tmp_path, "nightly", run, "upload", 1),
+        [record(run_id=run, map_index=1, index=n) for n in range(2)],
+    )
+    write_manifest(
+        manifest_location(tmp_path, "nightly", run, "upload", 0),
+        [record(run_id=run, map_index=0, index=n) for n in range(3)],
+    )
+    (tmp_path / "nightly" / run / ".upload-2.jsonl.abc.tmp").write_text("partial")  # an interrupted write
+    where, lines = merge_manifests(tmp_path, "nightly", run)
+    assert where == str(tmp_path / "nightly" / f"{run}.jsonl")
+    assert [(line.map_index, line.index) for line in lines] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    assert read_manifest(where) == lines
+
+
+def test_run_and_task_ids_are_safe_path_segments(tmp_path: Path) -> None:
+    where = manifest_location(tmp_path, "a/b", "manual__x y/..", "t", -1)
+    assert where == tmp_path / "a_b" / "manual__x_y_.." / "t.jsonl"
+    assert manifest_location(tmp_path, "d", "..", "t", 0) == tmp_path / "d" / "_" / "t-0.jsonl"
+
+
+def test_uris_lose_their_credentials() -> None:
+    assert redact_uri("s3://key:secret@bucket/a.pdf") == "s3://bucket/a.pdf"
+    assert redact_uri("/data/a@b.pdf") == "/data/a@b.pdf"
+    assert redact_uri("s3://bucket/a@b.pdf") == "s3://bucket/a@b.pdf"
