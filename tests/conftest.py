@@ -80,22 +80,18 @@ def sandbox_conn(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _own_rate_budget(
+def _own_private_state(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[None]:
-    """Give every test a fresh, machine-wide rate budget file, so no test waits on another's requests."""
+    """Give every test its own private state directory (machine-wide rate budget, upload journal), so no
+    test waits on another's requests or finds another's uploads."""
     from cliniko_provider.utils.budget import PROCESS_BUDGETS
 
-    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path_factory.mktemp("rate")))
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.delenv("CLINIKO_RATE_STATE_DIR", raising=False)
     PROCESS_BUDGETS.clear()
     yield
     PROCESS_BUDGETS.clear()
-
-
-@pytest.fixture(autouse=True)
-def _own_upload_journal(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Give every test its own upload journal directory (the worker's private idempotency records)."""
-    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path_factory.mktemp("journal")))
 
 
 @pytest.fixture(scope="session", autouse=True)

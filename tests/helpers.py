@@ -146,7 +146,7 @@ def own_rate_budgets(monkeypatch: Any, state_dir: Path) -> Iterator[None]:
     """
     from cliniko_provider.utils.budget import PROCESS_BUDGETS
 
-    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(state_dir))
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(state_dir))
     PROCESS_BUDGETS.clear()
     try:
         yield

@@ -52,7 +52,7 @@ def test_50_reports_in_batches_with_bad_files_among_them(
         AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "tests" / "dags"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         PYTHONPATH=str(REPO),
-        CLINIKO_RATE_STATE_DIR=str(home),
+        CLINIKO_STATE_DIR=str(home / "state"),
         AIRFLOW_CONN_CLINIKO_DEFAULT=connection_json(SANDBOX_KEY, sandbox.base_url),
     )
     subprocess.run(

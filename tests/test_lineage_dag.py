@@ -43,7 +43,7 @@ def test_upload_that_defers_reports_the_file_in_and_the_attachment_out(
         ),
         AIRFLOW_CONN_CLINIKO_DEFAULT=connection_json(SANDBOX_KEY, sandbox.base_url),
         PYTHONPATH=str(REPO),
-        CLINIKO_RATE_STATE_DIR=str(home),
+        CLINIKO_STATE_DIR=str(home / "state"),
     )
     subprocess.run(
         [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True

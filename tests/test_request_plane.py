@@ -318,7 +318,7 @@ print(hook.budget.reserve(time.time()))
 
 def second_process_wait(state_dir: Path) -> float:
     """How long a second process of the same key is told to wait before its first request."""
-    env = {**os.environ, "CLINIKO_RATE_STATE_DIR": str(state_dir)}
+    env = {**os.environ, "CLINIKO_STATE_DIR": str(state_dir)}
     done = subprocess.run(
         [sys.executable, "-c", SECOND_PROCESS], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
     )
@@ -340,12 +340,12 @@ def test_an_absurd_429_is_answered_within_its_bound_and_shared_with_no_one(
 ) -> None:
     api = stand_ins(Reply(429, b"{}", {"Content-Type": "application/json", **ABSURD[kind]()}), Reply())
     use(monkeypatch, api, max_rate_limit_wait=2)
-    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path))
     slept: list[float] = []
     hook = ClinikoHook(sleep=sleeper(slept))
     assert hook.get_patient(1) == {}
     assert len(api.seen) == 2 and 0 < sum(slept) <= 2
-    other = MachineBudget(key_id(KEY), 200, 2, state_dir=tmp_path)  # what another process reads
+    other = MachineBudget(key_id(KEY), 200, 2, state_dir=tmp_path / "rate")  # what another process reads
     assert other.reserve(time.time()) == 0
 
 
@@ -356,7 +356,7 @@ def test_a_second_process_of_the_key_is_held_by_a_sane_429_and_not_by_an_absurd_
     day_ahead = {"Content-Type": "application/json", **ABSURD["a-day-ahead"]()}
     api = stand_ins(Reply(429, b"{}", day_ahead), Reply())
     use(monkeypatch, api, max_rate_limit_wait=60)
-    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path))
     assert ClinikoHook(sleep=lambda seconds: None).get_patient(1) == {}
     assert second_process_wait(tmp_path) == 0
     sane = {"Content-Type": "application/json", "Retry-After": "50"}
@@ -371,7 +371,7 @@ async def test_async_absurd_429_is_answered_within_its_bound_and_shared_with_no_
 ) -> None:
     api = stand_ins(Reply(429, b"{}", {"Content-Type": "application/json", **ABSURD[kind]()}), Reply())
     use(monkeypatch, api, max_rate_limit_wait=2)
-    monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path))
     slept: list[float] = []
 
     async def asleep(seconds: float) -> None:
@@ -383,7 +383,7 @@ async def test_async_absurd_429_is_answered_within_its_bound_and_shared_with_no_
     finally:
         await hook.aclose()
     assert len(api.seen) == 2 and 0 < sum(slept) <= 2
-    other = MachineBudget(key_id(KEY), 200, 2, state_dir=tmp_path)
+    other = MachineBudget(key_id(KEY), 200, 2, state_dir=tmp_path / "rate")
     assert other.reserve(time.time()) == 0
 
 

@@ -21,7 +21,7 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "tests" / "dags"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         PYTHONPATH=str(REPO),
-        CLINIKO_RATE_STATE_DIR=str(home),
+        CLINIKO_STATE_DIR=str(home / "state"),
     )
     subprocess.run(
         [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True

@@ -9,7 +9,7 @@ holds back until then (``block_until``). Backends:
 
 - :class:`ProcessBudget`: this process only.
 - :class:`MachineBudget` (the default): every process of this OS user on this machine, through a
-  small state file in a directory private to the user.
+  small state file in the user's private state directory.
 - :class:`~cliniko_provider.utils.budget_redis.RedisBudget`: every process of every machine that
   reaches one Redis (the connection's ``redis_conn_id``), with the machine budget as its fallback.
 """
@@ -18,27 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import errno
 import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
-import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from cliniko_provider.utils.private_state import FIX, PrivateDir
+
 log = logging.getLogger(__name__)
 
 WINDOW = 60.5  # Cliniko's minute, and half a second for a request booked before an older one was answered
 SETTLE_TOLERANCE = 1e-3  # seconds: a booked time handed back to settle matches its slot within this
 SHARE_RETRY_AFTER = 60.0  # seconds before a machine budget that could not share tries again
-STATE_DIR_ENV = "CLINIKO_RATE_STATE_DIR"
 
 
 class RateBudget(Protocol):
@@ -283,24 +281,20 @@ class ProcessBudget:
         self.settle(booked, answered)
 
 
-class SharingError(OSError):
-    """The state file or its directory is not safe to use."""
-
-
 class MachineBudget:
     """A budget shared by every process of this OS user on this machine (workers and triggerer).
 
-    The state lives in ``$CLINIKO_RATE_STATE_DIR`` (default ``<tmp>/cliniko-rate-<uid>``), a directory
-    that must belong to the user and is kept at mode 0700; each key has a 0600 file there, opened
-    without following symlinks and locked with ``flock`` while it is read and written. What is read is
-    validated; a damaged file is rewritten. When the file cannot be used, the budget works for this
-    process alone, logs one warning, and tries sharing again a minute later. The async methods run
-    the file work in a thread, so the event loop never waits on a lock or a disk.
+    The state lives in the ``rate`` directory of the private state directory (``$CLINIKO_STATE_DIR``,
+    see :mod:`~cliniko_provider.utils.private_state`): one 0600 file per key, locked with ``flock``
+    while it is read and written in place. What is read is validated; a damaged file is rewritten.
+    When the file cannot be used, the budget works for this process alone, logs one warning, and
+    tries sharing again a minute later. The async methods run the file work in a thread, so the event
+    loop never waits on a lock or a disk.
 
     :param kid: the key's identifier (see :func:`key_id`).
     :param per_minute: requests allowed in any window of ``WINDOW`` seconds.
     :param max_block: the longest hold after a 429, in seconds.
-    :param state_dir: the directory; default from the environment, read at each use.
+    :param state_dir: the directory; default ``rate`` in the state directory, read at each use.
     :param clock: the current UNIX time (bounds holds set without a ``now``).
     """
 
@@ -313,7 +307,7 @@ class MachineBudget:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.kid = kid
-        self._state_dir = state_dir
+        self._dir = PrivateDir("Cliniko rate budget", "rate", state_dir)
         self._window = SlidingWindow(per_minute, max_block)
         self._clock = clock or time.time
         self._lock = threading.Lock()
@@ -324,17 +318,17 @@ class MachineBudget:
     @property
     def state_dir(self) -> Path:
         """The directory holding the state files."""
-        if self._state_dir is not None:
-            return self._state_dir
-        configured = os.environ.get(STATE_DIR_ENV)
-        if configured:
-            return Path(configured)
-        return Path(tempfile.gettempdir()) / f"cliniko-rate-{os.geteuid()}"
+        return self._dir.path
+
+    @property
+    def filename(self) -> str:
+        """The name of the key's state file in :attr:`state_dir`."""
+        return f"cliniko-rate-{self.kid}.json"
 
     @property
     def path(self) -> Path:
         """The key's state file."""
-        return self.state_dir / f"cliniko-rate-{self.kid}.json"
+        return self.state_dir / self.filename
 
     def reserve(self, now: float) -> float:
         """Book one slot for every process of the machine; return the seconds to wait.
@@ -413,47 +407,17 @@ class MachineBudget:
             self._warned = True
             log.warning(
                 "Cliniko rate budget: cannot share the request budget with this machine's other processes "
-                "through %s (%s); this process keeps its own budget and tries again in %.0f s. Fix: make "
-                "the directory a private one of this user (mode 0700), or set %s to one.",
+                "through %s (%s); this process keeps its own budget and tries again in %.0f s. Fix: %s.",
                 self.state_dir,
                 error,
                 SHARE_RETRY_AFTER,
-                STATE_DIR_ENV,
+                FIX,
             )
         return change(self._window)
 
     def _open(self) -> int:
-        """Open the key's state file safely: private directory, no symlinks, owned by this user."""
-        directory = self.state_dir
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.lstat(directory)
-        if not stat.S_ISDIR(info.st_mode):
-            raise SharingError(errno.ENOTDIR, "not a directory (or a symlink)")
-        if info.st_uid != os.geteuid():
-            raise SharingError(errno.EPERM, f"the directory belongs to user id {info.st_uid}")
-        if info.st_mode & 0o077:
-            os.chmod(directory, 0o700)
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        try:
-            fd = os.open(self.path, flags, 0o600)
-        except OSError as error:
-            if error.errno != errno.ELOOP:
-                raise
-            self._replace_unsafe("a symlink")
-            fd = os.open(self.path, flags | os.O_EXCL, 0o600)
-        info = os.fstat(fd)
-        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
-            if info.st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-            return fd
-        os.close(fd)
-        self._replace_unsafe("not a regular file of this user")
-        return os.open(self.path, flags | os.O_EXCL, 0o600)
-
-    def _replace_unsafe(self, what: str) -> None:
-        # The directory is this user's and private, so removing the entry (never its target) is safe.
-        log.warning("Cliniko rate budget: %s was %s; replacing it", self.path, what)
-        os.unlink(self.path)
+        """Open the key's state file safely (see :mod:`~cliniko_provider.utils.private_state`)."""
+        return self._dir.open_shared(self.filename)
 
     def _read(self, fd: int, now: float) -> None:
         limit = 4096 + 32 * self._window.limit

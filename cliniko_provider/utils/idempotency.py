@@ -27,8 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import tempfile
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -36,10 +35,14 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from cliniko_provider.exceptions import ClinikoInputError
+from cliniko_provider.utils.private_state import FIX, PrivateDir
 from cliniko_provider.utils.s3_form import CHUNK_SIZE, Opener
 from cliniko_provider.utils.validation import DESCRIPTION_LIMIT
 
+log = logging.getLogger(__name__)
+
 JsonDict = dict[str, Any]
+JOURNAL_ENTRY_LIMIT = 64 * 1024  # bytes: an entry holds a few ids and hashes
 CLOCK_SKEW = timedelta(minutes=10)  # between the worker's clock and Cliniko's created_at
 MARKER_HEX = 12
 
@@ -247,19 +250,25 @@ def _oldest_first(records: list[JsonDict]) -> list[JsonDict]:
 class UploadJournal:
     """What each upload identity reached, kept privately on this worker's disk (a fast path only).
 
-    One small JSON file per identity in a directory only this user can read, signed with an HMAC keyed
-    by ``secret`` (the API key): an entry that was altered, or written for another key, is ignored.
-    Every failure to read or write is ignored too: the journal only saves requests.
+    One small JSON file per identity in the ``uploads`` directory of the private state directory
+    (``$CLINIKO_STATE_DIR``, see :mod:`~cliniko_provider.utils.private_state`), each written at once
+    (a new file renamed over the old) and signed with an HMAC keyed by ``secret`` (the API key): an
+    entry that was altered, or written for another key, is ignored. The journal only saves requests:
+    when it cannot be used it logs one warning and every read finds nothing, every write is dropped.
 
     :param secret: the HMAC key material (the connection's API key).
-    :param directory: where entries live (default ``$CLINIKO_STATE_DIR`` or the temp dir, then
-        ``cliniko-uploads-<uid>``).
+    :param directory: where entries live (default ``uploads`` in the state directory).
     """
 
     def __init__(self, secret: str, directory: Path | None = None) -> None:
         self._key = hashlib.sha256(b"cliniko-upload-journal\0" + secret.encode("utf-8")).digest()
-        base = Path(os.environ.get("CLINIKO_STATE_DIR") or tempfile.gettempdir())
-        self.directory = directory or base / f"cliniko-uploads-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        self._dir = PrivateDir("Cliniko upload journal", "uploads", directory)
+        self._warned = False
+
+    @property
+    def directory(self) -> Path:
+        """The directory holding the entries."""
+        return self._dir.path
 
     def _sign(self, payload: str) -> str:
         return hmac.new(self._key, payload.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -270,13 +279,23 @@ class UploadJournal:
         :param identity_key: :attr:`UploadIdentity.key`.
         """
         try:
-            entry = json.loads((self.directory / f"{identity_key}.json").read_text("utf-8"))
+            raw = self._dir.read(f"{identity_key}.json", JOURNAL_ENTRY_LIMIT)
+        except (OSError, ValueError) as error:
+            self._warn(error)
+            return {}
+        if raw is None:
+            return {}
+        try:
+            if len(raw) > JOURNAL_ENTRY_LIMIT:
+                raise ValueError("too long")
+            entry = json.loads(raw)
             payload, signature = entry["payload"], entry["hmac"]
-        except (OSError, ValueError, KeyError, TypeError):
+            if not isinstance(payload, str) or not hmac.compare_digest(str(signature), self._sign(payload)):
+                return {}
+            facts = json.loads(payload)
+        except (ValueError, KeyError, TypeError):
+            self._warn("an entry is damaged; it is ignored and rewritten by the next try")
             return {}
-        if not isinstance(payload, str) or not hmac.compare_digest(str(signature), self._sign(payload)):
-            return {}
-        facts = json.loads(payload)
         return facts if isinstance(facts, dict) and facts.get("identity") == identity_key else {}
 
     def write(self, identity_key: str, **facts: object) -> None:
@@ -287,16 +306,22 @@ class UploadJournal:
         """
         merged = {**self.read(identity_key), **facts, "identity": identity_key}
         payload = json.dumps(merged, sort_keys=True)
+        entry = json.dumps({"payload": payload, "hmac": self._sign(payload)}).encode("utf-8")
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            target = self.directory / f"{identity_key}.json"
-            temp = target.with_suffix(f".{os.getpid()}.tmp")
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({"payload": payload, "hmac": self._sign(payload)}, handle)
-            os.replace(temp, target)
-        except OSError:
-            return
+            self._dir.write(f"{identity_key}.json", entry)
+        except (OSError, ValueError) as error:
+            self._warn(error)
+
+    def _warn(self, problem: object) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "Cliniko upload journal: cannot use %s (%s); a retry on this worker asks Cliniko instead. "
+                "Fix: %s.",
+                self.directory,
+                problem,
+                FIX,
+            )
 
 
 def marker_token(marker: str) -> str:

@@ -165,7 +165,7 @@ def run(reports: int, raised: bool) -> dict[str, Any]:
     from tests.e2e.stack import AirflowStack
 
     work = Path(tempfile.mkdtemp(prefix=f"cliniko-bench-economy-{reports}-"))
-    os.environ["CLINIKO_RATE_STATE_DIR"] = str(work)
+    os.environ["CLINIKO_STATE_DIR"] = str(work)
     limit = f"{RAISED}/60" if raised else "200/60"
     extra: dict[str, Any] = {"requests_per_minute": RAISED} if raised else {}
     with SandboxProcess(

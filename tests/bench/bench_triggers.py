@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     from tests.conftest import connection_json
 
     work = Path(tempfile.mkdtemp(prefix="cliniko-bench-triggers-"))
-    os.environ["CLINIKO_RATE_STATE_DIR"] = str(work)
+    os.environ["CLINIKO_STATE_DIR"] = str(work)
     os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")  # not a line per event
     sandbox_args = ("--api-key", KEY, "--rate-limit", "100000/60")
     with SandboxProcess(*sandbox_args, data_dir=work / "sandbox") as sandbox:

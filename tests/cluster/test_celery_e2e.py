@@ -62,7 +62,8 @@ class CeleryCluster(AirflowStack):
                 "HOME": str(self.machine_dir("scheduler") / "home"),
             }
         )
-        # Each machine's budget lives in its own temp dir, not in one the test process set.
+        # Each machine's budget and journal live in its own temp dir, not in one the test process set.
+        self.env.pop("CLINIKO_STATE_DIR", None)
         self.env.pop("CLINIKO_RATE_STATE_DIR", None)
 
     def machine_dir(self, name: str) -> Path:
