@@ -34,6 +34,7 @@ def get_provider_info() -> dict[str, Any]:
         "sensors": [
             {"integration-name": integration, "python-modules": ["cliniko_provider.sensors.cliniko"]}
         ],
+        "extra-links": ["cliniko_provider.links.cliniko.ClinikoAttachmentsLink"],
         "triggers": [
             {"integration-name": integration, "python-modules": ["cliniko_provider.triggers.cliniko"]}
         ],

@@ -132,14 +132,22 @@ def test_all_good_returns_the_results_in_order(
         for n, path in enumerate(files)
     ]
     ctx = fake_context()
+    op = batch(hook, uploads)
     with capture_logs() as logs:
-        results = batch(hook, uploads).execute(ctx)
+        results = op.execute(ctx)
     text = "\n".join(str(entry["event"]) % tuple(entry.get("positional_args", ())) for entry in logs)
     # The log names each file and its patient (never the description or the contents).
     for n, (path, result) in enumerate(zip(files, results, strict=True)):
         line = f"Upload #{n}: {path} to patient {patients[n % 2]}: attachment {result['attachment_id']}"
         assert line in text
     assert "secret" not in text
+    # The task's "Cliniko attachments" link lists exactly its records (the API URL: no web address known).
+    from cliniko_provider.links.cliniko import ClinikoAttachmentsLink
+
+    link = ClinikoAttachmentsLink().get_link(op, ti_key=ctx["ti"])
+    assert link.startswith(f"{hook.settings.base_url}/patient_attachments?q%5B%5D=id%3A%3D")
+    listed = hook.get_json(link)["patient_attachments"]
+    assert sorted(str(r["id"]) for r in listed) == sorted(str(r["attachment_id"]) for r in results)
     assert "cliniko_error" not in ctx["ti"].pushed
     assert [r["file_path"] for r in results] == [str(path) for path in files]
     assert [r["patient_id"] for r in results] == [patients[n % 2] for n in range(5)]

@@ -270,7 +270,8 @@ def report(tmp_path: Path) -> Path:
 
 def test_three_steps_and_the_record_is_returned(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
     ctx = context()
-    record = operator(hook, file_path=str(report), description=" Nightly  report ").execute(ctx)
+    op = operator(hook, file_path=str(report), description=" Nightly  report ")
+    record = op.execute(ctx)
     assert fake.paths() == [  # a first try asks nothing more than the three steps
         "GET /v1/patients/42/attachment_presigned_post",
         "POST /",
@@ -282,6 +283,10 @@ def test_three_steps_and_the_record_is_returned(hook: ClinikoHook, fake: FakeCli
     assert record["description"] == " Nightly  report "  # exactly as given
     upload = ctx["ti"].pushed["cliniko_upload"]
     assert upload["attachment_id"] == record["id"] and upload["reused"] is False
+    from cliniko_provider.links.cliniko import ClinikoAttachmentsLink
+
+    link = ClinikoAttachmentsLink().get_link(op, ti_key=ctx["ti"])
+    assert link == f"{hook.settings.base_url}/patient_attachments/{record['id']}"
 
 
 def test_filename_overrides_the_base_name(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:

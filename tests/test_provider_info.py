@@ -38,6 +38,9 @@ def test_every_module_named_in_the_metadata_imports() -> None:
         for entry in info[section]:
             for module in entry["python-modules"]:
                 importlib.import_module(module)
+    for dotted in info["extra-links"]:
+        module_name, _, class_name = dotted.rpartition(".")
+        assert getattr(importlib.import_module(module_name), class_name)().name == "Cliniko attachments"
     module_name, _, class_name = info["connection-types"][0]["hook-class-name"].rpartition(".")
     assert getattr(importlib.import_module(module_name), class_name).conn_type == "cliniko"
 

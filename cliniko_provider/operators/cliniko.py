@@ -22,6 +22,7 @@ from cliniko_provider.exceptions import (
     S3IntegrityError,
 )
 from cliniko_provider.hooks.cliniko import ClinikoHook
+from cliniko_provider.links.cliniko import ClinikoAttachmentsLink
 from cliniko_provider.protocol.upload import UploadProtocol
 from cliniko_provider.triggers.cliniko import (
     ProcessingCompletedBatchTrigger,
@@ -152,6 +153,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         "audit_path",
     )
     ui_color = "#e8f4f8"
+    operator_extra_links = (ClinikoAttachmentsLink(),)
 
     def __init__(
         self,
@@ -237,6 +239,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         self._facts.update(audit_facts(outcome), attachment_id=attachment_id)
         if outcome.reused:
             self._facts["reused"] = outcome.reason
+        self.cliniko_attachment_ids = [attachment_id]  # for the "Cliniko attachments" link
         if not self.wait_for_completion or record.get("processing_completed") is True:
             return record
         if self.deferrable:
@@ -278,6 +281,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             raise
         self._attachment_id = str(record["id"])
         self._audit(context, record)
+        self.cliniko_attachment_ids = [self._attachment_id]
         return record
 
     def _audit(self, context: Context, record: JsonDict) -> None:
@@ -385,6 +389,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("uploads", "audit_path")
     ui_color = "#e8f4f8"
+    operator_extra_links = (ClinikoAttachmentsLink(),)
 
     def __init__(
         self,
@@ -602,6 +607,8 @@ class ClinikoBatchUploadOperator(BaseOperator):
 
     def _finish(self, context: Context, results: list[JsonDict]) -> list[JsonDict]:
         """Write the manifest; return the results, or push them with the reasons and fail if any failed."""
+        # For the "Cliniko attachments" link: the records this task made or found.
+        self.cliniko_attachment_ids = [str(r["attachment_id"]) for r in results if r.get("attachment_id")]
         failures = [result for result in results if "error" in result]
         self.log.info(
             "Cliniko batch: %d of %d file(s) attached, %d failed",

@@ -1,0 +1,1 @@
+"""Operator extra links: from an upload task in Airflow's UI to its records in Cliniko."""
