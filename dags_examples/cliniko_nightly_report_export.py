@@ -215,6 +215,11 @@ def cliniko_nightly_report_export() -> None:
                 }
                 if result.get("error"):
                     failed.append({**entry, "file_path": upload["file_path"], "reason": result["error"]})
+                elif result.get("status") != "processed":  # only what Cliniko confirmed counts as uploaded
+                    reason = (
+                        "not confirmed processed by Cliniko (the task's wait ended early); a rerun checks"
+                    )
+                    failed.append({**entry, "file_path": upload["file_path"], "reason": reason})
                 else:
                     uploaded.append({**entry, "processed_at": result.get("processed_at")})
         summary = {"reports": len(reports or []), "uploaded": uploaded, "skipped": skipped, "failed": failed}

@@ -154,7 +154,8 @@ def test_all_good_returns_the_results_in_order(
     records = {str(r["id"]): r for p in patients for r in attachments_of(hook, p)}
     assert sorted(records) == sorted(str(r["attachment_id"]) for r in results)
     fields = {"index", "patient_id", "file_path", "attachment_id", "filename", "size", "sha256", "md5"}
-    assert all(set(r) == fields | {"verification"} for r in results)
+    assert all(set(r) == fields | {"verification", "status"} for r in results)
+    assert [r["status"] for r in results] == ["waiting"] * 5  # created, not (yet) confirmed processed
     assert [(r["filename"], r["size"], r["verification"]) for r in results] == [
         (path.name, path.stat().st_size, "etag") for path in files
     ]
@@ -256,7 +257,7 @@ def test_waiting_in_the_worker_polls_the_batch_together(
         results = batch(hook, uploads, wait_for_completion=True, deferrable=False, poll_interval=0.5).execute(
             fake_context()
         )
-    assert all(r["processed_at"] for r in results)
+    assert all(r["processed_at"] for r in results) and {r["status"] for r in results} == {"processed"}
     by_route = sandbox_control(sandbox, "stats")["requests_by_route"]
     assert by_route.get("GET /v1/patient_attachments/{id}", 0) == 0  # never one request per file
     assert 1 <= by_route["GET /v1/patient_attachments"] <= 4  # ~1 s of processing, 6 ids a request
@@ -280,11 +281,14 @@ def test_deferring_waits_for_the_batch_with_one_trigger(
     results = json.loads(json.dumps(ctx["ti"].pushed["return_value"]))  # as XCom stores them
     assert trigger.attachment_ids == [r["attachment_id"] for r in results[:4]]  # the failed one not waited
     assert "no such file" in results[4]["error"] and "cliniko_error" not in ctx["ti"].pushed
+    # Should the deferral be abandoned, what was pushed before it never reads as success.
+    assert [r["status"] for r in results] == ["waiting"] * 4 + ["error"]
     event = asyncio.run(asyncio.wait_for(fire(trigger), timeout=60))
     with pytest.raises(ClinikoBatchFinalError):
         op.execute_complete(ctx, json.loads(json.dumps(event)))
     done = ctx["ti"].pushed["return_value"]
     assert all(r["processed_at"] for r in done[:4]) and "error" in done[4]
+    assert [r["status"] for r in done] == ["processed"] * 4 + ["error"]
 
 
 @pytest.mark.parametrize(
@@ -325,6 +329,7 @@ def test_a_failed_wait_fails_that_file_only(outcome: str, retryable: bool, final
     assert isinstance(raised.value, ClinikoBatchFinalError) is final
     done = ctx["ti"].pushed["return_value"]
     assert done[0]["processed_at"] == "2026-01-01T00:00:00Z" and "error" not in done[0]
+    assert (done[0]["status"], done[1]["status"]) == ("processed", "error")
     assert words in done[1]["error"] and done[1]["attachment_id"] == "11"
     assert done[1]["retryable"] is not final
 

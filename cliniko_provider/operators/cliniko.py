@@ -39,13 +39,16 @@ from cliniko_provider.utils.audit import (
 )
 from cliniko_provider.utils.batch import (
     MAX_CONCURRENCY,
+    PROCESSED,
     SUMMARY_LINES,
+    WAITING,
     BatchItem,
     Identity,
     describe,
     failed,
     failure_summary,
     parse_upload,
+    processed,
 )
 from cliniko_provider.utils.idempotency import UploadOutcome, upload_identity, wire_filename
 from cliniko_provider.utils.upload import resolve_source
@@ -348,20 +351,23 @@ class ClinikoBatchUploadOperator(BaseOperator):
 
     The result (XCom ``return_value``: pushed once the uploads are done, kept while the task waits, and
     pushed even when the task fails) lists, in the order given,
-    ``{"index", "patient_id", "file_path", "attachment_id"}`` per file; once uploaded (or found) also
-    ``"filename"`` (as sent), ``"size"``, ``"sha256"``, ``"md5"`` (of the bytes sent; None for a reuse)
-    and ``"verification"`` (the highest integrity check passed, see
+    ``{"index", "patient_id", "file_path", "attachment_id", "status"}`` per file; once uploaded (or
+    found) also ``"filename"`` (as sent), ``"size"``, ``"sha256"``, ``"md5"`` (of the bytes sent; None
+    for a reuse) and ``"verification"`` (the highest integrity check passed, see
     :mod:`~cliniko_provider.utils.integrity`); plus ``"processed_at"`` once processed, or ``"error"``
-    (the reason, one line) and ``"retryable"`` for a file that failed. A failed task also leaves every
+    (the reason, one line) and ``"retryable"`` for a file that failed. ``"status"`` says what each
+    result is: ``"processed"`` (confirmed: Cliniko has processed it), ``"error"``, or ``"waiting"``
+    (not confirmed: not waited for, or still being processed; results pushed before a deferral say
+    ``"waiting"``, so a wait that is abandoned never reads as success). A failed task also leaves every
     reason in XCom ``cliniko_error``, one line per file.
 
     **Idempotency** is each file's own, exactly as for a single upload (``UploadProtocol.upload_once``
     with an identity from :func:`~cliniko_provider.utils.idempotency.upload_identity`): the task instance, the
     file's path as the item's discriminator (not its position), the patient, name, description and
     content identity; descriptions are sent exactly as given. A retried or cleared task finds each file's
-    earlier upload (this worker's journal, else Cliniko's records by description and content) and uploads
-    only the rest; a reused file's result says why under ``"reused"``. ``idempotency_key`` in an item
-    replaces the task instance.
+    earlier upload (the task state store on Airflow 3.3+, else this worker's journal; then Cliniko's
+    records by description and content) and uploads only the rest; a reused file's result says why
+    under ``"reused"``. ``idempotency_key`` in an item replaces the task instance.
 
     **Waiting** for processing takes one deferral for the whole batch
     (:class:`~cliniko_provider.triggers.cliniko.ProcessingCompletedBatchTrigger`): the triggerer's poller
@@ -569,7 +575,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
         if outcome.reused:
             result["reused"] = outcome.reason
         if outcome.record.get("processing_completed") is True:
-            result["processed_at"] = outcome.record.get("processed_at")
+            result.update(processed({}, outcome.record.get("processed_at")))
         return result
 
     def _failed(self, result: JsonDict, error: BaseException) -> JsonDict:
@@ -594,7 +600,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
             if "error" not in result and isinstance(outcome, Exception):
                 result = self._failed(result, outcome)
             elif "error" not in result and isinstance(outcome, dict):
-                result = {**result, "processed_at": outcome.get("processed_at")}
+                result = processed(result, outcome.get("processed_at"))
                 self.log.info(
                     "Upload #%d: %s processed for patient %s (attachment %s)",
                     result["index"],
@@ -611,9 +617,10 @@ class ClinikoBatchUploadOperator(BaseOperator):
         self.cliniko_attachment_ids = [str(r["attachment_id"]) for r in results if r.get("attachment_id")]
         failures = [result for result in results if "error" in result]
         self.log.info(
-            "Cliniko batch: %d of %d file(s) attached, %d failed",
-            len(results) - len(failures),
+            "Cliniko batch: %d of %d file(s) processed, %d waiting for Cliniko's processing, %d failed",
+            sum(result.get("status") == PROCESSED for result in results),
             len(results),
+            sum(result.get("status") == WAITING for result in results),
             len(failures),
         )
         if self.audit_path:

@@ -20,6 +20,9 @@ Identity = tuple[str, str, str | None, str | None]
 UPLOAD_FIELDS = ("patient_id", "file_path", "filename", "description", "idempotency_key")
 MAX_CONCURRENCY = 10  # requests' connection pool keeps 10 connections per host
 SUMMARY_LINES = 5  # failures named in the exception's message; XCom ``cliniko_error`` names them all
+# What an item's result says it is: only "processed" is confirmed in Cliniko. "waiting": not (yet) known
+# processed (not uploaded yet, or uploaded and Cliniko still processing it, or a wait that was abandoned).
+WAITING, PROCESSED, ERROR = "waiting", "processed", "error"
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def parse_upload(index: int, upload: object) -> BatchItem:
 
 
 def describe(index: int, upload: object) -> JsonDict:
-    """Return the start of an item's result: the patient and file as given (for the summary).
+    """Return the start of an item's result: the patient and file as given, ``"waiting"`` (for the summary).
 
     :param index: the item's position in the batch.
     :param upload: the item as given.
@@ -89,6 +92,7 @@ def describe(index: int, upload: object) -> JsonDict:
         "patient_id": None if fields.get("patient_id") is None else str(fields["patient_id"]),
         "file_path": None if fields.get("file_path") is None else str(fields["file_path"]),
         "attachment_id": None,
+        "status": WAITING,
     }
 
 
@@ -107,7 +111,16 @@ def failed(result: JsonDict, error: BaseException) -> JsonDict:
     :param error: what failed it.
     """
     reason = one_line(str(error)) or type(error).__name__
-    return {**result, "error": reason, "retryable": not is_final(error)}
+    return {**result, "status": ERROR, "error": reason, "retryable": not is_final(error)}
+
+
+def processed(result: JsonDict, processed_at: object) -> JsonDict:
+    """Return an item's result marked processed by Cliniko (confirmed), at ``processed_at``.
+
+    :param result: the item's result so far.
+    :param processed_at: the record's ``processed_at``.
+    """
+    return {**result, "status": PROCESSED, "processed_at": processed_at}
 
 
 def failure_summary(results: Iterable[JsonDict], limit: int | None = None) -> str:
