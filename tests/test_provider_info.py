@@ -45,18 +45,51 @@ def test_every_module_named_in_the_metadata_imports() -> None:
     assert getattr(importlib.import_module(module_name), class_name).conn_type == "cliniko"
 
 
-def test_airflow_providers_list_shows_the_provider() -> None:
+def test_airflow_providers_list_shows_the_provider_as_the_readme_says() -> None:
+    from cliniko_provider import __version__
+
     airflow = Path(sys.executable).with_name("airflow")
     result = subprocess.run(
-        [str(airflow), "providers", "list", "-o", "json"],
+        [str(airflow), "providers", "list"],
         capture_output=True,
         text=True,
         timeout=120,
         env=os.environ.copy(),
         check=True,
     )
-    listed = {item["package_name"]: item for item in json.loads(result.stdout)}
-    assert listed["airflow-provider-cliniko"]["version"] == "0.1.0"
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("airflow-provider-cliniko ")]
+    cells = [cell.strip() for cell in line.split("|")]
+    assert cells[0] == "airflow-provider-cliniko" and cells[2] == __version__
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "airflow providers list | grep cliniko\n# " + " | ".join(cells) + "\n" in readme
+
+
+def test_the_version_moves_with_the_changelog() -> None:
+    """A dev version while the changelog has an Unreleased section; the release's number once released."""
+    import re
+
+    from cliniko_provider import __version__
+
+    root = Path(__file__).parents[1]
+    assert f'\nversion = "{__version__}"\n' in (root / "pyproject.toml").read_text()
+    changelog = (root / "CHANGELOG.md").read_text()
+    released = re.findall(r"^## (\d+\.\d+\.\d+)$", changelog, re.M)
+    if "## Unreleased" in changelog:
+        assert ".dev" in __version__ and __version__.split(".dev")[0] not in released
+    else:
+        assert released[0] == __version__
+
+
+def test_the_readme_install_lines_name_tested_constraint_sets() -> None:
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    for airflow_version, constraints in (
+        ("3.3.2", "constraints.txt"),
+        ("3.1.8", ".ci/constraints-py310-af31.txt"),
+    ):
+        command = f"pip install apache-airflow=={airflow_version} ./airflow-provider-cliniko -c "
+        assert f"{command}airflow-provider-cliniko/{constraints}\n" in readme
+        assert f"apache-airflow=={airflow_version}\n" in (root / constraints).read_text()
 
 
 def test_the_form_has_every_extra_the_settings_read() -> None:
