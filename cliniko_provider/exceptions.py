@@ -224,3 +224,10 @@ class ClinikoBatchError(ClinikoError):
 
 class ClinikoBatchFinalError(ClinikoBatchError, AirflowFailException):
     """Some uploads of a batch failed, each for a reason retrying cannot fix (bad input, 4xx answers)."""
+
+
+class ClinikoReconcileError(ClinikoError, AirflowFailException):
+    """Attachments a manifest lists are missing, archived or changed in Cliniko.
+
+    Not retried: a retry would find the same.
+    """

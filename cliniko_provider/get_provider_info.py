@@ -29,7 +29,13 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [{"integration-name": integration, "python-modules": ["cliniko_provider.hooks.cliniko"]}],
         "operators": [
-            {"integration-name": integration, "python-modules": ["cliniko_provider.operators.cliniko"]}
+            {
+                "integration-name": integration,
+                "python-modules": [
+                    "cliniko_provider.operators.cliniko",
+                    "cliniko_provider.operators.reconcile",
+                ],
+            }
         ],
         "sensors": [
             {"integration-name": integration, "python-modules": ["cliniko_provider.sensors.cliniko"]}

@@ -79,6 +79,16 @@ def sandbox_conn(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     return "cliniko_default"
 
 
+@pytest.fixture
+def unpaced_sandbox_hook(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A hook on the session sandbox whose rate budget does not pace a test's few hundred requests."""
+    from cliniko_provider.hooks.cliniko import ClinikoHook
+
+    conn = connection_json(SANDBOX_KEY, sandbox.base_url, requests_per_minute=100_000)
+    monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", conn)
+    return ClinikoHook()
+
+
 @pytest.fixture(autouse=True)
 def _own_private_state(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch

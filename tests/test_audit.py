@@ -28,18 +28,15 @@ from cliniko_provider.utils.audit import (
     task_manifests,
     write_manifest,
 )
-from tests.conftest import SANDBOX_KEY, connection_json
+from tests.conftest import SANDBOX_KEY
 from tests.helpers import fake_context
 
 JsonDict = dict[str, Any]
 
 
 @pytest.fixture
-def hook(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> ClinikoHook:
-    """A hook on the sandbox with a budget that does not pace these few hundred requests."""
-    conn = connection_json(SANDBOX_KEY, sandbox.base_url, requests_per_minute=100_000)
-    monkeypatch.setenv("AIRFLOW_CONN_CLINIKO_DEFAULT", conn)
-    return ClinikoHook()
+def hook(unpaced_sandbox_hook: ClinikoHook) -> ClinikoHook:
+    return unpaced_sandbox_hook
 
 
 def text_file(directory: Path, name: str, marker: str, repeat: int = 20) -> Path:

@@ -596,8 +596,7 @@ class ClinikoHook(_ClinikoBase):
         while waiting:
             for start in range(0, len(waiting), PER_PAGE):
                 chunk = waiting[start : start + PER_PAGE]
-                filters = (f"id:={','.join(chunk)}",)
-                found = {str(r.get("id")): r for r in self.list_attachments(*filters, include_archived=True)}
+                found = self.get_attachments(chunk)
                 for attachment_id in chunk:
                     record = found.get(attachment_id)
                     try:
@@ -616,6 +615,19 @@ class ClinikoHook(_ClinikoBase):
             if waiting:
                 self._sleep(min(poll_interval, remaining))
         return outcomes
+
+    def get_attachments(self, attachment_ids: Iterable[int | str]) -> dict[str, JsonDict]:
+        """Return the records of many attachments, archived ones included, 100 per request.
+
+        :param attachment_ids: attachment ids; ids missing from the answer do not exist (or were deleted).
+        """
+        ids = list(dict.fromkeys(validate_id("attachment_id", item) for item in attachment_ids))
+        found: dict[str, JsonDict] = {}
+        for start in range(0, len(ids), PER_PAGE):
+            chunk = ids[start : start + PER_PAGE]
+            for record in self.list_attachments(f"id:={','.join(chunk)}", include_archived=True):
+                found[str(record.get("id"))] = record
+        return found
 
     def list_attachments(
         self, *filters: str, patient_id: int | str | None = None, include_archived: bool = False

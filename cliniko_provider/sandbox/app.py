@@ -589,6 +589,16 @@ class Controls:
             setattr(settings, name, merged[name])
         self.sandbox.limiter.limit, self.sandbox.limiter.window = limit, window
 
+    async def delete_attachment(self, request: Request) -> Response:
+        """Remove an attachment for good, as a clinic deleting it would (Cliniko's API only archives)."""
+        try:
+            attachment_id = int(request.path_params["id"])
+        except ValueError:
+            return JSONResponse({"message": "Expected a numeric attachment id"}, status_code=400)
+        if not self.sandbox.store.delete_attachment(attachment_id):
+            return JSONResponse({"message": f"No attachment {attachment_id}"}, status_code=404)
+        return Response(status_code=204)
+
     def guarded(self, handler: ControlHandler) -> ControlHandler:
         async def endpoint(request: Request) -> Response:
             reason = cross_site_reason(request, self.listen_host)
@@ -602,6 +612,9 @@ class Controls:
             Route("/_sandbox/stats/reset", self.guarded(self.reset_stats), methods=["POST"]),
             Route("/_sandbox/faults", self.guarded(self.get_faults), methods=["GET"]),
             Route("/_sandbox/faults", self.guarded(self.set_faults), methods=["POST"]),
+            Route(
+                "/_sandbox/attachments/{id}/delete", self.guarded(self.delete_attachment), methods=["POST"]
+            ),
         ]
 
 

@@ -313,6 +313,22 @@ class Store:
             (record.archived_at or now, now, record.id),
         )
 
+    def delete_attachment(self, attachment_id: int) -> bool:
+        """Remove an attachment record and its bytes, as if deleted in Cliniko; False if there is none."""
+        row = self.db.execute("SELECT * FROM attachments WHERE id = ?", (attachment_id,)).fetchone()
+        if row is None:
+            return False
+        attachment = self._attachment(row)
+        with self.transaction():
+            self.db.execute("DELETE FROM attachments WHERE id = ?", (attachment_id,))
+            self.db.execute(
+                "UPDATE accounts SET storage_used = MAX(0, storage_used - ?) WHERE id = ?",
+                (attachment.upload_size, attachment.account_id),
+            )
+        if attachment.content_path:
+            (self.data_dir / attachment.content_path).unlink(missing_ok=True)
+        return True
+
     def list_records(
         self, kind: type[Record], account: Account, query: Query, offset: int, limit: int
     ) -> tuple[list[Record], int]:

@@ -377,3 +377,122 @@ def record_from(
 
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
+
+
+# --- Reconcile: a manifest against what Cliniko holds now ----------------------------------------------
+
+CONFIRMED = "confirmed"
+PROCESSING = "processing"
+PROBLEMS = ("missing", "archived", "patient_changed", "size_changed", "content_changed")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What Cliniko holds now for one attachment of a manifest.
+
+    :param attachment_id: the attachment.
+    :param patient_id: the patient the manifest says it went to.
+    :param filename: the name the manifest says it has.
+    :param status: ``"confirmed"``; ``"processing"`` (not processed yet: size unknown); or a problem:
+        ``"missing"`` (deleted), ``"archived"``, ``"patient_changed"``, ``"size_changed"``,
+        ``"content_changed"``.
+    :param detail: one line saying what was found.
+    """
+
+    attachment_id: str
+    patient_id: str | None
+    filename: str | None
+    status: str
+    detail: str
+
+    @property
+    def problem(self) -> bool:
+        """True when the attachment is no longer what the manifest says went to the patient."""
+        return self.status in PROBLEMS
+
+
+def attached(records: Iterable[AuditRecord]) -> list[AuditRecord]:
+    """Return the manifest lines with an attachment to check (failed files left out), each attachment once.
+
+    :param records: a manifest's lines.
+    """
+    seen: dict[str, AuditRecord] = {}
+    for line in records:
+        if line.attachment_id and not line.failed:
+            seen.setdefault(line.attachment_id, line)
+    return list(seen.values())
+
+
+def compare(line: AuditRecord, record: Mapping[str, Any] | None) -> Finding:
+    """Compare one manifest line with the attachment record Cliniko returns now (None: not returned).
+
+    :param line: the manifest line.
+    :param record: the record, archived ones included, or None when Cliniko no longer has it.
+    """
+
+    def finding(status: str, detail: str) -> Finding:
+        return Finding(str(line.attachment_id), line.patient_id, line.filename, status, detail)
+
+    if record is None:
+        return finding("missing", "not in Cliniko any more (deleted)")
+    if record.get("archived_at"):
+        return finding("archived", f"archived at {record.get('archived_at')}")
+    patient_link = str(((record.get("patient") or {}).get("links") or {}).get("self") or "")
+    patient = patient_link.rsplit("/", 1)[-1] if patient_link else None
+    if patient and line.patient_id and patient != line.patient_id:
+        return finding("patient_changed", f"now in patient {patient}'s record")
+    if record.get("processing_completed") is not True:
+        return finding(PROCESSING, "still being processed by Cliniko: its size is not known yet")
+    size = record.get("size")
+    if line.size is not None and size != line.size:
+        return finding("size_changed", f"Cliniko holds {size} bytes; {line.size} were sent")
+    return finding(CONFIRMED, "present, not archived, same size")
+
+
+def content_changed(finding: Finding, line: AuditRecord, sha256_now: str) -> Finding:
+    """Return the finding after comparing the attachment's bytes (SHA-256 of ``/content``) with the manifest.
+
+    :param finding: the finding so far (confirmed).
+    :param line: the manifest line (its ``sha256``).
+    :param sha256_now: the SHA-256 of what Cliniko serves now.
+    """
+    if line.sha256 is None or sha256_now == line.sha256:
+        detail = (
+            f"{finding.detail}, same content" if line.sha256 else f"{finding.detail} (no SHA-256 to compare)"
+        )
+        return Finding(finding.attachment_id, finding.patient_id, finding.filename, finding.status, detail)
+    return Finding(
+        finding.attachment_id,
+        finding.patient_id,
+        finding.filename,
+        "content_changed",
+        f"its bytes hash to SHA-256 {sha256_now[:16]}..., {line.sha256[:16]}... was sent",
+    )
+
+
+def reconcile_summary(source: str, findings: list[Finding], skipped: int, limit: int | None = None) -> str:
+    """Return a reconciliation's summary: counts per status, then one line per attachment not confirmed.
+
+    :param source: the manifest checked.
+    :param findings: one per attachment.
+    :param skipped: manifest lines with no attachment to check (failed uploads).
+    :param limit: name at most this many attachments (then say how many more), or None for all.
+    """
+    counts: dict[str, int] = {}
+    for finding in findings:
+        counts[finding.status] = counts.get(finding.status, 0) + 1
+    order = (CONFIRMED, PROCESSING, *PROBLEMS)
+    parts = [f"{counts[status]} {status.replace('_', ' ')}" for status in order if counts.get(status)]
+    lines = [
+        f"Reconciled {len(findings)} attachment(s) of {source} with Cliniko: {', '.join(parts) or 'none'}"
+        + (f" ({skipped} line(s) had no attachment: failed uploads)" if skipped else "")
+    ]
+    named = [finding for finding in findings if finding.status != CONFIRMED]
+    for finding in named[:limit]:
+        lines.append(
+            f"  attachment {finding.attachment_id} (patient {finding.patient_id}, {finding.filename}): "
+            f"{finding.status.replace('_', ' ')}: {finding.detail}"
+        )
+    if limit is not None and len(named) > limit:
+        lines.append(f"  ... and {len(named) - limit} more (every one is in the task's XCom)")
+    return "\n".join(lines)
