@@ -7,7 +7,9 @@ can prove what was, and was not, sent.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -24,16 +26,20 @@ from airflow.providers.common.compat.sdk import AirflowFailException
 
 from cliniko_provider.exceptions import (
     ClinikoAnswerError,
+    ClinikoAuthError,
     ClinikoConnectionError,
+    ClinikoError,
     ClinikoServerError,
     S3UploadError,
     S3UploadRejectedError,
 )
 from cliniko_provider.hooks import cliniko as hook_module
 from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
+from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator, ClinikoBatchUploadOperator
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
 from cliniko_provider.utils.budget import PROCESS_BUDGETS, MachineBudget, key_id
 from tests.conftest import REPO, connection_json
+from tests.helpers import fake_context
 
 KEY = "StAnDiNsEcReT-au1"
 
@@ -498,3 +504,70 @@ async def test_a_trigger_deadline_inside_a_hung_round_fires_within_one_poll_inte
     assert "Cliniko had not answered the status check in flight" in first["message"]
     assert 0 <= first_over < 0.5 * 0.1 + 0.2, f"fired {first_over:.3f} s after its deadline"  # a tenth more
     assert 0 <= second_over < 0.2, f"fired {second_over:.3f} s after its deadline"  # not asked: on time
+
+
+# --- secrets a server echoes ----------------------------------------------------------------------------
+
+CREDENTIALS = base64.b64encode(f"{KEY}:".encode()).decode()
+SECRETS = (KEY, CREDENTIALS)
+
+
+def echoing(status: int) -> Reply:
+    """An error answer that echoes the request's Authorization header and the key, as a proxy may."""
+    body = {
+        "message": f"Rejected header Authorization: Basic {CREDENTIALS} (user {KEY})",
+        "errors": {"authorization": [f"Basic {CREDENTIALS}"]},
+    }
+    return Reply(status, json.dumps(body).encode())
+
+
+def test_an_echoed_authorization_header_is_redacted_in_exceptions_xcom_and_logs(
+    stand_ins: Callable[..., StandIn],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    api = stand_ins()
+    use(monkeypatch, api, max_attempts=2)
+    caplog.set_level(logging.DEBUG)
+    report = tmp_path / "report.pdf"
+    report.write_bytes(b"%PDF-1.4 report")
+    seen: dict[str, str] = {}
+
+    api.replies = [echoing(503), echoing(401)]  # the 503 is logged by the retry runner, the 401 raised
+    with pytest.raises(ClinikoAuthError) as caught:
+        ClinikoHook(sleep=lambda seconds: None).get_patient(1)
+    seen["exception"] = str(caught.value)
+
+    api.replies = [echoing(401)]
+    ctx = fake_context()
+    single = ClinikoAttachmentUploadOperator(task_id="upload", patient_id="1", file_path=str(report))
+    with pytest.raises(ClinikoAuthError):
+        single.execute(ctx)
+    seen["single cliniko_error"] = ctx["ti"].pushed["cliniko_error"]
+
+    api.replies = [echoing(401)]
+    ctx = fake_context()
+    batch = ClinikoBatchUploadOperator(
+        task_id="upload_batch", uploads=[{"patient_id": "1", "file_path": str(report)}]
+    )
+    with pytest.raises(ClinikoError) as batch_error:
+        batch.execute(ctx)
+    seen["batch exception"] = str(batch_error.value)
+    seen["batch cliniko_error"] = ctx["ti"].pushed["cliniko_error"]
+    seen["batch results"] = json.dumps(ctx["ti"].pushed["return_value"])
+    printed = capfd.readouterr()
+    seen["logs"] = "\n".join((caplog.text, printed.out, printed.err))  # stdlib and Airflow's structlog
+
+    assert (
+        "GET /patients/1: 503 (Rejected header Authorization: Basic ***" in seen["logs"]
+    )  # the retry's line
+    for where, text in seen.items():
+        assert "Authorization: Basic ***" in text or where == "batch results", where
+        for secret in SECRETS:
+            assert secret not in text, f"{where} holds a secret: {text}"
+    assert (
+        "Cliniko answered 401 to GET /patients/1: Rejected header Authorization: Basic *** (user ***)"
+        in (seen["exception"])
+    )

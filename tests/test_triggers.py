@@ -21,6 +21,7 @@ import requests
 from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
 from cliniko_provider.triggers.poller import REGISTRY, AttachmentPoller, PollerRegistry
+from cliniko_provider.utils.errors import Redactor
 from tests.conftest import SANDBOX_KEY, connection_json
 from tests.fake_http import FakeClock
 from tests.helpers import create_attachment_via_api, own_rate_budgets, sandbox_control, sandbox_faults
@@ -655,7 +656,7 @@ async def test_wait_many_registers_every_id_and_answers_by_id(fake: FakeCliniko)
 
 async def test_describe_blanks_secrets_and_keeps_one_short_line(fake: FakeCliniko) -> None:
     poller = REGISTRY.get("cliniko_default")
-    poller._secrets = ("s3cr3t", "")
+    poller._redact = Redactor(["s3cr3t"])
     assert poller._describe(RuntimeError("a\n  s3cr3t\tb")) == "a *** b"
     assert poller._describe(RuntimeError("x" * 600)) == "x" * 500
     assert poller._describe(RuntimeError()) == "RuntimeError"

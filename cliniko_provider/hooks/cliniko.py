@@ -32,7 +32,7 @@ from cliniko_provider.exceptions import (
     S3UploadError,
 )
 from cliniko_provider.utils.budget import RateBudget, budget_for
-from cliniko_provider.utils.errors import decode_json_object, error_for_answer
+from cliniko_provider.utils.errors import Redactor, decode_json_object, error_for_answer, redact
 from cliniko_provider.utils.idempotency import DigestingOpener
 from cliniko_provider.utils.integrity import S3Upload, s3_mismatch
 from cliniko_provider.utils.retry import (
@@ -208,12 +208,19 @@ class _ClinikoBase(BaseHook):
         self._clock = clock
         self._rand = rand
         self._settings: ClinikoSettings | None = None
+        self.redactor = Redactor()
+        """Blanks this connection's secrets (and anything shaped like one) out of messages."""
 
     def _remember(self, settings: ClinikoSettings) -> ClinikoSettings:
-        mask_secret(settings.api_key)
-        mask_secret(settings.authorization.split(" ", 1)[1])
+        self._keep_secret(*settings.secrets)
         self._settings = settings
         return settings
+
+    def _keep_secret(self, *secrets: str) -> None:
+        """Keep secrets out of messages (:attr:`redactor`) and out of Airflow's logs (its masker)."""
+        for secret in secrets:
+            mask_secret(secret)
+        self.redactor.add(*secrets)
 
     @property
     def policy(self) -> RetryPolicy:
@@ -260,7 +267,7 @@ class _ClinikoBase(BaseHook):
         if status < 400:
             return Answer(status, headers, content)
         text = content[:MAX_ERROR_BYTES].decode("utf-8", "replace")
-        error = error_for_answer(status, text, what)
+        error = error_for_answer(status, text, what, self.redactor)
         return Failure(status, headers, final(error), error.message)
 
     def _connection_failure(
@@ -268,7 +275,7 @@ class _ClinikoBase(BaseHook):
     ) -> Failure:
         """The failure of an attempt that got no whole answer: the network's reason, or the deadline's."""
         late = deadline is not None and deadline.passed()
-        reason = deadline.reason() if deadline is not None and late else network_reason(error)
+        reason = deadline.reason() if deadline is not None and late else self.redactor(network_reason(error))
         base_url = self._require_settings().base_url
 
         if late:
@@ -516,9 +523,7 @@ class ClinikoHook(_ClinikoBase):
         fields = presign.get("fields")
         if not isinstance(presign.get("url"), str) or not isinstance(fields, dict):
             raise ClinikoError("Cliniko's presigned post has no 'url' or 'fields'")
-        for secret_field in ("policy", "x-amz-signature"):
-            if fields.get(secret_field):
-                mask_secret(str(fields[secret_field]))
+        self._keep_secret(*(str(fields[name]) for name in ("policy", "x-amz-signature") if fields.get(name)))
         return presign
 
     def create_attachment(
@@ -786,7 +791,7 @@ class ClinikoHook(_ClinikoBase):
             if isinstance(error, DeadlineExceeded):
                 code, reason = "Timeout", f"S3's answer: {error}"
             else:
-                code, reason = "ConnectionError", network_reason(error)
+                code, reason = "ConnectionError", self.redactor(network_reason(error))
             return Failure(None, {}, final(S3UploadError(0, code, reason)), reason)
         answer = parse_s3_xml(content)
         if status < 300:
@@ -799,7 +804,8 @@ class ClinikoHook(_ClinikoBase):
                 format_bytes(size / elapsed),
             )
             return key, answered_etag(answer, headers), headers
-        failure = s3_error(status, answer, content.decode("utf-8", "replace"))
+        answer = {name: self.redactor(value) for name, value in answer.items()}
+        failure = s3_error(status, answer, self.redactor(content.decode("utf-8", "replace")))
         return Failure(status, headers, final(failure), f"{failure.code}: {failure.message}")
 
     def upload_to_patient(
@@ -907,7 +913,7 @@ def network_reason(error: BaseException) -> str:
         if not isinstance(inner, BaseException) or inner is reason:
             break
         reason = inner
-    return one_line(f"{type(reason).__name__}: {reason}")[:300]
+    return redact(one_line(f"{type(reason).__name__}: {reason}"))[:300]
 
 
 PRESIGN_REFRESHES = RetryPolicy.max_refreshes  # fresh presigns fetched after S3 answers 403, per upload

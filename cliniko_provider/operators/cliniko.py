@@ -299,7 +299,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         if not self.audit_path:
             return
         try:
-            facts = failed(self._facts, error)
+            facts = failed(self._facts, error, self.hook.redactor)
             if isinstance(error, INTEGRITY_ERRORS):
                 facts["verification_outcome"] = "failed"
             self._write_audit(context, facts)
@@ -333,10 +333,9 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             self._attachment_id,
         )
 
-    @staticmethod
-    def _report_failure(context: Context, error: Exception) -> None:
+    def _report_failure(self, context: Context, error: Exception) -> None:
         """Leave a one-line reason in XCom ``cliniko_error`` for a summary (mapped runs fail one by one)."""
-        reason = one_line(str(error)) or type(error).__name__
+        reason = self.hook.redactor(one_line(str(error))) or type(error).__name__
         context["ti"].xcom_push(key="cliniko_error", value=reason)
 
 
@@ -448,7 +447,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
                 return []
             self.hook.settings  # noqa: B018 - load the connection once, before the threads share the hook
         except ClinikoError as error:
-            context["ti"].xcom_push(key="cliniko_error", value=str(error))
+            context["ti"].xcom_push(key="cliniko_error", value=self.hook.redactor(str(error)))
             raise
         look_first = self.look_for_existing == "always" or context["ti"].try_number > 1
         results = [describe(index, upload) for index, upload in enumerate(uploads)]
@@ -584,11 +583,11 @@ class ClinikoBatchUploadOperator(BaseOperator):
             result["index"],
             result["file_path"],
             result["patient_id"],
-            error,
+            self.hook.redactor(str(error)),
         )
         if isinstance(error, INTEGRITY_ERRORS):
             self._facts.setdefault(str(result["index"]), {})["verification_outcome"] = "failed"
-        return failed(result, error)
+        return failed(result, error, self.hook.redactor)
 
     def _with_outcomes(
         self, results: list[JsonDict], outcomes: Mapping[str, JsonDict | Exception]
@@ -633,7 +632,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
             return results
         ti = context["ti"]
         ti.xcom_push(key="return_value", value=results)
-        ti.xcom_push(key="cliniko_error", value=failure_summary(results))
+        ti.xcom_push(key="cliniko_error", value=self.hook.redactor(failure_summary(results)))
         message = failure_summary(results, limit=SUMMARY_LINES)
         if any(result["retryable"] for result in failures):
             raise ClinikoBatchError(message)

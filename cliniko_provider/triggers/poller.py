@@ -60,6 +60,7 @@ from cliniko_provider.triggers.cliniko import (
     error_event,
     success_event,
 )
+from cliniko_provider.utils.errors import redact
 
 JsonDict = dict[str, Any]
 RETRYABLE_ERRORS = (ClinikoServerError, ClinikoRateLimitError, ClinikoConnectionError)
@@ -165,7 +166,7 @@ class AttachmentPoller:
         self._wake = asyncio.Event()
         self._planned_wake = math.inf
         self._task: asyncio.Task[None] | None = None
-        self._secrets: tuple[str, ...] = ()
+        self._redact: Callable[[str], str] = redact  # the hook's redactor, once it has the connection
 
     @property
     def waiting(self) -> int:
@@ -317,12 +318,12 @@ class AttachmentPoller:
         :param due: the attachment ids to ask about.
         """
         try:
-            settings = await hook.aget_settings()
+            await hook.aget_settings()
         except Exception as error:  # missing or invalid connection
             message = f"Cannot use the Cliniko connection {self.conn_id!r}: {self._describe(error)}"
             self._fail(self._all_waiters(), message, not isinstance(error, AirflowFailException))
             return
-        self._secrets = (settings.api_key, settings.authorization.split(" ", 1)[1])
+        self._redact = hook.redactor
         requests = 0
         for ids in batched(due, PER_PAGE):
             requests += 1
@@ -412,10 +413,7 @@ class AttachmentPoller:
     def _describe(self, error: BaseException) -> str:
         """One line about an error, with any secret of the connection blanked out."""
         text = " ".join(str(error).split()) or type(error).__name__
-        for secret in self._secrets:
-            if secret:
-                text = text.replace(secret, "***")
-        return text[:500]
+        return self._redact(text)[:500]
 
 
 class PollerRegistry:

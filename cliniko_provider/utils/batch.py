@@ -5,13 +5,14 @@ No network I/O here: the hook uploads, the operator (``ClinikoBatchUploadOperato
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException, AirflowSensorTimeout
 
 from cliniko_provider.exceptions import ClinikoInputError
+from cliniko_provider.utils.errors import redact
 from cliniko_provider.utils.validation import one_line, validate_id
 
 JsonDict = dict[str, Any]
@@ -104,13 +105,14 @@ def is_final(error: BaseException) -> bool:
     return isinstance(error, (AirflowFailException, AirflowSensorTimeout))
 
 
-def failed(result: JsonDict, error: BaseException) -> JsonDict:
+def failed(result: JsonDict, error: BaseException, redactor: Callable[[str], str] = redact) -> JsonDict:
     """Return an item's result marked failed with the reason (one line) and whether a retry may help.
 
     :param result: the item's result so far.
     :param error: what failed it.
+    :param redactor: blanks secrets out of the reason (the hook's, which knows the connection's).
     """
-    reason = one_line(str(error)) or type(error).__name__
+    reason = redactor(one_line(str(error))) or type(error).__name__
     return {**result, "status": ERROR, "error": reason, "retryable": not is_final(error)}
 
 

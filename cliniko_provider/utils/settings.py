@@ -228,6 +228,11 @@ class ClinikoSettings:
         return "Basic " + base64.b64encode(f"{self.api_key}:".encode()).decode()
 
     @property
+    def secrets(self) -> tuple[str, str]:
+        """What must never show in a log, an exception or XCom: the API key and its Basic credentials."""
+        return self.api_key, self.authorization.split(" ", 1)[1]
+
+    @property
     def headers(self) -> dict[str, str]:
         """Headers sent with every API request."""
         return {
