@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -177,3 +178,19 @@ def fake_context(run_id: str = "manual__1", try_number: int = 1, map_index: int 
         pushed={},
     )
     return {"ti": ti}
+
+
+class FakeTaskStateStore:
+    """Airflow 3.3's ``task_state_store`` as a task sees it (get/set), shared by every try and worker."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.values: dict[str, Any] = {}
+        self.failing = failing
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        if self.failing:
+            raise RuntimeError("state store unreachable")
+        self.values[key] = json.loads(json.dumps(value))  # as Airflow stores it: JSON

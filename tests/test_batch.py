@@ -503,3 +503,98 @@ def test_waiting_in_the_worker_ends_each_file_with_its_own_outcome(
     )
     assert isinstance(outcomes["12345"], ClinikoAttachmentGoneError)
     assert isinstance(outcomes[slow], AirflowSensorTimeout) and "after 1 s" in str(outcomes[slow])
+
+
+# --- look-ups on a retry on another worker (issue 18) ------------------------------------------------------
+
+
+def content_stats(sandbox: Any) -> tuple[int, int]:
+    stats = sandbox_control(sandbox, "stats")
+    return int(stats["content_reads"]), int(stats["content_bytes"])
+
+
+def twenty_alike(tmp_path: Path, patient: str) -> list[JsonDict]:
+    """20 files of one patient, one description, one name shown and one size: only their bytes differ."""
+    uploads = []
+    for n in range(20):
+        (tmp_path / f"d{n}").mkdir()
+        path = write_file(tmp_path / f"d{n}", "report.pdf", 3000, seed=n)
+        uploads.append({"patient_id": patient, "file_path": str(path), "description": "Nightly"})
+    return uploads
+
+
+def retry_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sandbox: Any) -> None:
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path / "another-worker"))
+    requests.post(f"{sandbox.root_url}/_sandbox/stats/reset", json={}, timeout=10).raise_for_status()
+
+
+def durable(ctx: Any, store: Any) -> Any:
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    ctx["task_state_store"] = store
+    ctx["dag_run"] = SimpleNamespace(run_after=datetime.now(timezone.utc), start_date=None)
+    return ctx
+
+
+def test_on_the_task_state_store_a_batch_of_20_retried_on_another_worker_downloads_no_content(
+    hook: ClinikoHook, patients: list[str], tmp_path: Path, sandbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.helpers import FakeTaskStateStore
+
+    uploads, store = twenty_alike(tmp_path, patients[0]), FakeTaskStateStore()
+    first = batch(hook, uploads, wait_for_completion=True, deferrable=False, poll_interval=0.3).execute(
+        durable(fake_context(), store)
+    )
+    retry_elsewhere(monkeypatch, tmp_path, sandbox)
+    again = batch(hook, uploads).execute(durable(fake_context(try_number=2), store))
+    assert [r["attachment_id"] for r in again] == [r["attachment_id"] for r in first]
+    assert all(r.get("reused") for r in again)
+    assert content_stats(sandbox) == (0, 0)
+    assert len(attachments_of(hook, patients[0])) == 20
+
+
+def test_without_the_store_a_batch_retried_on_another_worker_reads_each_candidate_at_most_once(
+    hook: ClinikoHook, patients: list[str], tmp_path: Path, sandbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uploads = twenty_alike(tmp_path, patients[0])
+    first = batch(hook, uploads, wait_for_completion=True, deferrable=False, poll_interval=0.3).execute(
+        fake_context()
+    )
+    retry_elsewhere(monkeypatch, tmp_path, sandbox)
+    again = batch(hook, uploads).execute(fake_context(try_number=2))
+    assert [r["attachment_id"] for r in again] == [r["attachment_id"] for r in first]
+    reads, size = content_stats(sandbox)
+    assert reads <= 20 and size <= 20 * 3000  # was up to 20 reads per file: 210 for 20 alike
+    assert len(attachments_of(hook, patients[0])) == 20
+
+
+def test_two_files_one_description_one_still_processing_neither_waits_nor_duplicates(
+    hook: ClinikoHook, patients: list[str], tmp_path: Path, sandbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patient = patients[1]
+    a = write_file(tmp_path, "a.pdf", 2000, seed=1)
+    b = write_file(tmp_path, "b.pdf", 2500, seed=2)
+
+    def upload(path: Path, key: str, try_number: int = 1) -> JsonDict:
+        item = {
+            "patient_id": patient,
+            "file_path": str(path),
+            "description": "Nightly",
+            "idempotency_key": key,
+        }
+        (result,) = batch(hook, [item], look_for_existing="always").execute(
+            fake_context(try_number=try_number)
+        )
+        return result
+
+    with sandbox_faults(sandbox, processing_delay=1200.0):  # a's upload: still processing for 20 minutes
+        upload(a, "a")
+    started = time.monotonic()
+    b_first = upload(b, "b")  # a first try with "always": not held by a's processing
+    hook.wait_for_processing(b_first["attachment_id"], poll_interval=0.2, timeout=30)
+    retry_elsewhere(monkeypatch, tmp_path, sandbox)
+    b_again = upload(b, "b", try_number=2)
+    assert time.monotonic() - started < 30  # was: 300 s, then a failure, on the first try already
+    assert b_again["attachment_id"] == b_first["attachment_id"] and b_again.get("reused")
+    assert len(attachments_of(hook, patient)) == 2

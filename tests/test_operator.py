@@ -37,7 +37,7 @@ from cliniko_provider.utils.upload import (
     resolve_source,
 )
 from tests.fake_http import Answer, FakeClock, ScriptedAdapter
-from tests.helpers import cliniko_connection, fake_context, write_file
+from tests.helpers import FakeTaskStateStore, cliniko_connection, fake_context, write_file
 
 KEY = "UpLoAdTeStSeCrEt-au1"
 BASE = "https://api.au1.cliniko.com/v1"
@@ -883,22 +883,6 @@ def test_file_uri_and_memory_uri_sources(tmp_path: Path) -> None:
 
 
 # --- look-up rules and durable state (issue 18) ----------------------------------------------------------
-
-
-class FakeTaskStateStore:
-    """Airflow 3.3's ``task_state_store`` as a task sees it (get/set), shared by every try and worker."""
-
-    def __init__(self, failing: bool = False) -> None:
-        self.values: dict[str, Any] = {}
-        self.failing = failing
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.values.get(key, default)
-
-    def set(self, key: str, value: Any) -> None:
-        if self.failing:
-            raise RuntimeError("state store unreachable")
-        self.values[key] = json.loads(json.dumps(value))
 
 
 def durable_context(store: FakeTaskStateStore, try_number: int = 1) -> Any:

@@ -431,6 +431,8 @@ class Api:
         attachment = self.attachment_of(request, account)
         if attachment is None or attachment.content_path is None:
             return not_found()
+        self.sandbox.stats.content_reads += 1
+        self.sandbox.stats.content_bytes += (self.store.data_dir / attachment.content_path).stat().st_size
         return FileResponse(
             self.store.data_dir / attachment.content_path,
             media_type=attachment.content_type,

@@ -62,6 +62,8 @@ class Stats:
     injected_failures: int = 0
     bytes_received: int = 0
     uploads: int = 0
+    content_reads: int = 0  # GET /patient_attachments/{id}/content answered with the file
+    content_bytes: int = 0  # bytes of content those answers carried
     corrupted: Counter[str] = field(default_factory=Counter)
 
     def as_json(self) -> dict[str, Any]:
@@ -74,5 +76,7 @@ class Stats:
             "injected_failures": self.injected_failures,
             "bytes_received": self.bytes_received,
             "uploads": self.uploads,
+            "content_reads": self.content_reads,
+            "content_bytes": self.content_bytes,
             "corrupted": dict(self.corrupted),
         }
