@@ -12,7 +12,8 @@ API_KEY_LOCATION = "My Info > Manage API keys"
 
 
 def get_provider_info() -> dict[str, Any]:
-    """Return the provider's metadata: hooks, operators, sensors, triggers and the connection form."""
+    """Return the provider's metadata: hooks, operators, sensors, triggers, the ``@task.cliniko_upload``
+    decorator, the ``cliniko`` asset scheme and the connection form."""
     integration = "Cliniko"
     info: dict[str, Any] = {
         "package-name": "airflow-provider-cliniko",
@@ -43,6 +44,20 @@ def get_provider_info() -> dict[str, Any]:
         "extra-links": ["cliniko_provider.links.cliniko.ClinikoAttachmentsLink"],
         "triggers": [
             {"integration-name": integration, "python-modules": ["cliniko_provider.triggers.cliniko"]}
+        ],
+        "task-decorators": [
+            {
+                "class-name": "cliniko_provider.decorators.cliniko.cliniko_upload_task",
+                "name": "cliniko_upload",
+            }
+        ],
+        "asset-uris": [
+            {
+                "schemes": ["cliniko"],
+                "handler": "cliniko_provider.assets.cliniko.sanitize_uri",
+                "factory": "cliniko_provider.assets.cliniko.create_asset",
+                "to_openlineage_converter": "cliniko_provider.assets.cliniko.convert_asset_to_openlineage",
+            }
         ],
         "connection-types": [
             {

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 from airflow.sdk import ObjectStoragePath
 
-from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
-from cliniko_provider.utils.lineage import attachment_dataset, source_dataset, upload_lineage
+from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator, ClinikoBatchUploadOperator
+from cliniko_provider.utils.lineage import (
+    MAX_FILES_NAMED,
+    attachment_dataset,
+    batch_lineage,
+    source_dataset,
+    upload_lineage,
+)
 
 
 def common_io_name(uri: str) -> tuple[str, str]:
@@ -86,3 +92,72 @@ def test_operator_reports_what_it_uploaded(monkeypatch: pytest.MonkeyPatch) -> N
     assert [(d.namespace, d.name) for d in lineage.outputs] == [
         ("cliniko://api.au3.cliniko.com", "patients/12/attachments/34")
     ]
+
+
+def batch_results(count: int) -> list[dict[str, object]]:
+    return [
+        {
+            "index": n,
+            "patient_id": str(n % 7),
+            "file_path": f"s3://r/{n // 500}/f{n}.pdf",
+            "attachment_id": str(n),
+        }
+        for n in range(count)
+    ]
+
+
+def test_a_batch_names_every_file_and_attachment_made_up_to_the_limit() -> None:
+    results = batch_results(MAX_FILES_NAMED)
+    results.append(
+        {"index": -1, "patient_id": "1", "file_path": "/gone.csv", "attachment_id": None, "error": "x"}
+    )
+    lineage = batch_lineage(results, "https://api.au1.cliniko.com/v1")
+    assert lineage is not None
+    assert len(lineage.inputs) == len(lineage.outputs) == MAX_FILES_NAMED  # the failed file is not named
+    assert (lineage.inputs[7].namespace, lineage.inputs[7].name) == ("s3://r", "0/f7.pdf")
+    assert (lineage.outputs[7].namespace, lineage.outputs[7].name) == (
+        "cliniko://api.au1.cliniko.com",
+        "patients/0/attachments/7",
+    )
+
+
+def test_above_the_limit_a_batch_names_directories_and_one_cliniko() -> None:
+    lineage = batch_lineage(batch_results(MAX_FILES_NAMED + 1), "https://api.au1.cliniko.com/v1")
+    assert lineage is not None
+    assert [(d.namespace, d.name) for d in lineage.inputs] == [
+        ("s3://r", "0"),
+        ("s3://r", "1"),
+        ("s3://r", "2"),
+    ]
+    assert [(d.namespace, d.name) for d in lineage.outputs] == [
+        ("cliniko://api.au1.cliniko.com", "attachments")
+    ]
+
+
+def test_a_batch_that_attached_nothing_reports_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (
+        batch_lineage([{"index": 0, "patient_id": "1", "file_path": "/a", "attachment_id": None}], "x")
+        is None
+    )
+    operator = ClinikoBatchUploadOperator(task_id="t", uploads=[])
+    assert operator.get_openlineage_facets_on_complete(None) is None
+    monkeypatch.setitem(sys.modules, "airflow.providers.openlineage.extractors", None)
+    assert batch_lineage(batch_results(1), "https://api.au1.cliniko.com/v1") is None
+
+
+def test_a_batch_event_of_100_files_stays_small() -> None:
+    from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
+    from openlineage.client.serde import Serde
+
+    lineage = batch_lineage(batch_results(100), "https://api.au1.cliniko.com/v1")
+    assert lineage is not None
+    event = RunEvent(
+        eventType=RunState.COMPLETE,
+        eventTime="2026-12-07T02:00:00Z",
+        run=Run(runId="01939b5e-0000-7000-8000-000000000000"),
+        job=Job(namespace="default", name="nightly.upload"),
+        producer="test",
+        inputs=[InputDataset(namespace=d.namespace, name=d.name) for d in lineage.inputs],
+        outputs=[OutputDataset(namespace=d.namespace, name=d.name) for d in lineage.outputs],
+    )
+    assert len(Serde.to_json(event)) < 30_000  # about 250 bytes a file, input and output

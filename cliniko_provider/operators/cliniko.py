@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from airflow.providers.common.compat.sdk import conf
 from airflow.sdk import BaseOperator
 
+from cliniko_provider.assets.cliniko import attachment_counts, record_asset_events
 from cliniko_provider.exceptions import (
     ClinikoBatchError,
     ClinikoBatchFinalError,
@@ -244,7 +245,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             self._facts["reused"] = outcome.reason
         self.cliniko_attachment_ids = [attachment_id]  # for the "Cliniko attachments" link
         if not self.wait_for_completion or record.get("processing_completed") is True:
-            return record
+            return self._attached(context, record, outcome.reused)
         if self.deferrable:
             if self.audit_path:
                 ti.xcom_push(key=AUDIT_FACTS_KEY, value=self._facts)
@@ -259,9 +260,10 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
                 timeout=timedelta(seconds=self.timeout + self.poll_interval + 60),
             )
         self.log.info("Waiting for Cliniko to process attachment %s", attachment_id)
-        return self.hook.wait_for_processing(
+        processed = self.hook.wait_for_processing(
             attachment_id, poll_interval=self.poll_interval, timeout=self.timeout
         )
+        return self._attached(context, processed, outcome.reused)
 
     def execute_complete(self, context: Context, event: JsonDict) -> JsonDict:
         """Resume after the trigger fired: return the processed record, or raise what went wrong.
@@ -285,6 +287,21 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         self._attachment_id = str(record["id"])
         self._audit(context, record)
         self.cliniko_attachment_ids = [self._attachment_id]
+        reused = False
+        if self.outlets:  # whether it was reused is in XCom: ask only when an asset event will say it
+            ti = context["ti"]
+            summary = ti.xcom_pull(task_ids=ti.task_id, key="cliniko_upload", map_indexes=ti.map_index)
+            reused = isinstance(summary, dict) and bool(summary.get("reused"))
+        return self._attached(context, record, reused)
+
+    def _attached(self, context: Context, record: JsonDict, reused: bool) -> JsonDict:
+        """Fill the ``cliniko://`` outlets' event extra (counts only) and return the record."""
+        result = {
+            "attachment_id": record.get("id"),
+            "reused": reused,
+            "processed_at": record.get("processed_at") if record.get("processing_completed") else None,
+        }
+        record_asset_events(context, self.outlets, self.cliniko_conn_id, attachment_counts([result]))
         return record
 
     def _audit(self, context: Context, record: JsonDict) -> None:
@@ -427,6 +444,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
         self.look_for_existing = look_for_existing
         self.audit_path = audit_path
         self._facts: dict[str, JsonDict] = {}  # per item index: what the manifest needs beyond the result
+        self._results: list[JsonDict] = []  # for lineage, once known
 
     @cached_property
     def hook(self) -> ClinikoHook:
@@ -610,10 +628,25 @@ class ClinikoBatchUploadOperator(BaseOperator):
             merged.append(result)
         return merged
 
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any] | None:
+        """Report every file read as an input and every attachment made as an output: one event per task.
+
+        Named as for the single-file operator; a file that failed before Cliniko had its attachment is left
+        out. Above :data:`~cliniko_provider.utils.lineage.MAX_FILES_NAMED` files the event names groups.
+
+        :param task_instance: the finished task instance (unused: the operator kept its results).
+        """
+        if not self._results:
+            return None
+        from cliniko_provider.utils.lineage import batch_lineage
+
+        return batch_lineage(self._results, self.hook.settings.base_url)
+
     def _finish(self, context: Context, results: list[JsonDict]) -> list[JsonDict]:
         """Write the manifest; return the results, or push them with the reasons and fail if any failed."""
         # For the "Cliniko attachments" link: the records this task made or found.
         self.cliniko_attachment_ids = [str(r["attachment_id"]) for r in results if r.get("attachment_id")]
+        self._results = results
         failures = [result for result in results if "error" in result]
         self.log.info(
             "Cliniko batch: %d of %d file(s) processed, %d waiting for Cliniko's processing, %d failed",
@@ -629,6 +662,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
             )
             self.log.info("Audit manifest: %s (%d line(s))", where, len(results))
         if not failures:
+            record_asset_events(context, self.outlets, self.cliniko_conn_id, attachment_counts(results))
             return results
         ti = context["ti"]
         ti.xcom_push(key="return_value", value=results)
