@@ -193,3 +193,34 @@ def test_the_airflow_31_form_is_built_from_conn_fields() -> None:
         "relabeling": conn_type["ui-field-behaviour"]["relabeling"],
         "placeholders": conn_type["ui-field-behaviour"]["placeholders"],
     }
+
+
+def test_the_api_server_serves_the_form_without_importing_the_hook(tmp_path: Path) -> None:
+    """Airflow 3.2+ builds the connection form from the metadata alone: neither the hook nor wtforms is
+    imported (3.1 has no such path and imports the hook, as before)."""
+    probe = """
+import json, sys
+from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
+from airflow.providers_manager import ProvidersManager
+(meta,) = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "cliniko"]
+print(json.dumps({
+    "metadata_path": hasattr(ProvidersManager, "_load_ui_metadata"),
+    "fields": sorted(meta.extra_fields or {}),
+    "hook_name": meta.hook_name,
+    "hook_imported": "cliniko_provider.hooks.cliniko" in sys.modules,
+    "wtforms_imported": "wtforms" in sys.modules,
+    "cliniko_modules": sorted(m for m in sys.modules if m.startswith("cliniko_provider")),
+}))
+"""
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env, check=True
+    )
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    (conn_type,) = get_provider_info()["connection-types"]
+    assert seen["fields"] == sorted(conn_type["conn-fields"])
+    assert seen["hook_name"] == "Cliniko"
+    if seen["metadata_path"]:
+        assert not seen["hook_imported"], seen["cliniko_modules"]
+        assert not any(name.startswith("cliniko_provider.hooks") for name in seen["cliniko_modules"])
+        assert not seen["wtforms_imported"]
