@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -26,6 +27,7 @@ from cliniko_provider.exceptions import ClinikoAttachmentGoneError, ClinikoError
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.sensors.cliniko import DEFERRAL_GRACE, ProcessingCompletedSensor
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger, error_event, success_event
+from cliniko_provider.version_compat import AIRFLOW_V_3_3_PLUS
 from tests.helpers import FakeAttachmentHook, create_attachment_via_api, own_rate_budgets
 
 PENDING = {"id": "7", "archived_at": None, "processing_completed": False}
@@ -78,6 +80,84 @@ def test_deferrable_default_follows_the_config(monkeypatch: pytest.MonkeyPatch) 
     finally:
         monkeypatch.delenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE")
         importlib.reload(module)
+
+
+# --- start_from_trigger --------------------------------------------------------------------------------
+
+needs_3_3 = pytest.mark.skipif(not AIRFLOW_V_3_3_PLUS, reason="start_from_trigger needs Airflow 3.3")
+
+
+@needs_3_3
+def test_a_known_id_starts_in_the_triggerer_and_ends_there() -> None:
+    made = ProcessingCompletedSensor(
+        task_id="w", attachment_id="42", cliniko_conn_id="c", deferrable=True, poke_interval=7, timeout=600
+    )
+    assert made.start_from_trigger is True
+    args = made.start_trigger_args
+    assert args is not None
+    assert args.trigger_cls == "cliniko_provider.triggers.cliniko.ProcessingCompletedTrigger"
+    assert args.trigger_kwargs == {
+        "attachment_id": "42",
+        "cliniko_conn_id": "c",
+        "poll_interval": 7.0,
+        "deadline": None,
+        "end_task": True,
+    }
+    assert (args.next_method, args.timeout) == ("execute_complete", timedelta(seconds=600))
+    # the kwargs make the very trigger the sensor would defer to
+    trigger = ProcessingCompletedTrigger(**args.trigger_kwargs)
+    assert trigger.serialize()[1] == args.trigger_kwargs
+    # the class attribute is untouched: other sensors do not inherit this one's arguments
+    assert ProcessingCompletedSensor.start_trigger_args is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"deferrable": False}, "the sensor is not deferrable"),
+        (
+            {"attachment_id": "{{ ti.xcom_pull('up')['id'] }}"},
+            "attachment_id is not known before the task runs",
+        ),
+    ],
+)
+def test_the_wait_starts_on_a_worker_when_it_must(kwargs: dict[str, Any], why: str) -> None:
+    arguments = {"task_id": "w", "attachment_id": "42", "deferrable": True, **kwargs}
+    assert ProcessingCompletedSensor(**arguments).start_from_trigger is False
+    with pytest.raises(ValueError, match=f"w: start_from_trigger=True is not possible: {why}"):
+        ProcessingCompletedSensor(**arguments, start_from_trigger=True)
+
+
+def test_an_upstream_output_is_not_known_before_the_task_runs() -> None:
+    from airflow.sdk import DAG, task
+
+    with DAG("d", schedule=None):
+
+        @task
+        def upload() -> str:
+            return "42"
+
+        made = ProcessingCompletedSensor(task_id="w", attachment_id=upload(), deferrable=True)
+    assert made.start_from_trigger is False
+
+
+@needs_3_3
+def test_start_from_trigger_false_keeps_the_worker_path() -> None:
+    made = ProcessingCompletedSensor(
+        task_id="w", attachment_id="42", deferrable=True, start_from_trigger=False
+    )
+    assert made.start_from_trigger is False
+    assert made.start_trigger_args is None
+
+
+@pytest.mark.skipif(AIRFLOW_V_3_3_PLUS, reason="Airflow before 3.3")
+def test_before_airflow_3_3_the_wait_starts_on_a_worker() -> None:
+    assert (
+        ProcessingCompletedSensor(task_id="w", attachment_id="42", deferrable=True).start_from_trigger
+        is False
+    )
+    with pytest.raises(ValueError, match=re.escape("it needs Airflow 3.3 or newer")):
+        ProcessingCompletedSensor(task_id="w", attachment_id="42", deferrable=True, start_from_trigger=True)
 
 
 # --- poke and reschedule --------------------------------------------------------------------------------

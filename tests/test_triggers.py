@@ -194,6 +194,7 @@ def test_serialises_only_ids_intervals_and_deadline(api_key: str) -> None:
         "cliniko_conn_id": "my_conn",
         "poll_interval": 15.0,
         "deadline": 123.5,
+        "end_task": False,
     }
     text = json.dumps(kwargs)
     token = base64.b64encode(f"{api_key}:".encode()).decode()
@@ -220,6 +221,104 @@ async def test_recreated_from_its_serialised_form_carries_on(fake: FakeCliniko) 
 
 
 # --- one trigger, every outcome ------------------------------------------------------------------------
+
+
+class StartedInTheTriggerer:
+    """What the triggerer gives a trigger whose task started in it: a runtime task instance."""
+
+    task = None
+    dag_id, task_id, run_id, map_index = "d", "wait", "r", 3
+
+    async def axcom_push(self, key: str, value: Any) -> None:
+        raise AssertionError("Airflow 3.3's axcom_push needs the real task; the trigger must not call it")
+
+
+@pytest.fixture
+def pushed(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    from airflow.sdk.execution_time.xcom import XCom
+
+    calls: list[dict[str, Any]] = []
+
+    async def aset(**kwargs: Any) -> None:
+        calls.append(kwargs)
+
+    monkeypatch.setattr(XCom, "aset", aset)
+    return calls
+
+
+RECORD = {"id": "42", "archived_at": None, "processing_completed": True, "filename": "report.pdf"}
+
+
+async def test_end_task_ends_the_task_in_the_triggerer_with_the_record(
+    fake: FakeCliniko, pushed: list[dict[str, Any]]
+) -> None:
+    from airflow.triggers.base import TaskSuccessEvent
+
+    fake.add("42", done_after=5)
+    waiting = trigger("42", poll_interval=10, end_task=True)
+    waiting.task_instance = StartedInTheTriggerer()  # type: ignore[assignment]
+    events = await asyncio.wait_for(collect(waiting), timeout=10)
+    assert len(events) == 1
+    assert isinstance(events[0], TaskSuccessEvent)
+    assert events[0].xcoms is None  # pushed through the XCom backend instead
+    assert pushed == [
+        {
+            "key": "return_value",
+            "value": RECORD,
+            "dag_id": "d",
+            "task_id": "wait",
+            "run_id": "r",
+            "map_index": 3,
+        }
+    ]
+
+
+async def test_end_task_resumes_on_a_worker_when_the_task_did_not_start_in_the_triggerer(
+    fake: FakeCliniko, pushed: list[dict[str, Any]]
+) -> None:
+    fake.add("42", done_after=5)
+    events = await asyncio.wait_for(collect(trigger("42", poll_interval=10, end_task=True)), timeout=10)
+    assert [event.payload for event in events] == [
+        {"status": "success", "attachment_id": "42", "attachment": RECORD}
+    ]
+    assert pushed == []
+
+
+async def test_end_task_resumes_on_a_worker_when_the_push_fails(
+    fake: FakeCliniko, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from airflow.sdk.execution_time.xcom import XCom
+
+    async def refused(**kwargs: Any) -> None:
+        raise RuntimeError("the API server refused the XCom")
+
+    monkeypatch.setattr(XCom, "aset", refused)
+    fake.add("42", done_after=5)
+    waiting = trigger("42", poll_interval=10, end_task=True)
+    waiting.task_instance = StartedInTheTriggerer()  # type: ignore[assignment]
+    waiting._log = logging.getLogger("cliniko-test-trigger")  # Airflow 3.3's trigger logger is structlog's
+    with caplog.at_level(logging.WARNING):
+        events = await asyncio.wait_for(collect(waiting), timeout=10)
+    assert [event.payload["status"] for event in events] == ["success"]
+    assert "Could not push attachment 42's record, resuming on a worker" in caplog.text
+
+
+async def test_end_task_still_resumes_the_task_on_an_error(
+    fake: FakeCliniko, pushed: list[dict[str, Any]]
+) -> None:
+    from airflow.triggers.base import BaseTaskEndEvent
+
+    waiting = trigger("404404", end_task=True)
+    waiting.task_instance = StartedInTheTriggerer()  # type: ignore[assignment]
+    events = await asyncio.wait_for(collect(waiting), timeout=10)
+    assert len(events) == 1
+    assert not isinstance(events[0], BaseTaskEndEvent)
+    assert (events[0].payload["status"], events[0].payload["reason"]) == ("error", "not_found")
+    assert pushed == []
+
+
+async def collect(one: ProcessingCompletedTrigger) -> list[Any]:
+    return [event async for event in one.run()]
 
 
 async def test_success_event_carries_the_processed_record(fake: FakeCliniko) -> None:

@@ -15,9 +15,11 @@ from airflow.providers.common.compat.sdk import (
     conf,
 )
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.triggers.base import StartTriggerArgs
 
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger, record_from_event
+from cliniko_provider.version_compat import AIRFLOW_V_3_3_PLUS
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -40,6 +42,13 @@ class ProcessingCompletedSensor(BaseSensorOperator):
     :param deferrable: wait in the triggerer instead of a worker slot
         (default ``[operators] default_deferrable``).
     :param poll_interval: seconds between checks; an alias of ``poke_interval`` (default 30).
+    :param start_from_trigger: start the wait in the triggerer, so the task never takes a worker slot:
+        the scheduler hands it straight to the triggerer, which ends it with the processed record (an
+        error still resumes it on a worker, to raise the precise error). ``None`` (default) does so
+        when it can: a deferrable sensor, Airflow 3.3 or newer, and an ``attachment_id`` known when the
+        DAG is parsed (not a template or an upstream task's output, which only a worker can resolve).
+        ``True`` insists (``ValueError`` when it cannot); ``False`` never does. Airflow's own deferral
+        timeout (``timeout``) bounds such a wait.
     """
 
     template_fields: Sequence[str] = ("attachment_id",)
@@ -52,6 +61,7 @@ class ProcessingCompletedSensor(BaseSensorOperator):
         cliniko_conn_id: str = ClinikoHook.default_conn_name,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float | None = None,
+        start_from_trigger: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if poll_interval is not None:
@@ -61,6 +71,34 @@ class ProcessingCompletedSensor(BaseSensorOperator):
         self.attachment_id = attachment_id
         self.cliniko_conn_id = cliniko_conn_id
         self.deferrable = deferrable
+        why_not = self._why_not_start_from_trigger()
+        if start_from_trigger and why_not:
+            raise ValueError(f"{self.task_id}: start_from_trigger=True is not possible: {why_not}.")
+        if start_from_trigger is not False and not why_not:
+            self.start_from_trigger = True
+            self.start_trigger_args = StartTriggerArgs(
+                trigger_cls="cliniko_provider.triggers.cliniko.ProcessingCompletedTrigger",
+                trigger_kwargs={
+                    "attachment_id": str(attachment_id),
+                    "cliniko_conn_id": cliniko_conn_id,
+                    "poll_interval": float(self.poke_interval),
+                    "deadline": None,
+                    "end_task": True,
+                },
+                next_method="execute_complete",
+                next_kwargs=None,
+                timeout=timedelta(seconds=self.timeout),
+            )
+
+    def _why_not_start_from_trigger(self) -> str | None:
+        """Return why this sensor cannot start in the triggerer, or None when it can."""
+        if not self.deferrable:
+            return "the sensor is not deferrable"
+        if not AIRFLOW_V_3_3_PLUS:
+            return "it needs Airflow 3.3 or newer"
+        if not isinstance(self.attachment_id, (str, int)) or "{{" in str(self.attachment_id):
+            return "attachment_id is not known before the task runs (a template or an upstream output)"
+        return None
 
     @cached_property
     def hook(self) -> ClinikoHook:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from airflow.providers.common.compat.sdk import AirflowSensorTimeout
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 from cliniko_provider.exceptions import (
     ClinikoAttachmentGoneError,
@@ -122,6 +122,9 @@ class ProcessingCompletedTrigger(BaseTrigger):
     :param cliniko_conn_id: the Airflow connection id (type ``cliniko``).
     :param poll_interval: seconds between checks of this attachment (at least 0.1).
     :param deadline: UNIX timestamp after which the trigger fires a ``timeout`` event; None waits forever.
+    :param end_task: on success, end the task in the triggerer (the record pushed as its return value,
+        then ``TaskSuccessEvent``) instead of resuming it on a worker; errors still resume it, so the task
+        raises the precise error and its retries apply. For tasks started in the triggerer (Airflow 3.3+).
     """
 
     def __init__(
@@ -130,12 +133,14 @@ class ProcessingCompletedTrigger(BaseTrigger):
         cliniko_conn_id: str = "cliniko_default",
         poll_interval: float = 30.0,
         deadline: float | None = None,
+        end_task: bool = False,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.attachment_id = str(attachment_id)
         self.cliniko_conn_id = cliniko_conn_id
         self.poll_interval = float(poll_interval)
         self.deadline = None if deadline is None else float(deadline)
+        self.end_task = bool(end_task)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the keyword arguments that re-create this trigger (no secrets)."""
@@ -146,6 +151,7 @@ class ProcessingCompletedTrigger(BaseTrigger):
                 "cliniko_conn_id": self.cliniko_conn_id,
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
+                "end_task": self.end_task,
             },
         )
 
@@ -177,7 +183,44 @@ class ProcessingCompletedTrigger(BaseTrigger):
             payload["status"],
             payload.get("reason", ""),
         )
+        if self.end_task and await self._pushed_as_return_value(payload):
+            yield TaskSuccessEvent()  # type: ignore[no-untyped-call]
+            return
         yield _event(payload)
+
+    async def _pushed_as_return_value(self, payload: JsonDict) -> bool:
+        """Push a success's record as the task's return value from the triggerer; True when done.
+
+        Through the XCom backend, as the task itself would push it, rather than
+        ``TaskSuccessEvent(xcoms=...)``: Airflow 3.3 stores those as JSON text, so a downstream task
+        would pull a string instead of the record. Only a task that started in the triggerer has a
+        runtime task instance here; anything else resumes the task on a worker, which returns the record.
+        """
+        record = payload.get("attachment")
+        ti = self.task_instance
+        if payload["status"] != "success" or not isinstance(record, dict):
+            return False
+        if ti is None or not hasattr(ti, "axcom_push"):
+            return False
+        try:
+            from airflow.sdk.execution_time.xcom import XCom
+
+            await XCom.aset(
+                key="return_value",
+                value=record,
+                dag_id=ti.dag_id,
+                task_id=ti.task_id,
+                run_id=ti.run_id,
+                map_index=ti.map_index,
+            )
+        except Exception:
+            self.log.warning(
+                "Could not push attachment %s's record, resuming on a worker",
+                self.attachment_id,
+                exc_info=True,
+            )
+            return False
+        return True
 
 
 class ProcessingCompletedBatchTrigger(BaseTrigger):
