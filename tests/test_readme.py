@@ -81,3 +81,23 @@ def test_ds_alone_fails_in_a_manual_run() -> None:
     task.file_path = "/r/{{ ds }}.pdf"
     with pytest.raises(UndefinedError, match="ds"):
         task.render_template_fields(run_context(scheduled=False), dag.get_template_env())
+
+
+def test_the_first_night_in_the_readme_is_what_the_end_to_end_test_runs() -> None:
+    """tests/e2e/test_nightly_e2e.py runs the README's first night; the two must not drift apart."""
+    start = (REPO / "README.md").read_text().index("## Your first night")
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text()[start:], re.S)
+    assert block is not None
+    commands = block.group(1)
+    e2e = (REPO / "tests" / "e2e" / "test_nightly_e2e.py").read_text()
+    assert (
+        "cliniko-sandbox --port 8765 --seed-example-patients" in commands
+        and '"--seed-example-patients"' in e2e
+    )
+    assert "sandbox-api-key-au1" in commands and "KEY = DEFAULT_API_KEY" in e2e
+    for flag in ("--conn-type cliniko", "--conn-password", "--conn-host", "--conn-extra"):
+        assert flag in commands and flag.split()[0] in e2e
+    assert "airflow cliniko check" in commands and '"cliniko", "check"' in e2e
+    assert "dags_examples/cliniko_*.py" in commands and '.glob("cliniko_*.py")' in e2e
+    assert "airflow dags trigger cliniko_nightly_report_export " in commands
+    assert 'stack.cli("dags", "trigger", DAG_ID, "--run-id", "first-night")' in e2e  # no conf: the defaults
