@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from cliniko_provider.utils import budget_redis
-from cliniko_provider.utils.budget import WINDOW, ProcessBudget, SlidingWindow
+from cliniko_provider.utils.budget import LONGEST_FLIGHT, WINDOW, ProcessBudget, SlidingWindow
 from cliniko_provider.utils.budget_redis import RedisBudget, client_options, redis_keys
 from tests.e2e.stack import free_port
 from tests.redis_server import RedisServer
@@ -65,7 +65,7 @@ class CountingBudget(ProcessBudget):
 def cluster(kid: str, per_minute: float = 3, max_block: float = 65, now: float = 1000.0) -> RedisBudget:
     """One process's view of the cluster budget (each call makes another process's, own client)."""
     fallback = CountingBudget(per_minute, max_block)
-    return RedisBudget(kid, per_minute, max_block, REDIS_CONN, fallback, clock=lambda: now)
+    return RedisBudget(kid, per_minute, max_block, REDIS_CONN, fallback, clock=lambda: now, redis_time=False)
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -119,12 +119,12 @@ def test_a_non_finite_hold_never_reaches_redis(redis_conn: RedisServer, kid: str
     budget.block_until(float("inf"))
     budget.block_until(float("nan"))
     client = redis.Redis.from_url(redis_conn.url)
-    assert client.get(redis_keys(kid)[1]) is None
+    assert client.get(redis_keys(kid)[2]) is None
     assert budget.reserve(1000.0) == 0.0
 
 
 def test_concurrent_reservers_never_exceed_the_limit(redis_conn: RedisServer, kid: str) -> None:
-    limit, threads, each = 20, 6, 15
+    limit, threads, each = 20, 6, 7  # two windows' worth and a bit: the deepest queue paced exactly
     starts: list[float] = []
     lock = threading.Lock()
     barrier = threading.Barrier(threads)
@@ -157,7 +157,7 @@ async def test_async_path_shares_the_window_and_the_hold(redis_conn: RedisServer
     assert await async_budget.areserve(1000.0) == 0.0
     assert await async_budget.areserve(1001.0) == 1000.0 + WINDOW - 1001.0
     await async_budget.ablock_until(1030.0)
-    assert redis.Redis.from_url(redis_conn.url).get(redis_keys(kid)[1]) == b"1030"
+    assert redis.Redis.from_url(redis_conn.url).get(redis_keys(kid)[2]) == b"1030"
     assert async_budget.fallback.calls == 0  # type: ignore[attr-defined]
 
 
@@ -168,11 +168,12 @@ def test_a_settled_slot_counts_from_its_answer_for_every_process(redis_conn: Red
     assert two.reserve(1020.0) == 1010.0 + WINDOW - 1020.0
     client = redis.Redis.from_url(redis_conn.url)
     window = redis_keys(kid)[0]
-    before = client.zrange(window, 0, -1, withscores=True)
+    assert client.zrange(window, 0, -1, withscores=True) == [(b"1:a", 1010.0), (b"2", 1010.0 + WINDOW)]
     two.settle(1005.0, 1090.0)  # nothing booked then: no change
     two.settle(1010.0 + WINDOW, 1000.0)  # never earlier than booked
-    assert client.zrange(window, 0, -1, withscores=True) == before
-    assert one.fallback.calls == two.fallback.calls == 0  # type: ignore[attr-defined]
+    assert client.zrange(window, 0, -1, withscores=True) == [(b"1:a", 1010.0), (b"2:a", 1010.0 + WINDOW)]
+    # The settle of no slot this process booked in Redis goes to the machine budget (which has none).
+    assert (one.fallback.calls, two.fallback.calls) == (0, 1)  # type: ignore[attr-defined]
 
 
 def test_settle_keeps_the_window_in_redis_a_window_long(redis_conn: RedisServer, kid: str) -> None:
@@ -182,7 +183,10 @@ def test_settle_keeps_the_window_in_redis_a_window_long(redis_conn: RedisServer,
     window = redis_keys(kid)[0]
     client.pexpire(window, 1000)
     budget.settle(1000.0, 1003.0)
-    assert WINDOW * 1000 - 1000 < client.pttl(window) <= WINDOW * 1000
+    lifetime = (WINDOW + LONGEST_FLIGHT) * 1000  # a window past its latest slot, and the longest flight
+    assert lifetime - 1000 < client.pttl(window) <= lifetime
+    window_ttl, counter_ttl = client.pipeline().pttl(window).pttl(redis_keys(kid)[1]).execute()
+    assert window_ttl <= counter_ttl  # the counter outlives the window
 
 
 async def test_async_settle_is_shared(redis_conn: RedisServer, kid: str) -> None:
@@ -209,32 +213,37 @@ def test_nothing_secret_is_stored(redis_conn: RedisServer, kid: str) -> None:
     client = redis.Redis.from_url(redis_conn.url, decode_responses=True)
     keys = redis_keys(key_id)
     assert sorted(client.scan_iter(f"cliniko:rate:{{{key_id}}}:*")) == sorted(keys)
-    sent, blocked, seq = keys
+    sent, seq, blocked = keys
     values: list[str] = [str(client.get(blocked)), str(client.get(seq))]
-    values += [f"{member} {score}" for member, score in client.zrange(sent, 0, -1, withscores=True)]
-    assert client.zcard(sent) == 5  # only the last window's worth is kept
+    values += [
+        f"{member.removesuffix(':a')} {score}"
+        for member, score in client.zrange(sent, 0, -1, withscores=True)
+    ]
+    assert client.zcard(sent) == 7  # the window's slots (5 sent, 2 booked ahead)
     for value in values:
         assert api_key not in value
         assert all(float(part) >= 0 for part in value.split())  # numbers only
-    assert all(0 < client.pttl(key) <= (WINDOW + 65) * 1000 for key in keys)  # nothing is kept forever
+    longest = (2 * WINDOW + 65 + LONGEST_FLIGHT) * 1000
+    assert all(0 < client.pttl(key) <= longest for key in keys)  # nothing is kept forever
 
 
 @pytest.mark.parametrize(("held", "wait"), [("1e300", 65.0), ("nonsense", 0.0), ("-5", 0.0), ("1030", 30.0)])
 def test_damaged_hold_in_redis_is_bounded(redis_conn: RedisServer, kid: str, held: str, wait: float) -> None:
-    redis.Redis.from_url(redis_conn.url).set(redis_keys(kid)[1], held)
+    redis.Redis.from_url(redis_conn.url).set(redis_keys(kid)[2], held)
     assert cluster(kid, per_minute=100).reserve(1000.0) == wait
 
 
 def test_damaged_window_in_redis_falls_back_without_failing(
     redis_conn: RedisServer, kid: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    settling = cluster(kid)
+    assert settling.reserve(1000.0) == 0.0
     redis.Redis.from_url(redis_conn.url).set(redis_keys(kid)[0], "not a sorted set")
     budget = cluster(kid)
     assert budget.reserve(1000.0) == 0.0
     assert budget.fallback.calls == 1  # type: ignore[attr-defined]
     assert len(warnings(caplog)) == 1
     assert "WRONGTYPE" in warnings(caplog)[0]
-    settling = cluster(kid)
     settling.settle(1000.0, 1001.0)
     assert settling.fallback.calls == 1  # type: ignore[attr-defined]
     assert settling.shared is False

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 WINDOW = 60.5  # Cliniko's minute, and half a second for a request booked before an older one was answered
 SETTLE_TOLERANCE = 1e-3  # seconds: a booked time handed back to settle matches its slot within this
+LONGEST_FLIGHT = 600.0  # seconds past the window an unsettled slot is kept: after that its process died
 SHARE_RETRY_AFTER = 60.0  # seconds before a machine budget that could not share tries again
 
 
@@ -157,31 +158,47 @@ class SlidingWindow:
     def __init__(self, per_minute: float, max_block: float) -> None:
         self.limit = max(1, int(per_minute))
         self.max_block = max_block
-        self.sent: list[float] = []
+        self.sent: list[float] = []  # the slots' times: booked, or answered once settled
+        self.flying: list[float] = []  # the booked times of the slots not settled yet
         self.blocked_until = 0.0
 
     def reserve(self, now: float) -> float:
-        """Book one slot; return the seconds to wait before sending.
+        """Book one slot; return the seconds to wait before sending (at most a window and the hold).
 
         :param now: the current UNIX time.
         """
-        self.sent = [sent for sent in self.sent if sent > now - WINDOW][-self.limit :]
+        self._forget(now)
         start = max(now, min(self.blocked_until, now + self.max_block))
         if len(self.sent) >= self.limit:
             start = max(start, self.sent[-self.limit] + WINDOW)
-        self.sent.append(start)
+        start = min(start, now + WINDOW + self.max_block)
+        bisect.insort(self.sent, start)
+        bisect.insort(self.flying, start)
         return start - now
 
+    def _forget(self, now: float) -> None:
+        """Forget the slots that left the window, but not one still in flight (its settle moves it to
+        its answer) unless it left the window ``LONGEST_FLIGHT`` ago: then its process died."""
+        left = now - WINDOW
+        self.flying = [booked for booked in self.flying if booked > left - LONGEST_FLIGHT]
+        self.sent = sorted(
+            [sent for sent in self.sent if sent > left] + [b for b in self.flying if b <= left]
+        )
+
     def settle(self, booked: float, answered: float) -> None:
-        """Move the slot booked for ``booked`` to ``answered`` (never earlier); no slot there, no change.
+        """Move the slot in flight booked for ``booked`` to ``answered`` (never earlier); no slot there,
+        no change.
 
         :param booked: the time the slot was booked for.
         :param answered: the UNIX time the request's answer (or failure) came.
         """
-        index = bisect.bisect_left(self.sent, booked - SETTLE_TOLERANCE)
-        if index < len(self.sent) and self.sent[index] <= booked + SETTLE_TOLERANCE:
-            moved = max(self.sent.pop(index), answered)
-            bisect.insort(self.sent, moved)
+        index = bisect.bisect_left(self.flying, booked - SETTLE_TOLERANCE)
+        if index < len(self.flying) and self.flying[index] <= booked + SETTLE_TOLERANCE:
+            slot = self.flying.pop(index)
+            at = bisect.bisect_left(self.sent, slot)
+            if at < len(self.sent) and self.sent[at] == slot:
+                self.sent.pop(at)
+            bisect.insort(self.sent, max(slot, answered))
 
     def block_until(self, until: float, now: float) -> None:
         """Hold every request until ``until``, at most ``max_block`` seconds after ``now``.
@@ -206,14 +223,21 @@ class SlidingWindow:
         sent, blocked = data.get("sent"), data.get("blocked_until")
         if not isinstance(sent, list) or not isinstance(blocked, int | float) or not _is_number(blocked):
             return False
+        flying = data.get("flying", [])
+        if not isinstance(flying, list):
+            return False
         latest = now + WINDOW + self.max_block
         self.sent = sorted(float(t) for t in sent if _is_number(t) and now - WINDOW < t <= latest)
+        self.flying = sorted(float(t) for t in flying if _is_number(t) and t <= latest)
+        self._forget(now)
         self.blocked_until = min(float(blocked), now + self.max_block)
         return True
 
     def dump(self) -> bytes:
         """Return the state as the shared file holds it."""
-        return json.dumps({"sent": self.sent, "blocked_until": self.blocked_until}).encode()
+        return json.dumps(
+            {"sent": self.sent, "flying": self.flying, "blocked_until": self.blocked_until}
+        ).encode()
 
 
 def _is_number(value: object) -> bool:
@@ -420,7 +444,7 @@ class MachineBudget:
         return self._dir.open_shared(self.filename)
 
     def _read(self, fd: int, now: float) -> None:
-        limit = 4096 + 32 * self._window.limit
+        limit = 4096 + 64 * self._window.limit  # the window's slots and those in flight
         raw = os.read(fd, limit + 1)
         if not raw:
             return

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cliniko_provider.utils.budget import SETTLE_TOLERANCE, WINDOW, RateBudget
+from cliniko_provider.utils.budget import LONGEST_FLIGHT, SETTLE_TOLERANCE, WINDOW, RateBudget
 
 if TYPE_CHECKING:
     import redis
@@ -33,81 +33,139 @@ log = logging.getLogger(__name__)
 REDIS_TIMEOUT = 2.0  # seconds, for connecting and for each command: a slower Redis counts as down
 RETRY_REDIS_AFTER = 10.0  # seconds on the machine budget before Redis is tried again
 KEY_PREFIX = "cliniko:rate"
+MAX_FLYING = 10_000  # slots in flight this process remembers (more means settles are not being called)
 
-# KEYS: the window (sorted set: sequence numbers scored by send time), the hold, the sequence counter.
-# ARGV: now, requests per window, window length, longest hold (all seconds; times are UNIX times).
-# Returns the seconds to wait before sending, as a string (Redis truncates Lua numbers to integers).
-RESERVE_SCRIPT = """
-local now = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local window = tonumber(ARGV[3])
-local max_block = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+# Every script starts with this. KEYS: the window (a sorted set of slots, named by the counter, scored
+# by their send times, then by their answers; a settled slot's name ends in ":a"), the counter, the
+# hold. ARGV: window length, longest hold, LONGEST_FLIGHT, and the time to use (empty: Redis's TIME,
+# one clock for every machine; tests pin it), then the script's own arguments. Lua numbers come back
+# truncated to integers, so times and waits go back as strings.
+PRELUDE = """
+if redis.replicate_commands then redis.replicate_commands() end  -- Redis < 5: allows TIME, then writes
+local sent, counter, held = KEYS[1], KEYS[2], KEYS[3]
+local window, max_block, longest_flight = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+
+local function clock()
+  if ARGV[4] ~= '' then
+    return tonumber(ARGV[4])
+  end
+  local time = redis.call('TIME')
+  return tonumber(time[1]) + tonumber(time[2]) / 1000000
+end
+local now = clock()
+local latest = now + window + max_block  -- no slot, hold or wait goes past this
+
+local function number(raw)  -- a finite number, or nil
+  local value = tonumber(raw)
+  if value and value == value and value > -math.huge and value < math.huge then
+    return value
+  end
+end
+
+local function time(value)
+  return string.format('%.17g', value)
+end
+
+local function settled(slot)
+  return string.sub(slot, -2) == ':a'
+end
+
+-- Forget the slots that left the window, but not one still in flight (its settle moves it to its
+-- answer) unless it left the window LONGEST_FLIGHT ago: then its process died.
+local function forget()
+  local left = now - window
+  local old = redis.call('ZRANGEBYSCORE', sent, '-inf', time(left), 'WITHSCORES')
+  for i = 1, #old, 2 do
+    if settled(old[i]) or tonumber(old[i + 1]) <= left - longest_flight then
+      redis.call('ZREM', sent, old[i])
+    end
+  end
+end
+
+-- Keep the window as long as its latest slot may matter, and the counter at least as long (a counter
+-- that expired first would name a new slot like a live one).
+local function keep()
+  local last = redis.call('ZRANGE', sent, -1, -1, 'WITHSCORES')
+  local until_ = now
+  if last[2] then
+    until_ = math.max(now, math.min(tonumber(last[2]), latest))
+  end
+  local ttl = math.ceil((until_ - now + window + longest_flight) * 1000)
+  for _, key in ipairs({sent, counter}) do
+    if redis.call('PTTL', key) < ttl then
+      redis.call('PEXPIRE', key, ttl)
+    end
+  end
+end
+"""
+
+# SlidingWindow.reserve. ARGV[5]: requests per window. Returns "<wait> <slot>".
+RESERVE_SCRIPT = (
+    PRELUDE
+    + """
+local limit = tonumber(ARGV[5])
+forget()
 local start = now
-local blocked = tonumber(redis.call('GET', KEYS[2]))
+local blocked = number(redis.call('GET', held))
 if blocked then
   start = math.max(start, math.min(blocked, now + max_block))
 end
-local count = redis.call('ZCARD', KEYS[1])
+local count = redis.call('ZCARD', sent)
 if count >= limit then
-  local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+  local oldest = redis.call('ZRANGE', sent, count - limit, count - limit, 'WITHSCORES')
   start = math.max(start, tonumber(oldest[2]) + window)
 end
-local seq = redis.call('INCR', KEYS[3])
-redis.call('ZADD', KEYS[1], string.format('%.17g', start), seq)
-if count + 1 > limit then
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, count - limit)
-end
-local ttl = math.ceil((start - now + window) * 1000)
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[3], ttl)
-return string.format('%.17g', start - now)
+start = math.min(start, latest)
+local slot = tostring(redis.call('INCR', counter))
+redis.call('ZADD', sent, time(start), slot)
+keep()
+return time(start - now) .. ' ' .. slot
 """
+)
 
-# KEYS: the hold. ARGV: until, now, longest hold. Keeps the later of the held and the new time.
-BLOCK_SCRIPT = """
-local now = tonumber(ARGV[2])
-local hold = math.min(tonumber(ARGV[1]), now + tonumber(ARGV[3]))
-if hold <= now then
+# SlidingWindow.settle. ARGV[5]: the slot. With a pinned clock, ARGV[4] is the answer's time.
+SETTLE_SCRIPT = (
+    PRELUDE
+    + """
+local slot = ARGV[5]
+local booked = number(redis.call('ZSCORE', sent, slot))
+if not booked then
   return 0
 end
-local current = tonumber(redis.call('GET', KEYS[1]))
-if current and current >= hold and current <= now + tonumber(ARGV[3]) then
-  return 0
-end
-redis.call('SET', KEYS[1], string.format('%.17g', hold), 'PX', math.ceil((hold - now) * 1000))
+redis.call('ZREM', sent, slot)
+redis.call('ZADD', sent, time(math.max(math.min(booked, latest), now)), slot .. ':a')
+keep()
 return 1
 """
+)
 
-
-# KEYS: the window. ARGV: booked, answered, tolerance, window length. Moves the slot booked for
-# `booked` to `answered` (never earlier); keeps the window at least one window length longer.
-SETTLE_SCRIPT = """
-local booked = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[3])
-local found = redis.call('ZRANGEBYSCORE', KEYS[1], booked - tolerance, booked + tolerance, 'LIMIT', 0, 1)
-if not found[1] then
+# SlidingWindow.block_until. ARGV[5]: seconds from now to hold for. Keeps the later of two holds.
+BLOCK_SCRIPT = (
+    PRELUDE
+    + """
+local hold = now + math.min(tonumber(ARGV[5]), max_block)
+if not (hold > now) then
   return 0
 end
-local moved = math.max(booked, tonumber(ARGV[2]))
-redis.call('ZADD', KEYS[1], 'XX', string.format('%.17g', moved), found[1])
-local ttl = math.ceil(tonumber(ARGV[4]) * 1000)
-if redis.call('PTTL', KEYS[1]) < ttl then
-  redis.call('PEXPIRE', KEYS[1], ttl)
+local current = number(redis.call('GET', held))
+if current and current >= hold and current <= now + max_block then
+  return 0
 end
+redis.call('SET', held, time(hold), 'PX', math.ceil((hold - now) * 1000))
 return 1
 """
+)
 
 
 def redis_keys(kid: str) -> list[str]:
-    """Return the Redis keys of one API key's budget: window, hold, sequence counter.
+    """Return the Redis keys of one API key's budget: window, sequence counter, hold.
 
     The ``{...}`` hash tag keeps the three in one slot, as a script's keys must be.
 
     :param kid: the key's identifier (a hash of the API key, never the key).
     """
     base = f"{KEY_PREFIX}:{{{kid}}}"
-    return [f"{base}:sent", f"{base}:blocked", f"{base}:seq"]
+    return [f"{base}:sent", f"{base}:seq", f"{base}:blocked"]
 
 
 def client_options(conn: Any) -> dict[str, Any]:
@@ -137,12 +195,18 @@ def client_options(conn: Any) -> dict[str, Any]:
 class RedisBudget:
     """A budget shared by every process that reaches the same Redis: workers on any machine, triggerers.
 
-    :param kid: the key's identifier (a hash of the API key).
+    The scripts take the time from Redis (``TIME``), so the machines' clocks never meet: a process
+    hands Redis only durations (a hold's length) and gets back durations (a wait, at most a window and
+    the longest hold), and it settles a slot by its name, remembered from the booking.
+
+    :param kid: the budget's identifier (a hash of the Cliniko user or of the API key).
     :param per_minute: requests allowed in any window of ``WINDOW`` seconds.
     :param max_block: the longest hold after a 429, in seconds (a longer one is cut to this).
     :param redis_conn_id: the Airflow connection (type ``redis``) of the shared Redis.
     :param fallback: the budget used while Redis cannot be reached (the machine budget).
     :param clock: the current UNIX time (for holds, and for when to try Redis again).
+    :param redis_time: take the time from Redis (the default); False hands the scripts this process's
+        times instead (tests pin the clock with it).
     """
 
     def __init__(
@@ -153,6 +217,7 @@ class RedisBudget:
         redis_conn_id: str,
         fallback: RateBudget,
         clock: Callable[[], float] | None = None,
+        redis_time: bool = True,
     ) -> None:
         self.redis_conn_id = redis_conn_id
         self.fallback = fallback
@@ -160,7 +225,9 @@ class RedisBudget:
         self._limit = max(1, int(per_minute))
         self._max_block = max_block
         self._clock = clock or time.time
+        self._redis_time = redis_time
         self._lock = threading.Lock()
+        self._flying: list[tuple[float, str]] = []  # (booked, slot name) of this process's slots in flight
         self._client: redis.Redis | None = None
         self._scripts: tuple[Script, Script, Script] | None = None
         self._async: tuple[asyncio.AbstractEventLoop, AsyncScript, AsyncScript, AsyncScript] | None = None
@@ -179,11 +246,12 @@ class RedisBudget:
             return self.fallback.reserve(now)
         try:
             reserve, _, _ = self._sync_scripts()
-            wait = _seconds(reserve(keys=self._keys, args=self._reserve_args(now)))
+            wait, slot = self._booking(reserve(keys=self._keys, args=self._args(now, self._limit)))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
             return self.fallback.reserve(now)
         self._reached()
+        self._fly(now + wait, slot)
         return wait
 
     def block_until(self, until: float) -> None:
@@ -197,7 +265,7 @@ class RedisBudget:
             return
         try:
             _, block, _ = self._sync_scripts()
-            block(keys=self._keys[1:2], args=self._block_args(until, now))
+            block(keys=self._keys, args=self._args(now, until - now))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
             self.fallback.block_until(until)
@@ -205,18 +273,19 @@ class RedisBudget:
         self._reached()
 
     def settle(self, booked: float, answered: float) -> None:
-        """Move the slot booked for ``booked`` to ``answered``, for the whole cluster.
+        """Move the slot booked for ``booked`` to the time of the answer, for the whole cluster.
 
-        :param booked: the time the slot was booked for.
-        :param answered: the UNIX time the answer came.
+        :param booked: the time the slot was booked for (``now`` + the wait :meth:`reserve` gave).
+        :param answered: the UNIX time the answer came (Redis's own time is taken instead).
         """
         now = self._clock()
-        if self._resting(now):
+        slot = self._land(booked)
+        if slot is None or self._resting(now):  # booked on the machine budget, or Redis is down
             self.fallback.settle(booked, answered)
             return
         try:
             _, _, settle = self._sync_scripts()
-            settle(keys=self._keys[:1], args=self._settle_args(booked, answered))
+            settle(keys=self._keys, args=self._args(answered, slot))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
             self.fallback.settle(booked, answered)
@@ -251,11 +320,12 @@ class RedisBudget:
             return await self.fallback.areserve(now)
         try:
             reserve, _, _ = await self._async_scripts()
-            wait = _seconds(await reserve(keys=self._keys, args=self._reserve_args(now)))
+            wait, slot = self._booking(await reserve(keys=self._keys, args=self._args(now, self._limit)))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
             return await self.fallback.areserve(now)
         self._reached()
+        self._fly(now + wait, slot)
         return wait
 
     async def ablock_until(self, until: float) -> None:
@@ -269,7 +339,7 @@ class RedisBudget:
             return
         try:
             _, block, _ = await self._async_scripts()
-            await block(keys=self._keys[1:2], args=self._block_args(until, now))
+            await block(keys=self._keys, args=self._args(now, until - now))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
             await self.fallback.ablock_until(until)
@@ -283,12 +353,13 @@ class RedisBudget:
         :param answered: the UNIX time the answer came.
         """
         now = self._clock()
-        if self._resting(now):
+        slot = self._land(booked)
+        if slot is None or self._resting(now):
             await self.fallback.asettle(booked, answered)
             return
         try:
             _, _, settle = await self._async_scripts()
-            await settle(keys=self._keys[:1], args=self._settle_args(booked, answered))
+            await settle(keys=self._keys, args=self._args(answered, slot))
         except Exception as error:  # whatever Redis does, the upload goes on
             self._fell_back(now, error)
             await self.fallback.asettle(booked, answered)
@@ -314,16 +385,36 @@ class RedisBudget:
             )
         return self._async[1], self._async[2], self._async[3]
 
-    # --- falling back and coming back -----------------------------------------------------------------
+    # --- the scripts' arguments and answers, the slots in flight --------------------------------------
 
-    def _reserve_args(self, now: float) -> list[str]:
-        return [repr(float(now)), str(self._limit), repr(WINDOW), repr(float(self._max_block))]
+    def _args(self, now: float, arg: float | str) -> list[str]:
+        pinned = repr(float(now)) if not self._redis_time else ""
+        own = repr(float(arg)) if isinstance(arg, float) else str(arg)
+        return [repr(WINDOW), repr(float(self._max_block)), repr(LONGEST_FLIGHT), pinned, own]
 
-    def _settle_args(self, booked: float, answered: float) -> list[str]:
-        return [repr(float(booked)), repr(float(answered)), repr(SETTLE_TOLERANCE), repr(WINDOW)]
+    def _booking(self, raw: object) -> tuple[float, str]:
+        """The reserve script's answer: a wait (refused unless finite, cut to the window and the
+        longest hold) and the slot's name."""
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        wait_text, _, slot = text.partition(" ")
+        wait = float(wait_text)
+        if not math.isfinite(wait) or not slot.isdigit():
+            raise ValueError(f"Redis answered a booking of {text[:100]!r}")
+        return min(max(0.0, wait), WINDOW + self._max_block), slot
 
-    def _block_args(self, until: float, now: float) -> list[str]:
-        return [repr(float(until)), repr(float(now)), repr(float(self._max_block))]
+    def _fly(self, booked: float, slot: str) -> None:
+        with self._lock:
+            self._flying.append((booked, slot))
+            del self._flying[:-MAX_FLYING]
+
+    def _land(self, booked: float) -> str | None:
+        """The name of this process's slot in flight booked for ``booked``, no longer in flight."""
+        with self._lock:
+            for index, (at, slot) in enumerate(self._flying):
+                if abs(at - booked) <= SETTLE_TOLERANCE:
+                    del self._flying[index]
+                    return slot
+        return None
 
     def _resting(self, now: float) -> bool:
         """True while Redis failed lately: the machine budget serves until the time to try again."""
@@ -359,12 +450,3 @@ class RedisBudget:
             with self._lock:
                 self.shared = True
             log.info("Cliniko rate budget: Redis %r reachable again, sharing resumed", self.redis_conn_id)
-
-
-def _seconds(raw: object) -> float:
-    """The script's answer as a wait in seconds, refusing anything that is not a finite number."""
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    wait = float(text)
-    if not math.isfinite(wait):
-        raise ValueError(f"Redis answered a wait of {text!r}")
-    return max(0.0, wait)
