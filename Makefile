@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
 .PHONY: install test test-fast test-slow test-compat compat-constraints dist lint demo bench sandbox constraints \
-	openapi-subset mutation docs clean
+	openapi-subset mutation docs clean faketime
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ lint: install
 test: lint
 	$(BIN)/pytest -q
 
-test-slow: install
+test-slow: install faketime
 	$(BIN)/pytest -q -m slow || [ $$? -eq 5 ]
+
+## make faketime: libfaketime for the clock-skew tests (Debian's faketime, installed when missing and root)
+FAKETIME_LIB := /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
+faketime:
+	@if [ ! -e $(FAKETIME_LIB) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q faketime || (apt-get update -q && apt-get install -y -q faketime); \
+	fi
+	@[ -e $(FAKETIME_LIB) ] || echo "No $(FAKETIME_LIB): the clock-skew tests will be skipped (apt-get install faketime)"
 
 ## make mutation: mutmut over the request plane (retry, budget, settings, validation, s3_form) and the
 ## trigger and its poller, against their fast tests; prints the score per module. Minutes on two cores
