@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import BaseAdapter
 
 
@@ -46,7 +47,8 @@ class ScriptedAdapter(BaseAdapter):
             content = body
         else:
             content = (body or "").encode()
-        response.raw = io.BytesIO(content)  # streamed like a real adapter's answer
+        # streamed like a real adapter's answer: a urllib3 response over the bytes
+        response.raw = urllib3.HTTPResponse(io.BytesIO(content), preload_content=False)
         response.headers.update(answer.headers)
         response.url = request.url or ""
         response.request = request

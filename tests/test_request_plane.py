@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -571,3 +572,37 @@ def test_an_echoed_authorization_header_is_redacted_in_exceptions_xcom_and_logs(
         "Cliniko answered 401 to GET /patients/1: Rejected header Authorization: Basic *** (user ***)"
         in (seen["exception"])
     )
+
+
+def test_a_trickling_download_ends_at_its_deadline_and_a_steady_one_earns_time(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def two_mib_a_second() -> Iterator[bytes]:
+        for _ in range(30):  # 3 MiB in 1.5 s: longer than the 1 s deadline, earning 1 s per MiB
+            yield b"x" * 104_858
+            time.sleep(0.05)
+
+    api = stand_ins(Reply(body=trickle, headers={"Content-Length": "1000000"}))
+    use(monkeypatch, api, timeout=1, max_attempts=1)
+    started = time.monotonic()
+    with pytest.raises(ClinikoConnectionError, match=DEADLINE_MESSAGE.format(attempts=1)):
+        ClinikoHook().attachment_sha256(1)
+    elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 1.5, f"a 1 s deadline took {elapsed:.2f} s"
+    api.replies = [Reply(body=two_mib_a_second)]
+    expected = hashlib.sha256(b"".join(two_mib_a_second())).hexdigest()
+    started = time.monotonic()
+    assert ClinikoHook().attachment_sha256(1) == expected
+    assert time.monotonic() - started > 1.2  # it did outlast the bare deadline
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_a_download_hashes_every_byte_up_to_max_bytes(
+    stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, framing: str
+) -> None:
+    data = b"".join(bytes([65 + i]) * 100_000 for i in range(5))
+    headers = {"Content-Length": str(len(data))} if framing == "content-length" else {}
+    use(monkeypatch, stand_ins(Reply(body=lambda: iter([data[:150_000], data[150_000:]]), headers=headers)))
+    hook = ClinikoHook()
+    assert hook.attachment_sha256(1) == hashlib.sha256(data).hexdigest()
+    assert hook.attachment_sha256(1, max_bytes=123_456) == hashlib.sha256(data[:123_456]).hexdigest()

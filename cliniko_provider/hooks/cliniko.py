@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 import requests
+import urllib3
 from airflow.providers.common.compat.sdk import AirflowSensorTimeout
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
@@ -74,6 +75,7 @@ PER_PAGE = 100
 CHUNK = 64 * 1024
 MAX_ANSWER_BYTES = 32 * 1024 * 1024  # an API answer larger than this is refused, not read
 MAX_ERROR_BYTES = 64 * 1024  # of an error answer (and of S3's answers), only this much is read
+DOWNLOAD_PROGRESS_BYTES = 1024 * 1024  # a file's download earns one more `timeout` per MiB received
 
 
 @dataclass(frozen=True)
@@ -146,25 +148,29 @@ class DeadlineWatch:
         self.fired = False
         self._deadline = deadline
         self._socket: socket.socket | None = getattr(getattr(response.raw, "connection", None), "sock", None)
-        self._timer = threading.Timer(max(0.0, deadline.remaining()), self._fire)
-        self._timer.daemon = True
+        self._done = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="cliniko-deadline", daemon=True)
 
     def __enter__(self) -> DeadlineWatch:
-        self._timer.start()
+        self._watcher.start()
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._timer.cancel()
+        self._done.set()
         if self.fired:
             raise DeadlineExceeded(self._deadline.reason()) from error
 
-    def _fire(self) -> None:
-        self.fired = True
-        if self._socket is not None:
-            with contextlib.suppress(OSError):
-                self._socket.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread
+    def _watch(self) -> None:
+        # the deadline may move later meanwhile (Deadline.extend): wait again until it truly passed
+        while not self._done.wait(max(0.0, self._deadline.remaining())):
+            if self._deadline.passed():
+                self.fired = True
+                if self._socket is not None:
+                    with contextlib.suppress(OSError):
+                        self._socket.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread
+                return
 
 
 def equality_filters(*filters: str, **equals: object) -> list[str]:
@@ -844,26 +850,36 @@ class ClinikoHook(_ClinikoBase):
         url = self.settings.url(f"/patient_attachments/{validate_id('attachment_id', attachment_id)}/content")
         what = self.settings.describe("GET", url)
 
+        timeout = self.settings.timeout
+
         def attempt() -> str | Failure:
             digest = hashlib.sha256()
             count = 0
+            deadline = Deadline(timeout)
             try:
-                with self.session.get(url, timeout=self.settings.timeout, stream=True) as response:
+                with (
+                    self.session.get(url, timeout=timeout, stream=True) as response,
+                    DeadlineWatch(response, deadline),
+                ):
                     status, headers = response.status_code, response.headers
                     if status >= 400:
-                        content = read_capped(response.iter_content(CHUNK), MAX_ERROR_BYTES)
+                        content = read_capped(response.iter_content(CHUNK), MAX_ERROR_BYTES, deadline)
                         refused = self._api_answer(status, headers, content, what)
                         if isinstance(refused, Failure):
                             return refused
                     while max_bytes is None or count < max_bytes:
                         want = CHUNK_SIZE if max_bytes is None else min(CHUNK_SIZE, max_bytes - count)
-                        chunk = next(response.iter_content(want), b"")  # exactly ``want`` at most
+                        # one read of at most ``want``: a new iter_content per read loses the rest of
+                        # a chunked answer's chunk, and one iterator would read past ``max_bytes``
+                        chunk = response.raw.read(want, decode_content=True)
                         if not chunk:
                             break
                         count += len(chunk)
                         digest.update(chunk)
-            except requests.RequestException as error:
-                return self._connection_failure(error, what)
+                        deadline.extend(timeout * len(chunk) / DOWNLOAD_PROGRESS_BYTES)
+                        deadline.check()
+            except (requests.RequestException, urllib3.exceptions.HTTPError, DeadlineExceeded) as error:
+                return self._connection_failure(error, what, deadline)
             return digest.hexdigest()
 
         return self._runner(self._sleep).run(what, attempt, API_CALL)

@@ -73,6 +73,13 @@ class Deadline:
         self._clock = clock
         self.at = clock() + seconds
 
+    def extend(self, seconds: float) -> None:
+        """Move the deadline later (a download earns time by the bytes it receives).
+
+        :param seconds: the time added.
+        """
+        self.at += seconds
+
     def remaining(self) -> float:
         """Seconds left; 0 or less once the deadline has passed."""
         return self.at - self._clock()
