@@ -18,7 +18,13 @@ What it does for each run date (``ds``):
    one connection share one poller (about one request per 100 attachments per round). A bad report
    fails only itself; its batch task fails at the end, naming it.
 5. ``summarize`` runs whatever happened and names every report uploaded, skipped and failed, with
-   reasons.
+   reasons, and the night's audit manifest.
+
+**The audit trail.** Each upload task writes its manifest (one JSON line per report: patient, file,
+size, SHA-256, MD5, attachment, times, verification, error) under ``audit_path`` (default
+``$AIRFLOW_HOME/cliniko-audit``; any object-storage URI works too), and ``summarize`` merges the night's
+into ``<audit_path>/cliniko_nightly_report_export/<run id>.jsonl``. ``cliniko_reconcile_manifest``
+checks such a manifest against Cliniko later.
 
 **The rate limit.** Cliniko allows 200 requests a minute per API key. Each upload costs two requests
 (presign and create) plus a share of the coalesced polling; every request of every task draws from
@@ -45,6 +51,7 @@ from airflow.sdk import ObjectStoragePath, Param, dag, task
 
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoBatchUploadOperator
+from cliniko_provider.utils.audit import merge_manifests
 
 # Seconds between checks while Cliniko processes the files. `make demo` sets 2 to finish sooner;
 # at night, 15 keeps the requests few.
@@ -53,7 +60,9 @@ CLINIKO_CONN_ID = "cliniko_default"
 BATCH_SIZE = 100  # reports per upload task
 MAX_ACTIVE_BATCHES = 4  # upload tasks of this DAG running at once
 # Where the reports are written unless the run says otherwise: under AIRFLOW_HOME, as Airflow's logs are.
-REPORT_ROOT = (Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "cliniko-reports").as_uri()
+AIRFLOW_HOME = Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser()
+REPORT_ROOT = (AIRFLOW_HOME / "cliniko-reports").as_uri()
+AUDIT_PATH = str(AIRFLOW_HOME / "cliniko-audit")  # one manifest per upload task, merged per night
 
 log = logging.getLogger("cliniko_nightly_report_export")  # its lines go to the task log
 
@@ -127,6 +136,13 @@ def write_report(path: ObjectStoragePath, patient: dict[str, str], ds: str) -> i
             description="Where the reports are written: a local path or an object-storage URI (s3://...).",
         ),
         "batch_size": Param(BATCH_SIZE, type="integer", minimum=1, title="Reports per upload task"),
+        "audit_path": Param(
+            AUDIT_PATH,
+            type="string",
+            minLength=1,
+            title="Audit path",
+            description="Where each night's audit manifest goes: a local directory or a URI (s3://...).",
+        ),
     },
     tags=["cliniko", "example"],
 )
@@ -194,8 +210,10 @@ def cliniko_nightly_report_export() -> None:
         return [uploads[start : start + size] for start in range(0, len(uploads), size)]
 
     @task(trigger_rule="all_done")
-    def summarize(reports: list[dict[str, str]], ti: Any = None) -> dict[str, Any]:
-        """Name every report uploaded, skipped and failed, with reasons; fail if any failed."""
+    def summarize(
+        reports: list[dict[str, str]], ti: Any = None, params: Any = None, dag_run: Any = None
+    ) -> dict[str, Any]:
+        """Name every report uploaded, skipped and failed, with reasons, and the night's manifest."""
         batches = ti.xcom_pull(task_ids="resolve_patients") or []
         skipped = ti.xcom_pull(task_ids="resolve_patients", key="skipped") or []
         reference_of = {report["file_path"]: report["reference"] for report in reports or []}
@@ -223,6 +241,10 @@ def cliniko_nightly_report_export() -> None:
                 else:
                     uploaded.append({**entry, "processed_at": result.get("processed_at")})
         summary = {"reports": len(reports or []), "uploaded": uploaded, "skipped": skipped, "failed": failed}
+        if params and dag_run is not None:
+            manifest, lines = merge_manifests(params["audit_path"], dag_run.dag_id, dag_run.run_id)
+            summary["manifest"] = manifest
+            log.info("Audit manifest of the night: %s (%d line(s))", manifest, len(lines))
         log.info(
             "Cliniko nightly export: %d uploaded, %d skipped, %d failed",
             len(uploaded),
@@ -259,6 +281,7 @@ def cliniko_nightly_report_export() -> None:
         # the default), by description and content: the description shows exactly as written.
         poll_interval=POLL_INTERVAL,
         timeout=3600,
+        audit_path="{{ params.audit_path }}",
         retries=2,
         retry_delay=pendulum.duration(seconds=30),
         retry_exponential_backoff=2.0,

@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 API_KEY = "demo-sandbox-key-au1"
 USER_AGENT = "Cliniko Provider Demo (demo@cliniko-provider.example)"
 DAG_ID = "cliniko_nightly_report_export"
+RECONCILE_ID = "cliniko_reconcile_manifest"
 
 
 def airflow(*args: str, env: dict[str, str], log: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -84,7 +85,10 @@ def main() -> int:
         result = airflow("dags", "test", DAG_ID, ds, "--conf", conf, env=env, log=log)
         output = log.read_text()
         for line in output.splitlines():
-            if "Cliniko nightly export:" in line or "  skipped " in line or "  failed " in line:
+            if any(
+                words in line
+                for words in ("Cliniko nightly export:", "  skipped ", "  failed ", "manifest of")
+            ):
                 print("   " + line.split("] ", 1)[-1].split(" [cliniko_nightly", 1)[0].strip())
         if result.returncode != 0 or ("state=DagRunState.SUCCESS" not in output and "success" not in output):
             print("\n".join(output.splitlines()[-40:]))
@@ -102,6 +106,17 @@ def main() -> int:
                     f"   {name:<38} {record['filename']!s:<32} "
                     f"{record['size']!s:>6}  {record['processed_at']}"
                 )
+        log = home / "demo-reconcile.log"
+        print(
+            f"5. Reconciling the night's manifest with Cliniko (airflow dags test {RECONCILE_ID}; log: {log})"
+        )
+        result = airflow("dags", "test", RECONCILE_ID, ds, env=env, log=log)
+        for line in log.read_text().splitlines():
+            if "Reconciled " in line:
+                print("   " + line.split("] ", 1)[-1].split(" [airflow.task", 1)[0].strip())
+        if result.returncode != 0:
+            print(f"The reconcile run failed (exit {result.returncode}); full log: {log}")
+            return 1
     print(f"Demo finished in {time.monotonic() - started:.0f} s; sandbox stopped.")
     return 0
 

@@ -53,6 +53,7 @@ def record(**fields: Any) -> AuditRecord:
         "task_id": "upload",
         "map_index": None,
         "index": 0,
+        "status": "processed",
         "patient_id": "1",
         "source": "/data/a.pdf",
     }
@@ -125,6 +126,7 @@ def test_a_batch_of_100_writes_a_line_per_file_with_failures_and_reuses(
             n,
         )
         assert line.patient_id == uploads[n]["patient_id"]
+        assert line.status == results[n]["status"] == ("error" if n in (10, 20, 30, 40) else "processed")
         assert line.source == uploads[n]["file_path"]
         assert line.recorded_at and line.recorded_at.endswith("+00:00")
         if n in (10, 20, 30, 40):
@@ -201,6 +203,7 @@ def test_the_manifest_survives_a_deferral_and_has_the_processed_times(
     lines = read_manifest(tmp_path / "audit" / "nightly" / "manual__1" / "upload.jsonl")
     assert [line.map_index for line in lines] == [None] * 3
     assert all(line.processed_at and line.created_at and line.sha256 and line.size for line in lines)
+    assert [line.status for line in lines] == ["processed"] * 3
     assert [line.filename for line in lines] == [f.name for f in files]
 
 
@@ -224,6 +227,7 @@ def test_the_single_file_operator_writes_its_line_on_success_and_on_failure(
     )
     assert line.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and line.size == path.stat().st_size
     assert line.created_at == made["created_at"] and line.processed_at is None and not line.failed
+    assert line.status == "waiting"  # attached, not waited for
 
     bad = ClinikoAttachmentUploadOperator(
         task_id="bad", patient_id="999999999", file_path=str(path), audit_path=str(audit)
@@ -233,6 +237,7 @@ def test_the_single_file_operator_writes_its_line_on_success_and_on_failure(
         bad.execute(fake_context())
     (failed,) = read_manifest(audit / "nightly" / "manual__1" / "upload.jsonl")
     assert failed.failed and "no such patient" in str(failed.error) and failed.retryable is False
+    assert failed.status == "error"
     assert failed.attachment_id is None and failed.size == path.stat().st_size
 
 
@@ -273,7 +278,8 @@ def test_an_interrupted_write_leaves_the_old_manifest_whole_or_none(tmp_path: Pa
             os.kill(os.getpid(), signal.SIGKILL)  # the worker dies between the write and the rename
         os.replace = killed
         audit.write_manifest({str(target)!r}, [audit.AuditRecord(
-            run_id="r", dag_id="d", task_id="t", map_index=None, index=n, patient_id="1", source="/a")
+            run_id="r", dag_id="d", task_id="t", map_index=None, index=n, status="waiting", patient_id="1",
+            source="/a")
             for n in range(1000)])
         """
     )

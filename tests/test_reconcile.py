@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from cliniko_provider.exceptions import ClinikoReconcileError
+from cliniko_provider.exceptions import ClinikoInputError, ClinikoReconcileError
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoBatchUploadOperator
 from cliniko_provider.operators.reconcile import ClinikoReconcileOperator
@@ -134,7 +134,14 @@ def test_content_is_compared_when_asked(hook: ClinikoHook, tmp_path: Path, sandb
 
 
 def test_reads_are_coalesced_100_ids_a_request(hook: ClinikoHook, tmp_path: Path, sandbox: Any) -> None:
-    base = {"run_id": "r", "dag_id": "d", "task_id": "t", "map_index": None, "patient_id": "1"}
+    base = {
+        "run_id": "r",
+        "dag_id": "d",
+        "task_id": "t",
+        "map_index": None,
+        "status": None,
+        "patient_id": "1",
+    }
     lines = [
         AuditRecord(**base, index=n, source=f"/r{n}", attachment_id=str(10**15 + n), size=1)
         for n in range(250)
@@ -162,6 +169,7 @@ def line(**fields: Any) -> AuditRecord:
         "task_id": "t",
         "map_index": None,
         "index": 0,
+        "status": "processed",
         "patient_id": "7",
         "source": "/a.pdf",
         "filename": "a.pdf",
@@ -213,8 +221,12 @@ def test_the_summary_counts_and_names_what_is_not_confirmed() -> None:
 
 
 def test_verify_is_checked() -> None:
-    with pytest.raises(ValueError, match="verify must be None or 'content'"):
-        ClinikoReconcileOperator(task_id="r", manifest="/m.jsonl", verify="size")
+    with pytest.raises(ValueError, match="verify must be 'size', 'content' or None, got 'bytes'"):
+        ClinikoReconcileOperator(task_id="r", manifest="/m.jsonl", verify="bytes")
+    templated = ClinikoReconcileOperator(task_id="r", manifest="/m.jsonl", verify="{{ params.verify }}")
+    templated.verify = "Content"  # as rendered
+    with pytest.raises(ClinikoInputError, match="got 'Content'"):
+        templated.execute(fake_context())
 
 
 def test_the_delete_control_names_an_unknown_or_malformed_id(sandbox: Any) -> None:
@@ -226,3 +238,23 @@ def test_the_delete_control_names_an_unknown_or_malformed_id(sandbox: Any) -> No
         f"{base}/1/delete", json={}, headers={"Origin": "https://evil.example"}, timeout=10
     )
     assert cross_site.status_code == 403
+
+
+def test_the_example_dag_reconciles_the_newest_night_or_the_manifest_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from dags_examples import cliniko_reconcile_manifest as example
+
+    monkeypatch.setattr(example, "NIGHTLY_MANIFESTS", str(tmp_path))
+    dag = example.cliniko_reconcile_manifest()
+    choose = dag.get_task("choose_manifest").python_callable  # type: ignore[attr-defined]
+    assert set(dag.task_dict) == {"choose_manifest", "reconcile"}
+    with pytest.raises(FileNotFoundError, match="run the nightly export first"):
+        choose(params={"manifest": ""})
+    for n, name in enumerate(["b.jsonl", "a.jsonl", ".c.jsonl.x.tmp"]):
+        (tmp_path / name).write_text("")
+        os.utime(tmp_path / name, (1000 + n, 1000 + n))
+    assert choose(params={"manifest": ""}).endswith("/a.jsonl")  # the newest manifest, not a temporary file
+    assert choose(params={"manifest": "s3://audit/x.jsonl"}) == "s3://audit/x.jsonl"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from cliniko_provider.exceptions import ClinikoReconcileError
+from cliniko_provider.exceptions import ClinikoInputError, ClinikoReconcileError
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.utils.audit import (
     CONFIRMED,
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 JsonDict = dict[str, Any]
+VERIFY = (None, "", "size", "content")
 SUMMARY_LINES = 20  # attachments named in the log and the error; XCom lists them all
 
 
@@ -45,12 +46,12 @@ class ClinikoReconcileOperator(BaseOperator):
 
     :param manifest: the manifest's local path or ObjectStoragePath URI (templated), e.g. a night's merged
         manifest or one task's.
-    :param verify: ``"content"`` to compare each attachment's bytes too; None (default) for existence,
-        archive state, patient and size.
+    :param verify: ``"content"`` to compare each attachment's bytes too; ``"size"`` or None (default) for
+        existence, archive state, patient and size (templated).
     :param cliniko_conn_id: the Cliniko connection id.
     """
 
-    template_fields: Sequence[str] = ("manifest",)
+    template_fields: Sequence[str] = ("manifest", "verify")
     ui_color = "#e8f4f8"
 
     def __init__(
@@ -62,8 +63,8 @@ class ClinikoReconcileOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if verify not in (None, "content"):
-            raise ValueError(f"verify must be None or 'content', got {verify!r}")
+        if verify not in VERIFY and "{{" not in str(verify):
+            raise ValueError(f"verify must be 'size', 'content' or None, got {verify!r}")
         self.manifest = manifest
         self.verify = verify
         self.cliniko_conn_id = cliniko_conn_id
@@ -75,6 +76,8 @@ class ClinikoReconcileOperator(BaseOperator):
 
     def execute(self, context: Context) -> JsonDict:
         """Read the manifest, fetch its attachments 100 at a time, compare; fail if any is gone or changed."""
+        if self.verify not in VERIFY:
+            raise ClinikoInputError(f"verify must be 'size', 'content' or None, got {self.verify!r}")
         source = os.fspath(self.manifest)
         lines = read_manifest(source)
         to_check = attached(lines)

@@ -42,6 +42,8 @@ class AuditRecord:
     :param task_id: the task.
     :param map_index: the mapped task's index, or None when not mapped.
     :param index: the file's position in a batch's ``uploads``, or None for a single-file task.
+    :param status: ``"processed"`` (Cliniko confirmed it), ``"waiting"`` (attached, not waited for or the
+        wait did not end) or ``"error"``.
     :param patient_id: the Cliniko patient.
     :param source: the file's path or URI as given (any user:password in a URI left out).
     :param filename: the name Cliniko shows.
@@ -68,6 +70,7 @@ class AuditRecord:
     task_id: str
     map_index: int | None
     index: int | None
+    status: str | None
     patient_id: str | None
     source: str | None
     filename: str | None = None
@@ -350,12 +353,17 @@ def record_from(
         outcome = "passed"
     source = facts.get("file_path")
     size = facts.get("size")
+    error = _text(facts.get("error"))
+    status = "error" if error else _text(facts.get("status"))
+    if status is None:
+        status = "processed" if facts.get("processed_at") else "waiting"
     return AuditRecord(
         run_id=str(base["run_id"]),
         dag_id=str(base["dag_id"]),
         task_id=str(base["task_id"]),
         map_index=base.get("map_index"),
         index=index,
+        status=status,
         patient_id=_text(facts.get("patient_id")),
         source=None if source is None else redact_uri(str(source)),
         filename=_text(facts.get("filename")),
@@ -369,7 +377,7 @@ def record_from(
         reused_reason=reused if isinstance(reused, str) else _text(facts.get("reused_reason")),
         verification=level,
         verification_outcome=outcome,
-        error=_text(facts.get("error")),
+        error=error,
         retryable=facts.get("retryable") if "error" in facts else None,
         recorded_at=recorded_at or utc_now(),
     )
