@@ -131,6 +131,9 @@ def test_one_variable_names_the_directory_and_the_old_one_still_works_with_one_l
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv("CLINIKO_STATE_DIR")
     assert state_root() == (tmp_path / f"cliniko-{os.geteuid()}", None)
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path / "named"))
+    assert state_root() == (tmp_path / "named", None)
+    monkeypatch.delenv("CLINIKO_STATE_DIR")
     monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path / "old"))
     budget = MachineBudget("kid", 2, 65)
     assert budget.reserve(NOW) == 0 and budget.reserve(NOW + 1) == 0
@@ -154,7 +157,6 @@ def test_one_variable_names_the_directory_and_the_old_one_still_works_with_one_l
 
 def test_directories_and_files_are_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path / "deep" / "state"))
-    monkeypatch.setattr(os, "umask", os.umask)
     old = os.umask(0)  # the most permissive umask: modes come from the code alone
     try:
         UploadJournal("s").write(KEY, sha256="ab")
@@ -204,8 +206,9 @@ def test_a_symlinked_directory_is_refused_even_to_a_private_one_of_ours(
         root.mkdir(mode=0o700)
         (root / "uploads").symlink_to(real)
     monkeypatch.setenv("CLINIKO_STATE_DIR", str(root))
-    with pytest.raises(UnsafeStateError, match="not a directory"):
+    with pytest.raises(UnsafeStateError) as raised:
         PrivateDir("x", "uploads").open_dir()
+    assert raised.value.strerror == "not a directory (or a symlink)"
     entries = UploadJournal("s")
     entries.write(KEY, sha256="ab")
     assert entries.read(KEY) == {} and list(real.iterdir()) == []
@@ -421,6 +424,17 @@ def test_check_name_takes_a_plain_name() -> None:
         PrivateDir("x", "../up")
 
 
+def test_read_at_most_reads_on_after_a_short_read() -> None:
+    import socket
+
+    one, two = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # each send is read on its own
+    with one, two:
+        one.send(b"abc")
+        one.send(b"d")
+        one.send(b"e")
+        assert read_at_most(two.fileno(), 4) == b"abcd"
+
+
 def test_read_at_most_reads_across_short_reads_and_stops_at_the_count() -> None:
     reader, writer = os.pipe()
     os.write(writer, b"abc")
@@ -459,8 +473,12 @@ def test_a_fifo_at_the_budget_file_is_replaced_without_blocking(
     state.mkdir(mode=0o700)
     budget = MachineBudget("kid", 2, 65, state_dir=state, clock=lambda: NOW)
     os.mkfifo(budget.path)
-    assert budget.reserve(NOW) == 0 and budget.sharing
-    assert stat.S_ISREG(budget.path.lstat().st_mode)
+    old = os.umask(0)
+    try:
+        assert budget.reserve(NOW) == 0 and budget.sharing
+    finally:
+        os.umask(old)
+    assert stat.S_ISREG(budget.path.lstat().st_mode) and stat.S_IMODE(budget.path.stat().st_mode) == 0o600
     assert warnings(caplog) == [
         f"Cliniko rate budget: {budget.path} was not a regular file of this user; replacing it"
     ]
