@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
+from cliniko_provider.triggers import poller as poller_module
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
 from cliniko_provider.triggers.poller import REGISTRY, AttachmentPoller, PollerRegistry
 from cliniko_provider.utils.errors import Redactor
@@ -659,6 +660,43 @@ async def test_a_joining_waiter_with_an_earlier_deadline_wakes_the_poller(steppe
     assert stepped.requests == []
     slow.cancel()
     await asyncio.gather(slow, return_exceptions=True)
+
+
+async def test_deadlines_fire_while_a_round_hangs(
+    stepped: FakeCliniko, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(poller_module, "DEADLINE_TICK", 0.01)
+    asked: list[httpx.Request] = []
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        await asyncio.Event().wait()  # Cliniko never answers (until the poller gives up on it)
+        raise AssertionError("unreachable")
+
+    stepped.handler = hang  # type: ignore[method-assign,assignment]
+    stepped.add("1")
+    first = asyncio.ensure_future(fire(trigger("1", poll_interval=30, deadline_in=40)))
+    await until(lambda: stepped.time.sleeps == [30])
+    stepped.time.now = START + 30
+    await until(lambda: len(asked) == 1)  # the round at 30 asks about "1", and hangs
+    poller = REGISTRY.active()["cliniko_default"]
+    second = asyncio.ensure_future(fire(trigger("2", poll_interval=600, deadline_in=38)))
+    await until(lambda: poller.waiting == 2)
+    stepped.time.now = START + 37.99
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    stepped.time.now = START + 38  # "2", not asked, times out at its deadline
+    [event] = await asyncio.wait_for(second, 5)
+    assert event["reason"] == "timeout" and "Last error" not in event["message"]
+    stepped.time.now = START + 42.99  # "1", asked, has a tenth of its interval more: until 43
+    await asyncio.sleep(0.05)
+    assert not first.done()
+    stepped.time.now = START + 43
+    [event] = await asyncio.wait_for(first, 5)
+    assert event["reason"] == "timeout"
+    assert event["message"].endswith("Last error: Cliniko had not answered the status check in flight")
+    await until(lambda: poller.closed)  # nobody waits: the hung round is cancelled, the poller closes
+    assert len(asked) == 1
 
 
 async def test_a_waiter_due_later_than_planned_does_not_wake_the_poller(stepped: FakeCliniko) -> None:
