@@ -346,7 +346,7 @@ CASES = [
         lambda setup: with_conn(host=down_host())(setup),
         ClinikoConnectionError,
         r"Could not reach Cliniko at http://127\.0\.0\.1:\d+/v1 .*Connection refused",
-        r"Check the host",
+        r"Is `cliniko-sandbox` running\? Start it",
     ),
     Case(
         "test_connection: wrong key",
@@ -360,7 +360,7 @@ CASES = [
         lambda setup: connection_test(host=down_host())(setup),
         None,
         r"Could not reach Cliniko",
-        r"Check the host",
+        r"Is `cliniko-sandbox` running\? Start it",
     ),
     Case(
         "test_connection: User-Agent missing",
