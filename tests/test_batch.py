@@ -358,7 +358,10 @@ async def fire(trigger: ProcessingCompletedBatchTrigger) -> JsonDict:
 def test_the_trigger_serialises_only_ids_the_conn_id_and_numbers() -> None:
     from airflow.serialization.serialized_objects import BaseSerialization
 
-    trigger = ProcessingCompletedBatchTrigger(["7", "8", "7"], "my_conn", poll_interval=15, deadline=12.5)
+    expect = {"7": {"size": 3, "filename": "a.pdf"}}
+    trigger = ProcessingCompletedBatchTrigger(
+        ["7", "8", "7"], "my_conn", poll_interval=15, deadline=12.5, expect=expect
+    )
     classpath, kwargs = trigger.serialize()
     assert classpath == "cliniko_provider.triggers.cliniko.ProcessingCompletedBatchTrigger"
     assert kwargs == {
@@ -366,6 +369,7 @@ def test_the_trigger_serialises_only_ids_the_conn_id_and_numbers() -> None:
         "cliniko_conn_id": "my_conn",
         "poll_interval": 15.0,
         "deadline": 12.5,
+        "expect": expect,
     }
     restored = BaseSerialization.deserialize(BaseSerialization.serialize(kwargs))
     assert ProcessingCompletedBatchTrigger(**restored).serialize() == (classpath, kwargs)

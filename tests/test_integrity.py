@@ -6,8 +6,10 @@ the running sandbox, whose fault switches corrupt a stored object, a processed s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import json
 import logging
 import time
 import uuid
@@ -16,10 +18,16 @@ from typing import Any
 
 import pytest
 import requests
+from airflow.providers.common.compat.sdk import TaskDeferred
 
-from cliniko_provider.exceptions import ClinikoIntegrityError, S3IntegrityError
+from cliniko_provider.exceptions import (
+    AirflowFailException,
+    ClinikoBatchFinalError,
+    ClinikoIntegrityError,
+    S3IntegrityError,
+)
 from cliniko_provider.hooks.cliniko import ClinikoHook
-from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator
+from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator, ClinikoBatchUploadOperator
 from cliniko_provider.utils.idempotency import DigestingOpener, UploadOutcome
 from cliniko_provider.utils.integrity import (
     S3Upload,
@@ -287,3 +295,219 @@ def test_without_a_refresh_a_mismatch_is_sent_again_with_the_same_presign(
     presign = {"url": f"{s3.url}/", "fields": {"key": "k/${filename}"}}
     stored = ClinikoHook().upload_file(presign, lambda: source.open("rb"), 3, "a.txt")
     assert stored.etag_verified and len(s3.seen) == 2
+
+
+# --- against the running sandbox: the processed record and verify="content" ----------------------------
+
+WAIT = {"wait_for_completion": True, "poll_interval": 0.1, "timeout": 30}
+
+
+def fire(trigger: Any) -> JsonDict:
+    """Run a trigger to its one event, as the triggerer would; return the event as XCom would store it."""
+
+    async def first() -> JsonDict:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise AssertionError("the trigger yielded no event")
+
+    return json.loads(json.dumps(asyncio.run(asyncio.wait_for(first(), timeout=60))))
+
+
+def batch(hook: ClinikoHook, uploads: Any, **kwargs: Any) -> ClinikoBatchUploadOperator:
+    op = ClinikoBatchUploadOperator(task_id="upload", uploads=uploads, **kwargs)
+    op.hook = hook
+    return op
+
+
+def test_verify_content_needs_the_wait() -> None:
+    for operator in (
+        lambda **kw: ClinikoAttachmentUploadOperator(task_id="t", patient_id="1", file_path="/a", **kw),
+        lambda **kw: ClinikoBatchUploadOperator(task_id="t", uploads=[], **kw),
+    ):
+        with pytest.raises(ValueError, match="wait_for_completion=True"):
+            operator(verify="content")
+        with pytest.raises(ValueError, match="None or 'content'"):
+            operator(verify="size", wait_for_completion=True)
+
+
+def test_a_processed_size_that_differs_fails_the_file_with_both_sizes(
+    hook: ClinikoHook, patient: str, tmp_path: Path, sandbox: Any
+) -> None:
+    path = write_file(tmp_path, size=5000)
+    context = fake_context("manual__1", 1)
+    op = ClinikoAttachmentUploadOperator(
+        task_id="upload", patient_id=patient, file_path=str(path), deferrable=False, **WAIT
+    )
+    op.hook = hook
+    with sandbox_faults(sandbox, corrupt_processed_sizes=1), pytest.raises(ClinikoIntegrityError) as caught:
+        op.execute(context)
+    [record] = attachments(hook, patient)  # no duplicate
+    message = str(caught.value)
+    assert f"attachment {record['id']} as 5001 bytes, but 5000 bytes" in message
+    assert context["ti"].pushed["cliniko_error"] == message
+    assert isinstance(caught.value, AirflowFailException)  # a retry would find the same attachment
+
+
+def test_deferred_a_processed_size_that_differs_fails_on_resume(
+    hook: ClinikoHook, patient: str, tmp_path: Path, sandbox: Any
+) -> None:
+    path = write_file(tmp_path, name='a"b.pdf', size=4000)
+    context = fake_context("manual__1", 1)
+    op = ClinikoAttachmentUploadOperator(
+        task_id="upload", patient_id=patient, file_path=str(path), deferrable=True, **WAIT
+    )
+    op.hook = hook
+    with sandbox_faults(sandbox, corrupt_processed_sizes=1, processing_delay=0.5):
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute(context)
+        trigger = deferred.value.trigger
+        assert trigger.serialize()[1]["expect"] == {"size": 4000, "filename": "a%22b.pdf"}
+        event = fire(trigger)
+    assert event["status"] == "error" and event["reason"] == "mismatch" and event["retryable"] is False
+    with pytest.raises(ClinikoIntegrityError, match="as 4001 bytes, but 4000 bytes"):
+        op.execute_complete(context, event)
+    assert len(attachments(hook, patient)) == 1
+
+
+def test_verify_content_proves_the_bytes_with_one_request(
+    hook: ClinikoHook, patient: str, tmp_path: Path, sandbox: Any
+) -> None:
+    path = write_file(tmp_path, size=2 * 1024 * 1024 + 3)
+    reset_stats(sandbox)
+    record, ti = run_upload(hook, patient, path, deferrable=False, verify="content", **WAIT)
+    assert record["processing_completed"] is True
+    summary = ti.pushed["cliniko_upload"]
+    assert summary["verification"] == "content"
+    assert (summary["size"], summary["filename"]) == (path.stat().st_size, path.name)
+    assert routes(sandbox)["GET /v1/patient_attachments/{id}/content"] == 1
+
+
+def test_verify_content_catches_a_changed_byte(
+    hook: ClinikoHook, patient: str, tmp_path: Path, sandbox: Any
+) -> None:
+    path = write_file(tmp_path, size=3000)
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    with (
+        sandbox_faults(sandbox, corrupt_processed_contents=1),
+        pytest.raises(ClinikoIntegrityError) as caught,
+    ):
+        run_upload(hook, patient, path, deferrable=False, verify="content", **WAIT)
+    [record] = attachments(hook, patient)
+    message = str(caught.value)
+    assert (
+        f"attachment {record['id']} (3000 bytes read)" in message
+        and f"file sent (3000 bytes) has SHA-256 {sha256}" in message
+    )
+    assert record["size"] == 3000  # the size check passed: only the content tells
+
+
+def test_deferred_verify_content_after_resume(
+    hook: ClinikoHook, patient: str, tmp_path: Path, sandbox: Any
+) -> None:
+    path = write_file(tmp_path, size=10_000)
+    context = fake_context("manual__1", 1)
+    op = ClinikoAttachmentUploadOperator(
+        task_id="upload", patient_id=patient, file_path=str(path), deferrable=True, verify="content", **WAIT
+    )
+    op.hook = hook
+    with sandbox_faults(sandbox, processing_delay=0.5), pytest.raises(TaskDeferred) as deferred:
+        op.execute(context)
+    assert context["ti"].pushed["cliniko_upload"]["verification"] == "etag"
+    record = op.execute_complete(context, fire(deferred.value.trigger))
+    assert record["processing_completed"] is True
+    assert context["ti"].pushed["cliniko_upload"]["verification"] == "content"
+
+
+def test_batch_fails_only_the_file_whose_processed_size_differs(
+    hook: ClinikoHook, patient: str, tmp_path: Path, sandbox: Any
+) -> None:
+    files = [write_file(tmp_path, f"r{n}.csv", 1000 + n) for n in range(3)]
+    op = batch(hook, [{"patient_id": patient, "file_path": str(p)} for p in files], deferrable=False, **WAIT)
+    context = fake_context("manual__1", 1)
+    with sandbox_faults(sandbox, corrupt_processed_sizes=1), pytest.raises(ClinikoBatchFinalError):
+        op.execute(context)
+    results = context["ti"].pushed["return_value"]
+    [bad] = [r for r in results if "error" in r]
+    assert (
+        f"as {bad['size'] + 1} bytes, but {bad['size']} bytes" in bad["error"] and bad["retryable"] is False
+    )
+    assert [r["verification"] for r in results if "error" not in r] == ["processed", "processed"]
+    assert len(attachments(hook, patient)) == 3
+
+
+def test_deferred_batch_with_verify_content_catches_a_changed_byte(
+    hook: ClinikoHook, patient: str, tmp_path: Path, sandbox: Any
+) -> None:
+    files = [write_file(tmp_path, f"v{n}.csv", 2000 + n, seed=n) for n in range(3)]
+    uploads = [{"patient_id": patient, "file_path": str(p)} for p in files]
+    op = batch(hook, uploads, deferrable=True, verify="content", **WAIT)
+    context = fake_context("manual__1", 1)
+    with sandbox_faults(sandbox, corrupt_processed_contents=1, processing_delay=0.5):
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute(context)
+        trigger = deferred.value.trigger
+        expect = trigger.serialize()[1]["expect"]
+        assert sorted(item["size"] for item in expect.values()) == [2000, 2001, 2002]
+        event = fire(trigger)
+    with pytest.raises(ClinikoBatchFinalError):
+        op.execute_complete(context, event)
+    results = context["ti"].pushed["return_value"]
+    [bad] = [r for r in results if "error" in r]
+    assert f"has SHA-256 {bad['sha256']}" in bad["error"]
+    assert [r["verification"] for r in results if "error" not in r] == ["content", "content"]
+    assert len(attachments(hook, patient)) == 3
+
+
+@pytest.mark.parametrize(
+    ("body_size", "max_bytes", "hashed", "counted"),
+    [(3000, 3000, 3000, 3000), (3000, 2999, 2999, 3000), (2999, 3000, 2999, 2999), (3000, None, 3000, 3000)],
+)
+def test_content_is_hashed_to_the_size_and_one_more_byte_tells_it_is_longer(
+    stand_ins: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    body_size: int,
+    max_bytes: int | None,
+    hashed: int,
+    counted: int,
+) -> None:
+    body = bytes(range(256)) * (body_size // 256) + b"x" * (body_size % 256)
+    api = stand_ins(Reply(200, body=body, headers={"Content-Type": "application/pdf"}))
+    use(monkeypatch, api)
+    sha256, count = ClinikoHook().attachment_digest("42", max_bytes=max_bytes)
+    assert (sha256, count) == (hashlib.sha256(body[:hashed]).hexdigest(), counted)
+    assert api.seen[0].path == "/v1/patient_attachments/42/content"
+
+
+def test_a_huge_content_is_never_read_whole(stand_ins: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def endless() -> Any:
+        for _ in range(1000):  # 1 GiB if read whole
+            yield b"z" * (1024 * 1024)
+
+    use(monkeypatch, stand_ins(Reply(200, body=endless, headers={"Content-Type": "application/pdf"})))
+    started = time.monotonic()
+    _, count = ClinikoHook().attachment_digest("42", max_bytes=10)
+    assert count == 11 and time.monotonic() - started < 10
+
+
+def test_a_mismatch_event_fails_without_retry() -> None:
+    from cliniko_provider.triggers.cliniko import error_event, record_from_event
+
+    event = error_event("42", "mismatch", "Cliniko processed attachment 42 as 5 bytes, but 4 bytes were sent")
+    with pytest.raises(ClinikoIntegrityError, match="as 5 bytes, but 4"):
+        record_from_event(json.loads(json.dumps(event)))
+
+
+def test_content_cut_midway_is_retried_then_a_connection_error(
+    stand_ins: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cliniko_provider.exceptions import ClinikoConnectionError
+
+    def cut() -> Any:
+        yield b"a" * 1000
+        raise ConnectionResetError("cut")  # the stand-in drops the connection inside a chunked answer
+
+    api = stand_ins(Reply(200, body=cut, headers={"Content-Type": "application/pdf"}))
+    use(monkeypatch, api, timeout=1, max_attempts=2)  # the stand-in leaves the connection hanging
+    with pytest.raises(ClinikoConnectionError, match="after 2 attempt"):
+        ClinikoHook(sleep=lambda seconds: None).attachment_digest("42", max_bytes=5000)
+    assert len(api.seen) == 2  # retried once

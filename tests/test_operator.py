@@ -348,6 +348,8 @@ def test_a_retry_on_the_same_worker_reuses_the_recorded_attachment_with_one_get(
         "sha256": hashlib.sha256(report.read_bytes()).hexdigest(),  # as the first try recorded it
         "md5": None,  # nothing sent
         "verification": "none",
+        "filename": report.name,
+        "size": report.stat().st_size,
     }
     assert (
         f"reusing attachment {first['id']} of patient 42, because this worker recorded"

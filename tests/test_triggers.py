@@ -196,6 +196,7 @@ def test_serialises_only_ids_intervals_and_deadline(api_key: str) -> None:
         "poll_interval": 15.0,
         "deadline": 123.5,
         "end_task": False,
+        "expect": None,
     }
     text = json.dumps(kwargs)
     token = base64.b64encode(f"{api_key}:".encode()).decode()
@@ -207,7 +208,11 @@ def test_serialises_only_ids_intervals_and_deadline(api_key: str) -> None:
 def test_round_trips_through_airflows_serialisation() -> None:
     from airflow.serialization.serialized_objects import BaseSerialization
 
-    classpath, kwargs = ProcessingCompletedTrigger("42", poll_interval=5, deadline=START).serialize()
+    expect = {"size": 1000, "filename": "a%22b.pdf"}
+    classpath, kwargs = ProcessingCompletedTrigger(
+        "42", poll_interval=5, deadline=START, expect=expect
+    ).serialize()
+    assert kwargs["expect"] == expect  # plain values, no secret
     restored = BaseSerialization.deserialize(BaseSerialization.serialize(kwargs))
     again = ProcessingCompletedTrigger(**restored)
     assert again.serialize() == (classpath, kwargs)

@@ -29,13 +29,14 @@ from cliniko_provider.exceptions import (
     ClinikoConnectionError,
     ClinikoError,
     ClinikoInputError,
+    ClinikoIntegrityError,
     ClinikoNotFoundError,
     S3UploadError,
 )
 from cliniko_provider.utils.budget import RateBudget, budget_for
 from cliniko_provider.utils.errors import Redactor, decode_json_object, error_for_answer, redact
 from cliniko_provider.utils.idempotency import DigestingOpener
-from cliniko_provider.utils.integrity import S3Upload, s3_mismatch
+from cliniko_provider.utils.integrity import S3Upload, check_processed_record, s3_mismatch
 from cliniko_provider.utils.retry import (
     API_CALL,
     API_CREATE,
@@ -567,7 +568,12 @@ class ClinikoHook(_ClinikoBase):
         return record if check_processed(record) else None
 
     def wait_for_processing(
-        self, attachment_id: int | str, *, poll_interval: float, timeout: float
+        self,
+        attachment_id: int | str,
+        *,
+        poll_interval: float,
+        timeout: float,
+        expect: Mapping[str, Any] | None = None,
     ) -> JsonDict:
         """Poll one attachment until Cliniko has processed it; return the processed record.
 
@@ -576,13 +582,17 @@ class ClinikoHook(_ClinikoBase):
         :param attachment_id: the attachment id.
         :param poll_interval: seconds between polls.
         :param timeout: seconds to wait in all before giving up.
+        :param expect: what the processed record must show (``size``, ``filename``; see
+            :func:`~cliniko_provider.utils.integrity.expectation`), or None.
         :raises ClinikoAttachmentGoneError: the attachment is archived, deleted or never existed.
         :raises AirflowSensorTimeout: it was not processed within ``timeout``.
+        :raises ClinikoIntegrityError: the processed record does not show what ``expect`` says.
         """
         deadline = self._clock() + timeout
         while True:
             record = self.processed_attachment(attachment_id)
             if record is not None:
+                check_processed_record(record, expect)
                 return record
             remaining = deadline - self._clock()
             if remaining <= 0:
@@ -590,16 +600,23 @@ class ClinikoHook(_ClinikoBase):
             self._sleep(min(poll_interval, remaining))
 
     def wait_for_processing_of_many(
-        self, attachment_ids: Iterable[int | str], *, poll_interval: float, timeout: float
+        self,
+        attachment_ids: Iterable[int | str],
+        *,
+        poll_interval: float,
+        timeout: float,
+        expect: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, JsonDict | Exception]:
         """Poll many attachments, 100 per request, until each is processed or never will be.
 
         Returns each id's processed record, or the error :meth:`wait_for_processing` would raise for it
-        (:class:`ClinikoAttachmentGoneError`, ``AirflowSensorTimeout``).
+        (:class:`ClinikoAttachmentGoneError`, ``AirflowSensorTimeout``, ``ClinikoIntegrityError``).
 
         :param attachment_ids: the attachment ids.
         :param poll_interval: seconds between rounds.
         :param timeout: seconds to wait in all.
+        :param expect: by attachment id, what its processed record must show (see
+            :meth:`wait_for_processing`).
         """
         waiting = list(dict.fromkeys(validate_id("attachment_id", item) for item in attachment_ids))
         outcomes: dict[str, JsonDict | Exception] = {}
@@ -614,8 +631,9 @@ class ClinikoHook(_ClinikoBase):
                         if record is None:
                             raise ClinikoAttachmentGoneError(attachment_id, "not_found")
                         if check_processed(record):
+                            check_processed_record(record, (expect or {}).get(attachment_id))
                             outcomes[attachment_id] = record
-                    except ClinikoAttachmentGoneError as error:
+                    except (ClinikoAttachmentGoneError, ClinikoIntegrityError) as error:
                         outcomes[attachment_id] = error
             waiting = [item for item in waiting if item not in outcomes]
             remaining = deadline - self._clock()
@@ -847,12 +865,25 @@ class ClinikoHook(_ClinikoBase):
         :param max_bytes: read no more than this many bytes (the record's ``size``): what lies beyond is not
             downloaded, and the hash is of what was read.
         """
+        return self.attachment_digest(attachment_id, max_bytes=max_bytes)[0]
+
+    def attachment_digest(self, attachment_id: int | str, *, max_bytes: int | None = None) -> tuple[str, int]:
+        """Return (hex SHA-256, bytes counted) of a processed attachment's ``/content``, streamed.
+
+        One request, through the retry runner and the rate budget; memory stays flat whatever the size.
+        With ``max_bytes`` (the record's ``size``), the hash is of the first ``max_bytes`` bytes at most; one
+        more byte is read to tell whether the body is longer, and then counted (``max_bytes + 1``), never
+        the rest.
+
+        :param attachment_id: the attachment id.
+        :param max_bytes: the most bytes hashed, or None for no bound.
+        """
         url = self.settings.url(f"/patient_attachments/{validate_id('attachment_id', attachment_id)}/content")
         what = self.settings.describe("GET", url)
 
         timeout = self.settings.timeout
 
-        def attempt() -> str | Failure:
+        def attempt() -> tuple[str, int] | Failure:
             digest = hashlib.sha256()
             count = 0
             deadline = Deadline(timeout)
@@ -878,9 +909,15 @@ class ClinikoHook(_ClinikoBase):
                         digest.update(chunk)
                         deadline.extend(timeout * len(chunk) / DOWNLOAD_PROGRESS_BYTES)
                         deadline.check()
+                    if (
+                        max_bytes is not None
+                        and count == max_bytes
+                        and response.raw.read(1, decode_content=True)
+                    ):
+                        count += 1  # longer than expected: one byte tells, the rest is never read
             except (requests.RequestException, urllib3.exceptions.HTTPError, DeadlineExceeded) as error:
                 return self._connection_failure(error, what, deadline)
-            return digest.hexdigest()
+            return digest.hexdigest(), count
 
         return self._runner(self._sleep).run(what, attempt, API_CALL)
 

@@ -51,7 +51,14 @@ from cliniko_provider.utils.batch import (
     parse_upload,
     processed,
 )
-from cliniko_provider.utils.idempotency import UploadOutcome, upload_identity, wire_filename
+from cliniko_provider.utils.idempotency import UploadOutcome, sha256_of, upload_identity, wire_filename
+from cliniko_provider.utils.integrity import (
+    check_processed_record,
+    check_verify,
+    content_mismatch,
+    expectation,
+    higher,
+)
 from cliniko_provider.utils.upload import resolve_source
 from cliniko_provider.utils.validation import check_upload_filename, one_line, validate_id
 
@@ -78,6 +85,26 @@ def audit_facts(outcome: UploadOutcome) -> JsonDict:
     if record.get("processing_completed") is True:
         facts["processed_at"] = record.get("processed_at")
     return facts
+
+
+def verify_content(
+    hook: ClinikoHook, attachment_id: str, size: int, sha256: str | None, file_path: str
+) -> None:
+    """Stream a processed attachment's ``/content`` and compare its SHA-256 with the source's; raise if not.
+
+    One request through the hook's retries and rate budget, reading at most ``size`` bytes and one more.
+
+    :param hook: the Cliniko hook.
+    :param attachment_id: the attachment id.
+    :param size: the size sent (and shown by the processed record).
+    :param sha256: hex SHA-256 of the source, or None to hash the source now.
+    :param file_path: the source, hashed when ``sha256`` is None.
+    :raises ClinikoIntegrityError: the bytes differ.
+    """
+    expected = sha256 or sha256_of(resolve_source(file_path).opener)
+    actual, count = hook.attachment_digest(attachment_id, max_bytes=size)
+    if actual != expected or count != size:
+        raise content_mismatch(attachment_id, expected, actual, count, size)
 
 
 class ClinikoAttachmentUploadOperator(BaseOperator):
@@ -146,6 +173,10 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         failed or not, it receives the task's audit manifest (one JSON Lines line for the file; see
         :mod:`cliniko_provider.utils.audit`) at ``<audit_path>/<dag_id>/<run_id>/<task_id>[-<map
         index>].jsonl``, written atomically.
+    :param verify: ``"content"`` to read the processed file back from Cliniko (``/content``, at most its
+        size) and compare its SHA-256 with the source's; costs one request and the file's bytes, and
+        needs ``wait_for_completion=True``. Default None: S3's ETag and the processed record's size and
+        name are checked anyway, at no request (see :mod:`~cliniko_provider.utils.integrity`).
     """
 
     template_fields: Sequence[str] = (
@@ -175,9 +206,11 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         look_for_existing: Literal["always", "on_retry"] = "on_retry",
         description_marker: bool = False,
         audit_path: str | os.PathLike[str] | None = None,
+        verify: Literal["content"] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.verify = check_verify(verify, wait_for_completion)
         self.patient_id = patient_id
         self.file_path = file_path
         self.filename = filename
@@ -237,14 +270,19 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             look_first=self.look_for_existing == "always" or ti.try_number > 1,
             description_marker=self.description_marker,
         )
-        ti.xcom_push(key="cliniko_upload", value=outcome.summary(identity))
+        summary = {**outcome.summary(identity), "filename": wire_filename(name), "size": source.size}
+        ti.xcom_push(key="cliniko_upload", value=summary)
         record = outcome.record
         attachment_id = self._attachment_id = str(record["id"])
         self._facts.update(audit_facts(outcome), attachment_id=attachment_id)
         if outcome.reused:
             self._facts["reused"] = outcome.reason
         self.cliniko_attachment_ids = [attachment_id]  # for the "Cliniko attachments" link
-        if not self.wait_for_completion or record.get("processing_completed") is True:
+        expect = expectation(source.size, wire_filename(name))
+        if record.get("processing_completed") is True:
+            check_processed_record(record, expect)
+            return self._attached(context, self._verified(context, record, summary), outcome.reused)
+        if not self.wait_for_completion:
             return self._attached(context, record, outcome.reused)
         if self.deferrable:
             if self.audit_path:
@@ -255,15 +293,29 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
                     cliniko_conn_id=self.cliniko_conn_id,
                     poll_interval=self.poll_interval,
                     deadline=time.time() + self.timeout,
+                    expect=expect,
                 ),
                 method_name="execute_complete",
                 timeout=timedelta(seconds=self.timeout + self.poll_interval + 60),
             )
         self.log.info("Waiting for Cliniko to process attachment %s", attachment_id)
         processed = self.hook.wait_for_processing(
-            attachment_id, poll_interval=self.poll_interval, timeout=self.timeout
+            attachment_id, poll_interval=self.poll_interval, timeout=self.timeout, expect=expect
         )
-        return self._attached(context, processed, outcome.reused)
+        return self._attached(context, self._verified(context, processed, summary), outcome.reused)
+
+    def _verified(self, context: Context, record: JsonDict, summary: JsonDict) -> JsonDict:
+        """Record that the processed record matched; compare its content if asked; return the record."""
+        level = higher(summary.get("verification") or "none", "processed")
+        if self.verify == "content":
+            attachment_id = str(record["id"])
+            self.log.info("Verifying the content of attachment %s (%s bytes)", attachment_id, record["size"])
+            size, sha256 = int(record["size"]), summary.get("sha256")
+            verify_content(self.hook, attachment_id, size, sha256, os.fspath(self.file_path))
+            level = "content"
+        self._facts["verification"] = level
+        context["ti"].xcom_push(key="cliniko_upload", value={**summary, "verification": level})
+        return record
 
     def execute_complete(self, context: Context, event: JsonDict) -> JsonDict:
         """Resume after the trigger fired: return the processed record, or raise what went wrong.
@@ -278,13 +330,16 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             ti = context["ti"]
             facts = ti.xcom_pull(task_ids=ti.task_id, key=AUDIT_FACTS_KEY, map_indexes=ti.map_index)
             self._facts = facts if isinstance(facts, dict) else {}
+        ti = context["ti"]
         try:
             record = record_from_event(event)
+            self._attachment_id = str(record["id"])
+            summary = ti.xcom_pull(task_ids=ti.task_id, key="cliniko_upload", map_indexes=ti.map_index)
+            record = self._verified(context, record, summary if isinstance(summary, dict) else {})
         except Exception as error:
             self._report_failure(context, error)
             self._audit_failure(context, error)
             raise
-        self._attachment_id = str(record["id"])
         self._audit(context, record)
         self.cliniko_attachment_ids = [self._attachment_id]
         reused = False
@@ -407,6 +462,9 @@ class ClinikoBatchUploadOperator(BaseOperator):
         failed or not, it receives the task's audit manifest, one JSON Lines file with a line per file
         (see :mod:`cliniko_provider.utils.audit`), at ``<audit_path>/<dag_id>/<run_id>/<task_id>[-<map
         index>].jsonl``, written atomically.
+    :param verify: ``"content"`` to read each processed file back from Cliniko and compare its SHA-256
+        with the source's (one request and the file's bytes per file; needs ``wait_for_completion=True``),
+        as for the single-file operator.
     """
 
     template_fields: Sequence[str] = ("uploads", "audit_path")
@@ -425,9 +483,11 @@ class ClinikoBatchUploadOperator(BaseOperator):
         timeout: float = 60 * 60.0,
         look_for_existing: Literal["always", "on_retry"] = "on_retry",
         audit_path: str | os.PathLike[str] | None = None,
+        verify: Literal["content"] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.verify = check_verify(verify, wait_for_completion)
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
             raise ValueError(f"max_concurrency must be a whole number, got {max_concurrency!r}")
         if not 1 <= max_concurrency <= MAX_CONCURRENCY:
@@ -504,6 +564,11 @@ class ClinikoBatchUploadOperator(BaseOperator):
         with ThreadPoolExecutor(max(1, min(self.max_concurrency, len(items))), "cliniko-upload") as pool:
             list(pool.map(run, items))
         pending = [str(r["attachment_id"]) for r in results if "error" not in r and "processed_at" not in r]
+        expect = {
+            str(r["attachment_id"]): expectation(r["size"], r["filename"])
+            for r in results
+            if str(r.get("attachment_id")) in pending
+        }
         if self.wait_for_completion and pending:
             if self.deferrable:
                 # The results wait in XCom (kept through a deferral, and shown in the UI meanwhile), not
@@ -518,16 +583,17 @@ class ClinikoBatchUploadOperator(BaseOperator):
                         cliniko_conn_id=self.cliniko_conn_id,
                         poll_interval=self.poll_interval,
                         deadline=time.time() + self.timeout,
+                        expect=expect,
                     ),
                     method_name="execute_complete",
                     timeout=timedelta(seconds=self.timeout + self.poll_interval + 60),
                 )
             self.log.info("Waiting for Cliniko to process %d attachment(s)", len(pending))
             outcomes = self.hook.wait_for_processing_of_many(
-                pending, poll_interval=self.poll_interval, timeout=self.timeout
+                pending, poll_interval=self.poll_interval, timeout=self.timeout, expect=expect
             )
             results = self._with_outcomes(results, outcomes)
-        return self._finish(context, results)
+        return self._finish(context, self._verified(results))
 
     def execute_complete(self, context: Context, event: JsonDict) -> list[JsonDict]:
         """Resume after the batch trigger fired: merge each file's outcome into the results it left in XCom.
@@ -551,7 +617,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
                 outcomes[str(attachment_id)] = record_from_event(payload)
             except Exception as error:  # that file's wait failed: its reason is its result
                 outcomes[str(attachment_id)] = error
-        return self._finish(context, self._with_outcomes(results, outcomes))
+        return self._finish(context, self._verified(self._with_outcomes(results, outcomes)))
 
     def _upload(
         self, context: Context, protocol: UploadProtocol, item: BatchItem, look_first: bool
@@ -592,8 +658,34 @@ class ClinikoBatchUploadOperator(BaseOperator):
         if outcome.reused:
             result["reused"] = outcome.reason
         if outcome.record.get("processing_completed") is True:
+            check_processed_record(outcome.record, expectation(source.size, result["filename"]))
             result.update(processed({}, outcome.record.get("processed_at")))
+            result["verification"] = higher(outcome.verification, "processed")
         return result
+
+    def _verified(self, results: list[JsonDict]) -> list[JsonDict]:
+        """With ``verify="content"``, compare each processed file's content with its source, a few at once."""
+        if self.verify != "content":
+            return results
+        checked = [r for r in results if "error" not in r and "processed_at" in r]
+
+        def verify(result: JsonDict) -> None:
+            try:
+                verify_content(
+                    self.hook,
+                    str(result["attachment_id"]),
+                    int(result["size"]),
+                    result.get("sha256"),
+                    str(result["file_path"]),
+                )
+                result["verification"] = "content"
+            except Exception as error:  # that file's check failed: its reason is its result
+                result.update(self._failed(result, error))
+
+        self.log.info("Verifying the content of %d processed attachment(s)", len(checked))
+        with ThreadPoolExecutor(max(1, min(self.max_concurrency, len(checked))), "cliniko-verify") as pool:
+            list(pool.map(verify, checked))
+        return results
 
     def _failed(self, result: JsonDict, error: BaseException) -> JsonDict:
         self.log.warning(
@@ -617,7 +709,8 @@ class ClinikoBatchUploadOperator(BaseOperator):
             if "error" not in result and isinstance(outcome, Exception):
                 result = self._failed(result, outcome)
             elif "error" not in result and isinstance(outcome, dict):
-                result = processed(result, outcome.get("processed_at"))
+                level = higher(result.get("verification") or "none", "processed")
+                result = {**processed(result, outcome.get("processed_at")), "verification": level}
                 self.log.info(
                     "Upload #%d: %s processed for patient %s (attachment %s)",
                     result["index"],

@@ -4,7 +4,8 @@ The trigger's event schema lives here too:
 
 - ``{"status": "success", "attachment_id": id, "attachment": record}``;
 - ``{"status": "error", "attachment_id": id, "reason": reason, "message": text, "retryable": bool}``,
-  where ``reason`` is ``"archived"``, ``"not_found"``, ``"timeout"`` or ``"api_error"``, and
+  where ``reason`` is ``"archived"``, ``"not_found"``, ``"timeout"``, ``"api_error"`` or ``"mismatch"``
+  (the processed record does not show the size or file name sent), and
   ``retryable`` says whether the task's own retries could help (False for a 401, a 403 or any other
   answer that a retry would only repeat).
 
@@ -14,7 +15,7 @@ The trigger's event schema lives here too:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from airflow.providers.common.compat.sdk import AirflowSensorTimeout
@@ -24,8 +25,10 @@ from cliniko_provider.exceptions import (
     ClinikoAttachmentGoneError,
     ClinikoError,
     ClinikoInputError,
+    ClinikoIntegrityError,
     ClinikoPermanentError,
 )
+from cliniko_provider.utils.integrity import check_processed_record
 from cliniko_provider.utils.validation import validate_id
 
 JsonDict = dict[str, Any]
@@ -34,6 +37,7 @@ REASON_ARCHIVED = "archived"
 REASON_NOT_FOUND = "not_found"
 REASON_TIMEOUT = "timeout"
 REASON_API_ERROR = "api_error"
+REASON_MISMATCH = "mismatch"
 GONE_REASONS = frozenset({REASON_ARCHIVED, REASON_NOT_FOUND})
 
 
@@ -50,7 +54,7 @@ def error_event(attachment_id: str, reason: str, message: str, *, retryable: boo
     """Return the payload of a trigger event for a wait that failed.
 
     :param attachment_id: the attachment id.
-    :param reason: ``archived``, ``not_found``, ``timeout`` or ``api_error``.
+    :param reason: ``archived``, ``not_found``, ``timeout``, ``api_error`` or ``mismatch``.
     :param message: a clear message for the user (never a secret).
     :param retryable: whether the task's own retries could help.
     """
@@ -83,6 +87,7 @@ def record_from_event(event: JsonDict) -> JsonDict:
     :param event: the payload of a ``ProcessingCompletedTrigger`` event.
     :raises ClinikoAttachmentGoneError: ``archived`` or ``not_found`` (fails without retry).
     :raises AirflowSensorTimeout: ``timeout`` (fails without retry).
+    :raises ClinikoIntegrityError: ``mismatch`` (fails without retry).
     :raises ClinikoPermanentError: ``api_error`` that retrying cannot fix (fails without retry).
     :raises ClinikoError: ``api_error`` that the task's retries may fix (also an event without
         ``retryable``, from a trigger deferred before it existed), or a malformed event.
@@ -98,6 +103,8 @@ def record_from_event(event: JsonDict) -> JsonDict:
     reason = event.get("reason")
     if status == "error" and reason in GONE_REASONS:
         raise ClinikoAttachmentGoneError(attachment_id, str(reason), message=message)
+    if status == "error" and reason == REASON_MISMATCH:
+        raise ClinikoIntegrityError(message or f"Cliniko attachment {attachment_id} is not the file sent")
     if status == "error" and reason == REASON_TIMEOUT:
         raise AirflowSensorTimeout(message or f"Timed out waiting for Cliniko attachment {attachment_id}")
     if status == "error":
@@ -125,6 +132,9 @@ class ProcessingCompletedTrigger(BaseTrigger):
     :param end_task: on success, end the task in the triggerer (the record pushed as its return value,
         then ``TaskSuccessEvent``) instead of resuming it on a worker; errors still resume it, so the task
         raises the precise error and its retries apply. For tasks started in the triggerer (Airflow 3.3+).
+    :param expect: what the processed record must show, ``{"size": bytes, "filename": name}`` as sent
+        (plain values; see :func:`~cliniko_provider.utils.integrity.expectation`): otherwise the event
+        is a ``mismatch`` error naming both. None checks nothing.
     """
 
     def __init__(
@@ -134,6 +144,7 @@ class ProcessingCompletedTrigger(BaseTrigger):
         poll_interval: float = 30.0,
         deadline: float | None = None,
         end_task: bool = False,
+        expect: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.attachment_id = str(attachment_id)
@@ -141,6 +152,7 @@ class ProcessingCompletedTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.deadline = None if deadline is None else float(deadline)
         self.end_task = bool(end_task)
+        self.expect = None if expect is None else dict(expect)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the keyword arguments that re-create this trigger (no secrets)."""
@@ -152,6 +164,7 @@ class ProcessingCompletedTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
                 "end_task": self.end_task,
+                "expect": self.expect,
             },
         )
 
@@ -177,6 +190,8 @@ class ProcessingCompletedTrigger(BaseTrigger):
                 retryable=True,
             )
         payload["attachment_id"] = self.attachment_id
+        if payload.get("status") == "success":
+            payload = self._checked(payload)
         self.log.info(
             "Cliniko attachment %s: %s %s",
             self.attachment_id,
@@ -222,6 +237,14 @@ class ProcessingCompletedTrigger(BaseTrigger):
             return False
         return True
 
+    def _checked(self, payload: JsonDict) -> JsonDict:
+        """The success payload, or a ``mismatch`` error when the record is not what ``expect`` says."""
+        try:
+            check_processed_record(payload.get("attachment") or {}, self.expect)
+        except ClinikoIntegrityError as error:
+            return error_event(self.attachment_id, REASON_MISMATCH, str(error))
+        return payload
+
 
 class ProcessingCompletedBatchTrigger(BaseTrigger):
     """Fire once when every one of many attachments is processed or has failed: one deferral for a batch.
@@ -235,6 +258,8 @@ class ProcessingCompletedBatchTrigger(BaseTrigger):
     :param cliniko_conn_id: the Airflow connection id (type ``cliniko``).
     :param poll_interval: seconds between checks of each attachment (at least 0.1).
     :param deadline: UNIX timestamp after which the ids still waiting get a ``timeout`` event.
+    :param expect: by attachment id, what its processed record must show (see
+        :class:`ProcessingCompletedTrigger`); ids without an entry are not checked.
     """
 
     def __init__(
@@ -243,12 +268,14 @@ class ProcessingCompletedBatchTrigger(BaseTrigger):
         cliniko_conn_id: str = "cliniko_default",
         poll_interval: float = 30.0,
         deadline: float | None = None,
+        expect: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.attachment_ids = list(dict.fromkeys(str(item) for item in attachment_ids))
         self.cliniko_conn_id = cliniko_conn_id
         self.poll_interval = float(poll_interval)
         self.deadline = None if deadline is None else float(deadline)
+        self.expect = None if expect is None else {str(key): dict(value) for key, value in expect.items()}
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the keyword arguments that re-create this trigger (no secrets)."""
@@ -259,13 +286,17 @@ class ProcessingCompletedBatchTrigger(BaseTrigger):
                 "cliniko_conn_id": self.cliniko_conn_id,
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
+                "expect": self.expect,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Wait for every id at once through the shared poller and yield exactly one event; never raise."""
+        expect = self.expect or {}
         single = [
-            ProcessingCompletedTrigger(item, self.cliniko_conn_id, self.poll_interval, self.deadline)
+            ProcessingCompletedTrigger(
+                item, self.cliniko_conn_id, self.poll_interval, self.deadline, expect=expect.get(item)
+            )
             for item in self.attachment_ids
         ]
         payloads = await asyncio.gather(*(_first_payload(trigger) for trigger in single))

@@ -108,17 +108,21 @@ def check_processed_record(record: Mapping[str, Any], expect: Mapping[str, Any] 
         )
 
 
-def content_mismatch(attachment_id: str, expected: str, actual: str, size: int) -> ClinikoIntegrityError:
-    """Return the error for processed bytes whose SHA-256 is not the source's.
+def content_mismatch(
+    attachment_id: str, expected: str, actual: str, count: int, size: int
+) -> ClinikoIntegrityError:
+    """Return the error for processed bytes that are not the source's.
 
     :param attachment_id: the attachment id.
     :param expected: hex SHA-256 of the source.
-    :param actual: hex SHA-256 of Cliniko's ``/content``.
-    :param size: bytes read from ``/content``.
+    :param actual: hex SHA-256 of what ``/content`` gave (its first ``size`` bytes at most).
+    :param count: bytes counted from ``/content`` (``size + 1`` when it held more).
+    :param size: bytes sent.
     """
+    read = f"more than {size} bytes" if count > size else f"{count} bytes"
     return ClinikoIntegrityError(
-        f"The content of Cliniko attachment {attachment_id} ({size} bytes read) has SHA-256 {actual}, but "
-        f"the file sent has SHA-256 {expected}: Cliniko holds other bytes. Check attachment "
+        f"The content of Cliniko attachment {attachment_id} ({read} read) has SHA-256 {actual}, but the "
+        f"file sent ({size} bytes) has SHA-256 {expected}: Cliniko holds other bytes. Check attachment "
         f"{attachment_id} in Cliniko (archive it), then clear the task to upload again."
     )
 
@@ -142,13 +146,14 @@ def check_verify(verify: object, wait_for_completion: bool) -> str | None:
     return None if verify is None else str(verify)
 
 
-def higher(level: Verification, other: Verification) -> Verification:
-    """Return the higher of two verification levels.
+def higher(level: str, other: Verification) -> Verification:
+    """Return the higher of two verification levels (an unknown ``level`` counts as ``"none"``).
 
-    :param level: a level.
+    :param level: a level, e.g. as an earlier step left it in XCom.
     :param other: another level.
     """
-    return max(level, other, key=LEVELS.index)
+    known: Verification = next((item for item in LEVELS if item == level), "none")
+    return max(known, other, key=LEVELS.index)
 
 
 def _as_int(value: object) -> int | None:
