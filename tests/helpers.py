@@ -181,16 +181,21 @@ def fake_context(run_id: str = "manual__1", try_number: int = 1, map_index: int 
 
 
 class FakeTaskStateStore:
-    """Airflow 3.3's ``task_state_store`` as a task sees it (get/set), shared by every try and worker."""
+    """Airflow 3.3's ``task_state_store`` as a task sees it (get/set), shared by every try and worker.
 
-    def __init__(self, failing: bool = False) -> None:
+    :param works_for: how many ``set`` calls succeed before every later one raises (None: all do).
+    """
+
+    def __init__(self, works_for: int | None = None) -> None:
         self.values: dict[str, Any] = {}
-        self.failing = failing
+        self.works_for = works_for
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
 
     def set(self, key: str, value: Any) -> None:
-        if self.failing:
-            raise RuntimeError("state store unreachable")
+        if self.works_for is not None:
+            if self.works_for <= 0:
+                raise RuntimeError("state store unreachable")
+            self.works_for -= 1
         self.values[key] = json.loads(json.dumps(value))  # as Airflow stores it: JSON

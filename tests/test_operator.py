@@ -989,11 +989,22 @@ def test_on_the_task_state_store_no_create_sent_means_no_look_up(
     assert crash is _crash and len(fake.records) == 1
 
 
-def test_a_state_store_that_cannot_record_stops_the_try_before_the_create(
+def test_a_state_store_that_cannot_record_leaves_the_progress_to_the_journal(
+    hook: ClinikoHook, fake: FakeCliniko, report: Path
+) -> None:
+    store = FakeTaskStateStore(works_for=0)
+    first = operator(hook, file_path=str(report)).execute(durable_context(store))
+    assert store.values == {} and len(fake.records) == 1
+    fake.process(fake.records[first["id"]])
+    again = operator(hook, file_path=str(report)).execute(durable_context(store, 2))
+    assert again["id"] == first["id"] and len(fake.records) == 1  # found in Cliniko: no duplicate
+
+
+def test_a_state_store_that_took_the_sha256_but_not_the_create_mark_stops_before_the_create(
     hook: ClinikoHook, fake: FakeCliniko, report: Path
 ) -> None:
     with pytest.raises(RuntimeError, match="unreachable"):
-        operator(hook, file_path=str(report)).execute(durable_context(FakeTaskStateStore(failing=True)))
+        operator(hook, file_path=str(report)).execute(durable_context(FakeTaskStateStore(works_for=1)))
     assert fake.records == {} and "POST /v1/patient_attachments" not in fake.paths()
 
 

@@ -38,7 +38,7 @@ from cliniko_provider.utils.idempotency import (
 from cliniko_provider.utils.retry import UNPACED_CALL, Failure, Log, final
 from cliniko_provider.utils.s3_form import Progress
 from cliniko_provider.utils.upload import UploadSource, format_bytes
-from cliniko_provider.utils.validation import check_description, check_upload_filename, validate_id
+from cliniko_provider.utils.validation import check_description, check_upload_filename, one_line, validate_id
 
 JsonDict = dict[str, Any]
 PENDING_WAIT = 300.0  # longest wait for an earlier attachment's processing before comparing its bytes
@@ -68,7 +68,8 @@ class TaskStateProgress:
     One key per upload identity, holding its facts as one JSON object (the SHA-256 once streamed, when
     the create was sent, the attachment id once created). Retries of the task instance share it on any
     worker. A read that fails counts as nothing known (the look-up asks Cliniko); a write that fails
-    raises, so a try never sends a create it could not record.
+    raises (:class:`UploadProtocol` then keeps the task's progress in the worker's journal, or, if the
+    store took the file's SHA-256 but not the create's mark, stops the try before the create).
 
     :param store: the context's ``task_state_store``.
     """
@@ -202,7 +203,12 @@ class UploadProtocol:
                     f"{self._where} recorded attachment {recorded} as this upload",
                     sha256=str(facts["sha256"]) if facts.get("sha256") else None,
                 )
-        if self.durable and identity.since is not None and facts and not facts.get("create_sent_at"):
+        if (
+            self.durable
+            and identity.since is not None
+            and facts.get("sha256")
+            and not facts.get("create_sent_at")
+        ):
             self.log.info(
                 "No earlier upload of %s for patient %s: the task state store shows that no earlier try "
                 "sent the create",
@@ -294,6 +300,22 @@ class UploadProtocol:
         )
         return UploadOutcome(record, True, reason, sha256=ours, verification="content")
 
+    def _record(self, identity: UploadIdentity, **facts: object) -> None:
+        """Record facts; a task state store that fails is left for the journal, with a warning."""
+        try:
+            self.state.write(identity.key, **facts)
+        except Exception as error:
+            if not self.durable:
+                raise
+            self.log.warning(
+                "Airflow's task state store could not record this upload's progress (%s): this task keeps "
+                "it in the worker's journal instead",
+                one_line(str(error))[:200] or type(error).__name__,
+            )
+            with self._lock:
+                self.__dict__["state"] = UploadJournal(self.hook.settings.api_key)
+            self.state.write(identity.key, **facts)
+
     def _claim(self, attachment_id: str, identity: UploadIdentity) -> None:
         """Remember that an attachment is this identity's: no other file of this task can take it."""
         with self._lock:
@@ -383,15 +405,16 @@ class UploadProtocol:
         self.log.info("Uploading %s (%s) for patient %s", name, format_bytes(source.size), pid)
         stored = self.hook.upload_to_patient(pid, source, name, progress=progress)
         if identity is not None:
-            self.state.write(identity.key, sha256=stored.sha256, patient_id=pid)
-            # Recorded before the create is sent (the task state store raises if it cannot): a later try
-            # whose state has no create_sent_at knows that no record of this upload can exist.
+            self._record(identity, sha256=stored.sha256, patient_id=pid)
+            # Recorded before the create is sent, and a store that took the line above but fails this
+            # one stops the try here: a later try whose state has a SHA-256 but no create_sent_at knows
+            # that no record of this upload can exist.
             self.state.write(identity.key, create_sent_at=_now_iso(self.hook.now()))
         outcome = self._create_once(pid, stored.upload_url, sent, identity, source, description_marker)
         if identity is not None:
             attachment_id = str(outcome.record.get("id"))
             self._claim(attachment_id, identity)
-            self.state.write(identity.key, attachment_id=attachment_id)
+            self._record(identity, attachment_id=attachment_id)
         return replace(outcome, sha256=stored.sha256, md5=stored.md5, verification=stored.verification)
 
     def upload_attachment(
