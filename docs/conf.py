@@ -42,7 +42,17 @@ nitpick_ignore_regex = [(r"py:.*", r"(?!cliniko_provider\.).*")]
 suppress_warnings = ["ref.python"]
 
 # The packages a user imports from; each of their modules gets a page section.
-USER_FACING = ("hooks", "operators", "sensors", "triggers", "decorators", "assets", "exceptions", "cli")
+USER_FACING = (
+    "hooks",
+    "protocol",
+    "operators",
+    "sensors",
+    "triggers",
+    "decorators",
+    "assets",
+    "exceptions",
+    "cli",
+)
 PARAM = re.compile(r":param\s+(?:[^:]*\s)?(\*{0,2}\w+):")
 log = logging.getLogger(__name__)
 

@@ -105,9 +105,11 @@ class TaskStateProgress:
 class UploadProtocol:
     """Upload files into patients' records exactly once, through a :class:`ClinikoHook` for all I/O.
 
-    One instance serves one task (its threads may share it).
+    One instance serves one try of one task (its threads may share it).
 
     :param hook: the Cliniko hook every request goes through.
+    :param context: the task context: its ``task_state_store`` (Airflow 3.3+) keeps each file's progress,
+        its ``ti`` tells a first try; None for neither (the worker's journal, every try a retry).
     """
 
     def __init__(self, hook: ClinikoHook, context: Mapping[str, Any] | None = None) -> None:
