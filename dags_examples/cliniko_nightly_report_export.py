@@ -8,15 +8,19 @@ What it does for each run date (``ds``):
    ``$AIRFLOW_HOME/cliniko-reports``; a local path or any object-storage URI, e.g.
    ``s3://my-bucket/cliniko-reports``, which every worker can read).
 3. ``resolve_patients`` maps each report to a Cliniko patient id through the hook: by
-   ``old_reference_id`` (Cliniko's one filterable external id), falling back to email. Reports with no
-   matching patient are skipped with a reason. Reports already attached for this date are skipped too,
-   so re-running a date creates no duplicates.
-4. ``upload_reports`` uploads the reports in batches of ``batch_size`` (default 100): one mapped
-   ``ClinikoBatchUploadOperator`` task per batch, streaming a few files at once. A night of 5,000
-   reports is 50 tasks, far below Airflow's ``max_map_length`` (1024), and each batch shows in the UI.
-   Each batch waits for Cliniko's processing with one deferral to the triggerer, where all waits of
-   one connection share one poller (about one request per 100 attachments per round). A bad report
-   fails only itself; its batch task fails at the end, naming it.
+   ``old_reference_id`` (Cliniko's one filterable external id), falling back to email, and splits them
+   into batches of ``batch_size`` (default 100). Reports with no matching patient are skipped with a
+   reason. Reports already attached for this date are skipped too, so re-running a date creates no
+   duplicates.
+4. ``upload_reports`` is a ``@task.cliniko_upload`` function mapped over the batches: it returns one
+   batch's uploads (patient, file, description) and the decorator attaches them (a
+   ``ClinikoBatchUploadOperator`` per batch, streaming a few files at once). A night of 5,000 reports is
+   50 tasks, far below Airflow's ``max_map_length`` (1024), and each batch shows in the UI. Each batch
+   waits for Cliniko's processing with one deferral to the triggerer, where all waits of one connection
+   share one poller (about one request per 100 attachments per round). A bad report fails only itself;
+   its batch task fails at the end, naming it. Each batch task that succeeds emits an event on the asset
+   ``cliniko://cliniko_default/attachments`` (counts only), on which ``cliniko_tell_clinicians`` is
+   scheduled.
 5. ``summarize`` runs whatever happened and names every report uploaded, skipped and failed, with
    reasons, and the night's audit manifest.
 
@@ -49,14 +53,15 @@ from typing import Any
 import pendulum
 from airflow.sdk import ObjectStoragePath, Param, dag, task
 
+from cliniko_provider.assets.cliniko import cliniko_attachments
 from cliniko_provider.hooks.cliniko import ClinikoHook
-from cliniko_provider.operators.cliniko import ClinikoBatchUploadOperator
 from cliniko_provider.utils.audit import merge_manifests
 
 # Seconds between checks while Cliniko processes the files. `make demo` sets 2 to finish sooner;
 # at night, 15 keeps the requests few.
 POLL_INTERVAL = float(os.environ.get("CLINIKO_EXAMPLE_POLL_INTERVAL", "15"))
 CLINIKO_CONN_ID = "cliniko_default"
+NIGHTLY_ATTACHMENTS = cliniko_attachments(CLINIKO_CONN_ID)  # the asset cliniko_tell_clinicians waits for
 BATCH_SIZE = 100  # reports per upload task
 MAX_ACTIVE_BATCHES = 4  # upload tasks of this DAG running at once
 # Where the reports are written unless the run says otherwise: under AIRFLOW_HOME, as Airflow's logs are.
@@ -174,7 +179,7 @@ def cliniko_nightly_report_export() -> None:
     ) -> list[list[dict[str, Any]]]:
         """Map reports to Cliniko patient ids; skip unknown patients and reports already attached.
 
-        Returns the uploads in batches of ``batch_size``; the skipped reports go to XCom ``skipped``.
+        Returns the resolved reports in batches of ``batch_size``; the skipped ones go to XCom ``skipped``.
         """
         if not reports:
             return []
@@ -187,7 +192,7 @@ def cliniko_nightly_report_export() -> None:
             (str(record["patient"]["links"]["self"]).rsplit("/", 1)[-1], record.get("description"))
             for record in hook.list_attachments(f"description:~Nightly report {ds} (")
         }
-        uploads: list[dict[str, Any]] = []
+        resolved: list[dict[str, Any]] = []
         skipped: list[dict[str, Any]] = []
         for report in reports:
             patient = patients.get(report["reference"]) or patients.get(report["email"])
@@ -198,16 +203,39 @@ def cliniko_nightly_report_export() -> None:
             if (str(patient["id"]), description) in attached:
                 skipped.append({**report, "reason": f"already attached to patient {patient['id']}"})
                 continue
-            uploads.append(
-                {
-                    "patient_id": str(patient["id"]),
-                    "file_path": report["file_path"],
-                    "description": description,
-                }
-            )
+            resolved.append({**report, "patient_id": str(patient["id"])})
         ti.xcom_push(key="skipped", value=skipped)
         size = max(1, int(params["batch_size"]))
-        return [uploads[start : start + size] for start in range(0, len(uploads), size)]
+        return [resolved[start : start + size] for start in range(0, len(resolved), size)]
+
+    @task.cliniko_upload(
+        cliniko_conn_id=CLINIKO_CONN_ID,
+        max_active_tis_per_dag=MAX_ACTIVE_BATCHES,
+        max_concurrency=4,
+        wait_for_completion=True,
+        deferrable=True,
+        poll_interval=POLL_INTERVAL,
+        timeout=3600,
+        audit_path="{{ params.audit_path }}",
+        retries=2,
+        retry_delay=pendulum.duration(seconds=30),
+        retry_exponential_backoff=2.0,
+        outlets=[NIGHTLY_ATTACHMENTS],
+    )
+    def upload_reports(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Return one batch's uploads; the decorator attaches them and waits until Cliniko processed them.
+
+        resolve_patients already checked, in bulk, what is attached for this date; the upload looks for
+        its own earlier uploads only when a try is retried or cleared, by description and content.
+        """
+        return [
+            {
+                "patient_id": report["patient_id"],
+                "file_path": report["file_path"],
+                "description": report_description(report["date"], report["reference"]),
+            }
+            for report in batch
+        ]
 
     @task(trigger_rule="all_done")
     def summarize(
@@ -216,7 +244,6 @@ def cliniko_nightly_report_export() -> None:
         """Name every report uploaded, skipped and failed, with reasons, and the night's manifest."""
         batches = ti.xcom_pull(task_ids="resolve_patients") or []
         skipped = ti.xcom_pull(task_ids="resolve_patients", key="skipped") or []
-        reference_of = {report["file_path"]: report["reference"] for report in reports or []}
         uploaded, failed = [], []
         for index, batch in enumerate(batches):
             # A batch task leaves one result per report, in order, even when it fails; a task that died
@@ -227,7 +254,7 @@ def cliniko_nightly_report_export() -> None:
                 results = [{"error": error or "the batch's upload task failed; see its log"}] * len(batch)
             for upload, result in zip(batch, results, strict=True):
                 entry = {
-                    "reference": reference_of.get(upload["file_path"]),
+                    "reference": upload["reference"],
                     "patient_id": upload["patient_id"],
                     "attachment_id": result.get("attachment_id"),
                 }
@@ -269,23 +296,7 @@ def cliniko_nightly_report_export() -> None:
     patients = extract_patients()
     reports = generate_reports(patients)
     batches = resolve_patients(reports)
-    uploaded = ClinikoBatchUploadOperator.partial(
-        task_id="upload_reports",
-        cliniko_conn_id=CLINIKO_CONN_ID,
-        max_active_tis_per_dag=MAX_ACTIVE_BATCHES,
-        max_concurrency=4,
-        wait_for_completion=True,
-        deferrable=True,
-        # resolve_patients already checked, in bulk, what is attached for this date; the operator looks
-        # for its own earlier uploads only when a try is retried or cleared (look_for_existing="on_retry",
-        # the default), by description and content: the description shows exactly as written.
-        poll_interval=POLL_INTERVAL,
-        timeout=3600,
-        audit_path="{{ params.audit_path }}",
-        retries=2,
-        retry_delay=pendulum.duration(seconds=30),
-        retry_exponential_backoff=2.0,
-    ).expand(uploads=batches)
+    uploaded = upload_reports.expand(batch=batches)
     uploaded >> summarize(reports)
 
 

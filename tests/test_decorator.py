@@ -44,6 +44,7 @@ def test_the_task_is_a_batch_upload_with_the_given_arguments() -> None:
     )
     assert op.custom_operator_name == "@task.cliniko_upload"
     assert "uploads" not in op.template_fields  # what the function returns is not rendered again
+    assert "audit_path" in op.template_fields  # the batch operator's own templated arguments are
 
 
 def test_bad_arguments_fail_when_the_dag_is_parsed() -> None:

@@ -28,7 +28,7 @@ def summarize(ti: SummaryTI, reports: list[dict[str, str]]) -> Any:
 
 
 REPORTS = [{"file_path": f"/r/{n}.pdf", "reference": f"R{n}"} for n in range(2)]
-BATCH = [{"patient_id": "1", "file_path": f"/r/{n}.pdf"} for n in range(2)]
+BATCH = [{"patient_id": "1", "file_path": f"/r/{n}.pdf", "reference": f"R{n}"} for n in range(2)]
 
 
 def test_results_still_waiting_when_the_deferral_was_abandoned_are_not_uploaded() -> None:

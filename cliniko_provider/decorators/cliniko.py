@@ -25,15 +25,19 @@ class _ClinikoUploadDecoratedOperator(DecoratedOperator, ClinikoBatchUploadOpera
 
     The function returns the batch operator's ``uploads``: a list of dicts with ``patient_id`` and
     ``file_path``, and optionally ``filename``, ``description`` and ``idempotency_key``. Its arguments are
-    templated (as for ``@task``); what it returns is data and is not rendered again, so a description
-    holding ``{{`` reaches Cliniko exactly as returned. Every other argument goes to the batch operator.
+    templated (as for ``@task``), and so are the batch operator's templated arguments (``audit_path``...);
+    what it returns is data and is not rendered again, so a description holding ``{{`` reaches Cliniko
+    exactly as returned. Every other argument goes to the batch operator.
 
     :param python_callable: the decorated function.
     :param op_args: its positional arguments (templated).
     :param op_kwargs: its keyword arguments (templated).
     """
 
-    template_fields: Sequence[str] = (*DecoratedOperator.template_fields,)
+    template_fields: Sequence[str] = (
+        *DecoratedOperator.template_fields,
+        *(name for name in ClinikoBatchUploadOperator.template_fields if name != "uploads"),
+    )
     template_fields_renderers: ClassVar[dict[str, str]] = {**DecoratedOperator.template_fields_renderers}
     custom_operator_name: str = "@task.cliniko_upload"
 
