@@ -6,6 +6,8 @@ import html
 import json
 import os
 import re
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -184,18 +186,37 @@ class FakeTaskStateStore:
     """Airflow 3.3's ``task_state_store`` as a task sees it (get/set), shared by every try and worker.
 
     :param works_for: how many ``set`` calls succeed before every later one raises (None: all do).
+    :param one_call_at_a_time: as ``airflow dags test``'s in-process comms: a call made while another is
+        being sent fails.
     """
 
-    def __init__(self, works_for: int | None = None) -> None:
+    def __init__(self, works_for: int | None = None, one_call_at_a_time: bool = False) -> None:
         self.values: dict[str, Any] = {}
         self.works_for = works_for
+        self.one_call_at_a_time = one_call_at_a_time
+        self._busy = threading.Lock()
+
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        if not self.one_call_at_a_time:
+            yield
+            return
+        if not self._busy.acquire(blocking=False):
+            raise ImportError("cannot import name 'SUPERVISOR_COMMS'")
+        try:
+            time.sleep(0.005)
+            yield
+        finally:
+            self._busy.release()
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.values.get(key, default)
+        with self._call():
+            return self.values.get(key, default)
 
     def set(self, key: str, value: Any) -> None:
         if self.works_for is not None:
             if self.works_for <= 0:
                 raise RuntimeError("state store unreachable")
             self.works_for -= 1
-        self.values[key] = json.loads(json.dumps(value))  # as Airflow stores it: JSON
+        with self._call():
+            self.values[key] = json.loads(json.dumps(value))  # as Airflow stores it: JSON

@@ -558,6 +558,21 @@ def test_on_the_task_state_store_a_batch_of_20_retried_on_another_worker_downloa
     assert len(attachments_of(hook, patients[0])) == 20
 
 
+def test_the_batchs_threads_call_the_task_state_store_one_at_a_time(
+    hook: ClinikoHook, patients: list[str], tmp_path: Path
+) -> None:
+    from tests.helpers import FakeTaskStateStore
+
+    uploads = [
+        {"patient_id": patients[0], "file_path": str(write_file(tmp_path, f"s{n}.csv", 100 + n, seed=n))}
+        for n in range(8)
+    ]
+    store = FakeTaskStateStore(one_call_at_a_time=True)
+    results = batch(hook, uploads, max_concurrency=4).execute(durable(fake_context(), store))
+    assert [r.get("error") for r in results] == [None] * 8
+    assert len(store.values) == 8
+
+
 def test_without_the_store_a_batch_retried_on_another_worker_reads_each_candidate_at_most_once(
     hook: ClinikoHook, patients: list[str], tmp_path: Path, sandbox: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

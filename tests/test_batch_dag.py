@@ -99,7 +99,7 @@ def test_50_reports_in_batches_with_bad_files_among_them_lineage_and_asset_event
         if number in bad:
             assert bad[number] in result["error"], result
         else:
-            assert "error" not in result, result
+            assert "error" not in result, (number, result.get("error"))
             assert result["processed_at"], result  # waited for in the triggerer, through the deferral
     # batches 0, 1, 2 and 3 hold bad files: their tasks failed, naming them; batch 4 succeeded
     assert [error is None for error in report["errors"]] == [False, False, False, False, True]

@@ -71,11 +71,17 @@ class TaskStateProgress:
     raises (:class:`UploadProtocol` then keeps the task's progress in the worker's journal, or, if the
     store took the file's SHA-256 but not the create's mark, stops the try before the create).
 
+    Calls to the store are serialised: a batch's threads share it, and the in-process comms of
+    ``airflow dags test`` unset ``SUPERVISOR_COMMS`` while one call is sent, so a second thread's call
+    failed with "cannot import name 'SUPERVISOR_COMMS'" (a worker's own comms hold a lock already).
+
     :param store: the context's ``task_state_store``.
+    :param lock: the lock every thread of the task shares for the store.
     """
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, lock: threading.Lock | None = None) -> None:
         self._store = store
+        self._lock = lock or threading.Lock()
 
     @staticmethod
     def _key(identity_key: str) -> str:
@@ -87,7 +93,8 @@ class TaskStateProgress:
         :param identity_key: :attr:`UploadIdentity.key`.
         """
         try:
-            value = self._store.get(self._key(identity_key))
+            with self._lock:
+                value = self._store.get(self._key(identity_key))
         except Exception:  # the store is a fast path: Cliniko's records remain the last resort
             return {}
         return dict(value) if isinstance(value, dict) and value.get("identity") == identity_key else {}
@@ -99,7 +106,8 @@ class TaskStateProgress:
         :param facts: e.g. ``sha256=...``, ``create_sent_at=...``, ``attachment_id=...``.
         """
         merged = {**self.read(identity_key), **facts, "identity": identity_key}
-        self._store.set(self._key(identity_key), merged)
+        with self._lock:
+            self._store.set(self._key(identity_key), merged)
 
 
 class UploadProtocol:
@@ -116,6 +124,7 @@ class UploadProtocol:
         self.hook = hook
         self._context = context or {}
         self._lock = threading.Lock()
+        self._store_lock = threading.Lock()  # one for the task: its threads may race to build `state`
         self._reading: dict[str, threading.Lock] = {}
         self._digests: dict[str, str | None] = {}  # attachment id -> SHA-256 of its content, this try
         self._claimed: dict[str, str] = {}  # attachment id -> the identity key it is known to be
@@ -125,7 +134,7 @@ class UploadProtocol:
         """Where each upload's progress is kept: the task state store (Airflow 3.3+), else the journal."""
         store = self._context.get("task_state_store")
         if store is not None:
-            return TaskStateProgress(store)
+            return TaskStateProgress(store, self._store_lock)
         return UploadJournal(self.hook.settings.api_key)
 
     @property
