@@ -601,6 +601,20 @@ class Controls:
             return JSONResponse({"message": f"No attachment {attachment_id}"}, status_code=404)
         return Response(status_code=204)
 
+    async def finish_processing(self, request: Request) -> Response:
+        """Make every attachment still processing finish ``after`` seconds from now (a bench's release).
+
+        With a long ``processing_delay`` while many attachments are created, this makes all of them wait
+        at once and then finish together, however long the creating took.
+        """
+        body = await read_json_object(request, default=None)
+        after = None if body is None or set(body) != {"after"} else body["after"]
+        if isinstance(after, bool) or not isinstance(after, (int, float)) or not 0 <= after <= 86_400:
+            return JSONResponse({"message": 'Expected {"after": seconds}, 0 to 86400'}, status_code=400)
+        count = self.sandbox.store.reschedule_processing(time.time() + after)
+        self.sandbox.wake_processor()
+        return JSONResponse({"rescheduled": count})
+
     def guarded(self, handler: ControlHandler) -> ControlHandler:
         async def endpoint(request: Request) -> Response:
             reason = cross_site_reason(request, self.listen_host)
@@ -614,6 +628,7 @@ class Controls:
             Route("/_sandbox/stats/reset", self.guarded(self.reset_stats), methods=["POST"]),
             Route("/_sandbox/faults", self.guarded(self.get_faults), methods=["GET"]),
             Route("/_sandbox/faults", self.guarded(self.set_faults), methods=["POST"]),
+            Route("/_sandbox/processing/finish", self.guarded(self.finish_processing), methods=["POST"]),
             Route(
                 "/_sandbox/attachments/{id}/delete", self.guarded(self.delete_attachment), methods=["POST"]
             ),

@@ -143,6 +143,10 @@ class Sandbox:
         self._wake_processor.set()
         return attachment
 
+    def wake_processor(self) -> None:
+        """Have the processing loop look again at what falls due (after a change of schedule)."""
+        self._wake_processor.set()
+
     def _finish_processing(self, attachment: Attachment) -> None:
         """Move the upload out of temp into the attachment's own place and fill in the record.
 

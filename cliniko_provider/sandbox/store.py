@@ -367,6 +367,14 @@ class Store:
         ).fetchall()
         return [self._attachment(row) for row in rows]
 
+    def reschedule_processing(self, process_after: float) -> int:
+        """Make every attachment still processing fall due at ``process_after``; return how many."""
+        with self.transaction():
+            cursor = self.db.execute(
+                "UPDATE attachments SET process_after = ? WHERE processing_completed = 0", (process_after,)
+            )
+        return int(cursor.rowcount)
+
     def next_due(self) -> float | None:
         """When the next attachment still processing falls due (epoch seconds), if any."""
         row = self.db.execute(

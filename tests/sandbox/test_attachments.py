@@ -7,7 +7,9 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import requests
 
+from tests.helpers import sandbox_faults
 from tests.sandbox.helpers import Client, form_parts, s3_post, stats, xml_value
 
 
@@ -174,3 +176,33 @@ def test_upload_overwriting_a_claimed_key_leaves_the_attachment_intact(
     assert again.status_code == 201
     processed = api.wait_processed(record["id"])
     assert api.get(processed["content"]["links"]["self"]).content == b"original"
+
+
+def finish(api: Client, body: Any) -> requests.Response:
+    return requests.post(f"{api.sandbox.root_url}/_sandbox/processing/finish", json=body, timeout=10)
+
+
+def test_finish_processing_releases_every_pending_attachment_at_once(
+    api: Client, patient: dict[str, Any]
+) -> None:
+    with sandbox_faults(api.sandbox, processing_delay=3600):
+        held = []
+        for number in range(2):
+            _, upload_url = api.upload(patient["id"], b"held %d" % number, f"held-{number}.txt")
+            held.append(create(api, patient["id"], upload_url).json()["id"])
+    answer = finish(api, {"after": 0})
+    assert answer.status_code == 200
+    assert answer.json()["rescheduled"] >= 2  # every one still processing, these two included
+    for attachment_id in held:
+        assert api.wait_processed(attachment_id, timeout=10)["processing_completed"] is True
+    assert finish(api, {"after": 86_400}).status_code == 200  # the upper edge; nothing left to move
+    assert finish(api, {"after": 86_400}).json() == {"rescheduled": 0}
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"after": -1}, {"after": 86_401}, {"after": True}, {"after": "5"}, {"after": 1, "x": 2}, [1]]
+)
+def test_finish_processing_refuses_anything_but_a_delay_in_range(api: Client, body: Any) -> None:
+    answer = finish(api, body)
+    assert answer.status_code == 400
+    assert answer.json()["message"] == 'Expected {"after": seconds}, 0 to 86400'
