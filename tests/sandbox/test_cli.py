@@ -64,3 +64,15 @@ def start_up_stderr(data_dir: Path, *options: str) -> str:
 def test_start_up_lists_every_accepted_key(tmp_path: Path) -> None:
     stderr = start_up_stderr(tmp_path, "--api-key", "dev-au2", "--api-key", "old")
     assert "Cliniko sandbox accepts the API keys: dev-au2 (shard au2), old (shard au1)\n" in stderr
+
+
+def test_the_readme_shows_what_the_sandbox_prints(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme[
+        readme.index("cliniko-sandbox --port 8765 --data-dir ./sandbox-data --seed-example-patients") :
+    ]
+    shown = [line[2:].split("  (on stderr)")[0].rstrip() for line in block.splitlines()[1:4]]
+    stderr = start_up_stderr(tmp_path, "--seed-example-patients")
+    assert shown[0] in stderr and shown[1] in stderr  # the accepted key, the seeded patients
+    assert shown[2].startswith("Cliniko sandbox ready: http://127.0.0.1:8765/v1")
+    assert start_up_stderr(tmp_path, "--seed-example-patients").count("(0 created now)") == 1  # idempotent
