@@ -196,7 +196,6 @@ def test_serialises_only_ids_intervals_and_deadline(api_key: str) -> None:
         "poll_interval": 15.0,
         "deadline": 123.5,
         "end_task": False,
-        "expect": None,
     }
     text = json.dumps(kwargs)
     token = base64.b64encode(f"{api_key}:".encode()).decode()

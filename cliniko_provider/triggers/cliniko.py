@@ -164,7 +164,8 @@ class ProcessingCompletedTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
                 "end_task": self.end_task,
-                "expect": self.expect,
+                # only when set: a trigger without one serialises as before it existed
+                **({"expect": self.expect} if self.expect is not None else {}),
             },
         )
 
@@ -286,7 +287,7 @@ class ProcessingCompletedBatchTrigger(BaseTrigger):
                 "cliniko_conn_id": self.cliniko_conn_id,
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
-                "expect": self.expect,
+                **({"expect": self.expect} if self.expect is not None else {}),
             },
         )
 
