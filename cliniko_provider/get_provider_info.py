@@ -86,7 +86,8 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "timeout": {
                         "label": "Request timeout (seconds)",
-                        "description": "Per request, 1 to 3600 seconds.",
+                        "description": "Each attempt's total deadline (connect, answer and body), 1 to 3600 "
+                        "seconds.",
                         "schema": {"type": ["number", "null"], "default": 60, "minimum": 1, "maximum": 3600},
                     },
                     "requests_per_minute": {

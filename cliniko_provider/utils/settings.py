@@ -159,7 +159,7 @@ class ClinikoSettings:
     :param user_agent: the ``User-Agent`` Cliniko requires.
     :param max_attempts: attempts per request on 5xx and connection errors (a 429 is not an attempt).
     :param max_rate_limit_wait: longest single wait for a 429 to clear, in seconds.
-    :param timeout: per-request timeout in seconds.
+    :param timeout: each attempt's total deadline in seconds (connect, answer and body).
     :param requests_per_minute: the key's request budget (every process sharing the budget together).
     :param redis_conn_id: an Airflow Redis connection that shares the budget across machines, or None
         for a budget shared by the processes of one machine.
