@@ -511,3 +511,11 @@ def test_content_cut_midway_is_retried_then_a_connection_error(
     with pytest.raises(ClinikoConnectionError, match="after 2 attempt"):
         ClinikoHook(sleep=lambda seconds: None).attachment_digest("42", max_bytes=5000)
     assert len(api.seen) == 2  # retried once
+
+
+def test_the_decorator_takes_verify() -> None:
+    from tests.test_decorator import decorated
+
+    assert decorated(wait_for_completion=True, verify="content").verify == "content"
+    with pytest.raises(ValueError, match="wait_for_completion=True"):
+        decorated(verify="content")
