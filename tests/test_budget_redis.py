@@ -48,6 +48,7 @@ class CountingBudget(ProcessBudget):
     def __init__(self, per_minute: float = 200, max_block: float = 65) -> None:
         super().__init__(per_minute, max_block, clock=lambda: 1000.0)
         self.calls = 0
+        self.settled: list[tuple[float, float]] = []
 
     def reserve(self, now: float) -> float:
         self.calls += 1
@@ -59,6 +60,7 @@ class CountingBudget(ProcessBudget):
 
     def settle(self, booked: float, answered: float) -> None:
         self.calls += 1
+        self.settled.append((booked, answered))
         super().settle(booked, answered)
 
 
@@ -245,8 +247,9 @@ def test_damaged_window_in_redis_falls_back_without_failing(
     assert len(warnings(caplog)) == 1
     assert "WRONGTYPE" in warnings(caplog)[0]
     settling.settle(1000.0, 1001.0)
-    assert settling.fallback.calls == 1  # type: ignore[attr-defined]
+    assert settling.fallback.settled == [(1000.0, 1001.0)]  # type: ignore[attr-defined]
     assert settling.shared is False
+    assert len(warnings(caplog)) == 2 and "WRONGTYPE" in warnings(caplog)[1]  # each process warns once
 
 
 def test_unreachable_redis_falls_back_warns_once_and_comes_back(

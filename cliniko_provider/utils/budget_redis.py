@@ -199,7 +199,7 @@ class RedisBudget:
     hands Redis only durations (a hold's length) and gets back durations (a wait, at most a window and
     the longest hold), and it settles a slot by its name, remembered from the booking.
 
-    :param kid: the budget's identifier (a hash of the Cliniko user or of the API key).
+    :param kid: the key's identifier (a hash of the API key).
     :param per_minute: requests allowed in any window of ``WINDOW`` seconds.
     :param max_block: the longest hold after a 429, in seconds (a longer one is cut to this).
     :param redis_conn_id: the Airflow connection (type ``redis``) of the shared Redis.
