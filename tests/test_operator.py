@@ -1010,3 +1010,38 @@ def test_a_state_store_that_took_the_sha256_but_not_the_create_mark_stops_before
 
 def _crash(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("crash")
+
+
+@pytest.mark.parametrize(
+    ("moment", "bound"),
+    [
+        ("2026-01-01T00:10:00Z", "2026-01-01T00:00:00Z"),
+        ("2026-01-01T10:10:00+10:00", "2026-01-01T00:00:00Z"),
+        ("2026-01-01T00:10:00", None),  # no zone: not trusted
+        ("yesterday", None),
+        (None, None),
+        (1_700_000_000, None),
+    ],
+)
+def test_the_look_up_starts_ten_minutes_before_the_create_was_sent(moment: object, bound: str | None) -> None:
+    from cliniko_provider.protocol.upload import created_bound
+
+    assert created_bound(moment) == bound
+
+
+def test_progress_times_and_sizes_read_as_recorded() -> None:
+    from cliniko_provider.protocol.upload import TaskStateProgress, _now_iso, _size
+
+    assert _now_iso(1_700_000_000.9) == "2023-11-14T22:13:20Z"
+    assert [_size({"size": v}) for v in ("12", 0, -1, None, "x")] == [12, 0, None, None, None]
+    store = FakeTaskStateStore()
+    store.values["cliniko-upload:k1"] = {"identity": "k2", "attachment_id": "9"}  # another's entry
+    store.values["cliniko-upload:k3"] = ["not", "a", "dict"]
+    progress = TaskStateProgress(store)
+    assert progress.read("k1") == {} and progress.read("k3") == {} and progress.read("k4") == {}
+    progress.write("k4", sha256="ab")
+    progress.write("k4", attachment_id="7")
+    assert store.values == {
+        **store.values,
+        "cliniko-upload:k4": {"identity": "k4", "sha256": "ab", "attachment_id": "7"},
+    }
