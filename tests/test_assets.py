@@ -3,7 +3,6 @@ OpenLineage dataset, and the counts-only ``extra`` the upload operators give the
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,6 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from airflow.sdk import Asset
+from airflow.sdk.execution_time.context import OutletEventAccessors
 
 from cliniko_provider.assets.cliniko import (
     attachment_counts,
@@ -30,7 +30,7 @@ EXTRA_KEYS = {"files", "attached", "reused", "processed", "failed", "run_id", "c
 def asset_context(run_id: str = "scheduled__2026-12-06") -> Any:
     context = fake_context(run_id=run_id)
     context["run_id"] = run_id
-    context["outlet_events"] = defaultdict(lambda: SimpleNamespace(extra={}))
+    context["outlet_events"] = OutletEventAccessors()  # Airflow's own: keyed by the asset's unique key
     return context
 
 
@@ -167,8 +167,15 @@ def test_the_clinicians_dag_is_scheduled_on_the_asset_and_sums_the_events() -> N
         SimpleNamespace(extra={"files": 10, "attached": 9, "processed": 9, "failed": 1, "run_id": "r1"}),
         SimpleNamespace(extra={"files": 5, "attached": 5, "reused": 2, "processed": 5, "run_id": "r1"}),
     ]
+    from airflow.sdk.definitions.asset import AssetUniqueKey
+    from airflow.sdk.execution_time.context import TriggeringAssetEventsAccessor
+
+    # Airflow's own accessor (an Asset is not a dict key on Airflow 3.1: its extra makes it unhashable)
+    triggering = TriggeringAssetEventsAccessor(
+        {AssetUniqueKey.from_asset(example.NIGHTLY_ATTACHMENTS): events}
+    )
     told = dag.get_task("tell_clinicians").python_callable(  # type: ignore[attr-defined]
-        triggering_asset_events={example.NIGHTLY_ATTACHMENTS: events}
+        triggering_asset_events=triggering
     )
     assert told == {
         "files": 15, "attached": 14, "reused": 2, "processed": 14, "failed": 1, "events": 2, "runs": ["r1"]

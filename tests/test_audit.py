@@ -307,7 +307,10 @@ def test_a_failed_write_removes_its_temporary_file(tmp_path: Path, monkeypatch: 
 
 def test_object_storage_gets_the_manifest_in_one_write(tmp_path: Path) -> None:
     from airflow.sdk import ObjectStoragePath
+    from airflow.sdk.io import attach
+    from fsspec.implementations.memory import MemoryFileSystem
 
+    attach("memory", fs=MemoryFileSystem())  # Airflow 3.1 registers no memory:// filesystem of its own
     base = f"memory://audit-{uuid.uuid4().hex[:8]}"
     where = write_manifest(str(manifest_location(base, "d", "r", "t", None)), [record()])
     assert where.endswith("/d/r/t.jsonl")

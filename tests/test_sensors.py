@@ -115,9 +115,10 @@ def test_a_known_id_starts_in_the_triggerer_and_ends_there() -> None:
     ("kwargs", "why"),
     [
         ({"deferrable": False}, "the sensor is not deferrable"),
-        (
+        pytest.param(
             {"attachment_id": "{{ ti.xcom_pull('up')['id'] }}"},
             "attachment_id is not known before the task runs",
+            marks=needs_3_3,
         ),
     ],
 )

@@ -23,6 +23,7 @@ from cliniko_provider.triggers import poller as poller_module
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
 from cliniko_provider.triggers.poller import REGISTRY, AttachmentPoller, PollerRegistry
 from cliniko_provider.utils.errors import Redactor
+from cliniko_provider.version_compat import AIRFLOW_V_3_3_PLUS
 from tests.conftest import SANDBOX_KEY, connection_json
 from tests.fake_http import FakeClock
 from tests.helpers import create_attachment_via_api, own_rate_budgets, sandbox_control, sandbox_faults
@@ -228,6 +229,9 @@ async def test_recreated_from_its_serialised_form_carries_on(fake: FakeCliniko) 
 # --- one trigger, every outcome ------------------------------------------------------------------------
 
 
+needs_3_3 = pytest.mark.skipif(not AIRFLOW_V_3_3_PLUS, reason="tasks start in the triggerer on Airflow 3.3+")
+
+
 class StartedInTheTriggerer:
     """What the triggerer gives a trigger whose task started in it: a runtime task instance."""
 
@@ -254,6 +258,7 @@ def pushed(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 RECORD = {"id": "42", "archived_at": None, "processing_completed": True, "filename": "report.pdf"}
 
 
+@needs_3_3
 async def test_end_task_ends_the_task_in_the_triggerer_with_the_record(
     fake: FakeCliniko, pushed: list[dict[str, Any]]
 ) -> None:
@@ -278,6 +283,7 @@ async def test_end_task_ends_the_task_in_the_triggerer_with_the_record(
     ]
 
 
+@needs_3_3
 async def test_end_task_resumes_on_a_worker_when_the_task_did_not_start_in_the_triggerer(
     fake: FakeCliniko, pushed: list[dict[str, Any]]
 ) -> None:
@@ -289,6 +295,7 @@ async def test_end_task_resumes_on_a_worker_when_the_task_did_not_start_in_the_t
     assert pushed == []
 
 
+@needs_3_3
 async def test_end_task_resumes_on_a_worker_when_the_push_fails(
     fake: FakeCliniko, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -308,6 +315,7 @@ async def test_end_task_resumes_on_a_worker_when_the_push_fails(
     assert "Could not push attachment 42's record, resuming on a worker" in caplog.text
 
 
+@needs_3_3
 async def test_end_task_still_resumes_the_task_on_an_error(
     fake: FakeCliniko, pushed: list[dict[str, Any]]
 ) -> None:
