@@ -32,7 +32,13 @@ def cliniko_attachments(cliniko_conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -
     """Return the asset of the attachments made through a connection: ``cliniko://<conn id>/attachments``.
 
     Give it to an upload operator's (or ``@task.cliniko_upload``'s) ``outlets`` and to a downstream DAG's
-    ``schedule``.
+    ``schedule``. Each upload task that succeeds emits one event whose ``extra`` holds counts only
+    (``files``, ``attached``, ``reused``, ``processed``, ``failed``), the ``run_id`` and the
+    ``cliniko_conn_id``: never a patient, file name, path, description or content. The scheme's
+    normaliser (the provider's ``asset-uris``) refuses any path but ``/attachments``, a query or user
+    info, so the URI holds no patient text either. A mapped upload emits one event per batch task, which
+    Airflow may group into one or more downstream runs: sum the triggering events' counts. In
+    OpenLineage the asset is ``cliniko://<API host>``, ``attachments``.
 
     :param cliniko_conn_id: the Cliniko connection id the uploads use.
     :param kwargs: passed to :class:`~airflow.sdk.Asset` (e.g. ``name``, ``group``).

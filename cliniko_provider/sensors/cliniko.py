@@ -35,7 +35,13 @@ class ProcessingCompletedSensor(BaseSensorOperator):
     Works in ``poke`` and ``reschedule`` modes and deferrable. Deferred sensors of one connection share
     one poller in the triggerer, which asks about up to 100 attachments per request, so thousands of
     them stay far below Cliniko's 200 requests a minute. An archived, deleted or unknown attachment fails
-    at once (``soft_fail`` skips instead), as does a timeout.
+    at once (``soft_fail`` skips instead), as does a timeout (``AirflowSensorTimeout``).
+
+    Each attachment is asked at its own ``poke_interval`` (at least 0.1 s; up to a tenth of it early, to
+    share a request with others due then), so one short interval does not make every wait of the
+    connection poll faster. A failed wait does not use the task's retries when they cannot help
+    (archived, deleted, timeout, 401, 403, other 4xx, a broken connection); it does when Cliniko kept
+    answering 5xx or 429.
 
     :param attachment_id: the attachment to wait for (templated), e.g. from the upload task's XCom.
     :param cliniko_conn_id: the Airflow connection id (type ``cliniko``).
