@@ -70,18 +70,23 @@ def test_machines_with_skewed_clocks_keep_to_the_real_minute(tmp_path: Path) -> 
             )
             for name, skew in SKEWS.items()
         }
-        deadline = time.monotonic() + 180
-        while not all((tmp_path / name / "finished.ready").exists() for name in SKEWS):
-            assert all(machine.poll() is None for machine in machines.values()), "a machine exited early"
-            assert time.monotonic() < deadline, "the machines did not get ready within 180 s"
-            time.sleep(0.2)
-        started = time.time()
-        go["first"].touch()
-        assert machines["hour-fast"].wait(timeout=120) == 0, log_tail(tmp_path / "hour-fast")
-        go["then"].touch()
-        for name in ("on-time", "30s-fast"):
-            assert machines[name].wait(timeout=WINDOW + 60) == 0, log_tail(tmp_path / name)
-        took = time.time() - started
+        try:
+            deadline = time.monotonic() + 180
+            while not all((tmp_path / name / "finished.ready").exists() for name in SKEWS):
+                assert all(machine.poll() is None for machine in machines.values()), "a machine exited early"
+                assert time.monotonic() < deadline, "the machines did not get ready within 180 s"
+                time.sleep(0.2)
+            started = time.time()
+            go["first"].touch()
+            assert machines["hour-fast"].wait(timeout=120) == 0, log_tail(tmp_path / "hour-fast")
+            go["then"].touch()
+            for name in ("on-time", "30s-fast"):
+                assert machines[name].wait(timeout=WINDOW + 60) == 0, log_tail(tmp_path / name)
+            took = time.time() - started
+        finally:
+            for machine in machines.values():  # none is left waiting for its go file
+                if machine.poll() is None:
+                    machine.kill()
         stats = sandbox_stats(sandbox)
     finished = {
         name: [float(line) - SKEWS[name] for line in (tmp_path / name / "finished.txt").read_text().split()]
