@@ -18,6 +18,8 @@ from cliniko_provider.utils.retry import (
     S3_UPLOAD_REFRESHING,
     Action,
     CallState,
+    Deadline,
+    DeadlineExceeded,
     Decision,
     Failure,
     RetryPolicy,
@@ -376,3 +378,19 @@ async def test_async_runner_cannot_refresh_so_a_403_fails() -> None:
 
     with pytest.raises(Boom):
         await runner(clock).arun("S3", attempt, S3_UPLOAD_REFRESHING)
+
+
+def test_a_deadline_passes_at_its_time_moves_when_extended_and_names_itself() -> None:
+    now = [100.0]
+    deadline = Deadline(1.5, clock=lambda: now[0])
+    assert deadline.remaining() == 1.5 and not deadline.passed()
+    deadline.check()  # not yet
+    now[0] = 101.5
+    assert deadline.passed()
+    with pytest.raises(
+        DeadlineExceeded, match=r"^no complete answer within the 1\.5 s deadline \(the connection"
+    ):
+        deadline.check()
+    deadline.extend(0.25)
+    assert deadline.remaining() == 0.25 and not deadline.passed()
+    assert deadline.seconds == 1.5  # the message names the connection's timeout, not the extension
