@@ -1,43 +1,12 @@
 """Nightly export: one report per patient, attached to the patient's Cliniko record, exactly once.
 
-What it does for each run date (``ds``):
-
-1. ``extract_patients`` reads the patients to report on. Here they come from the ``patients`` param (a
-   stand-in for your warehouse query); replace it with your own query.
-2. ``generate_reports`` writes one real CSV report per patient under ``report_root`` (default
-   ``$AIRFLOW_HOME/cliniko-reports``; a local path or any object-storage URI, e.g.
-   ``s3://my-bucket/cliniko-reports``, which every worker can read).
-3. ``resolve_patients`` maps each report to a Cliniko patient id through the hook: by
-   ``old_reference_id`` (Cliniko's one filterable external id), falling back to email, and splits them
-   into batches of ``batch_size`` (default 100). Reports with no matching patient are skipped with a
-   reason. Reports already attached for this date are skipped too, so re-running a date creates no
-   duplicates.
-4. ``upload_reports`` is a ``@task.cliniko_upload`` function mapped over the batches: it returns one
-   batch's uploads (patient, file, description) and the decorator attaches them (a
-   ``ClinikoBatchUploadOperator`` per batch, streaming a few files at once). A night of 5,000 reports is
-   50 tasks, far below Airflow's ``max_map_length`` (1024), and each batch shows in the UI. Each batch
-   waits for Cliniko's processing with one deferral to the triggerer, where all waits of one connection
-   share one poller (about one request per 100 attachments per round). A bad report fails only itself;
-   its batch task fails at the end, naming it. Each batch task that succeeds emits an event on the asset
-   ``cliniko://cliniko_default/attachments`` (counts only), on which ``cliniko_tell_clinicians`` is
-   scheduled.
-5. ``summarize`` runs whatever happened and names every report uploaded, skipped and failed, with
-   reasons, and the night's audit manifest.
-
-**The audit trail.** Each upload task writes its manifest (one JSON line per report: patient, file,
-size, SHA-256, MD5, attachment, times, verification, error) under ``audit_path`` (default
-``$AIRFLOW_HOME/cliniko-audit``; any object-storage URI works too), and ``summarize`` merges the night's
-into ``<audit_path>/cliniko_nightly_report_export/<run id>.jsonl``. ``cliniko_reconcile_manifest``
-checks such a manifest against Cliniko later.
-
-**The rate limit.** Cliniko allows 200 requests a minute per API key. Each upload costs two requests
-(presign and create) plus a share of the coalesced polling; every request of every task draws from
-the key's one rate budget, which paces them under the limit and waits for ``X-RateLimit-Reset`` after
-a 429. At most ``MAX_ACTIVE_BATCHES`` (4) upload tasks of this DAG run at once
-(``max_active_tis_per_dag``: nothing to create first); each streams up to ``max_concurrency`` (4) files at
-once, so a few large files can stream while others wait for the limit. To cap the Cliniko tasks of
-several DAGs together, create a pool (``airflow pools set cliniko_api 4 "Cliniko API"``) and pass
-``pool="cliniko_api"`` to the upload task: a task whose pool does not exist never starts.
+extract_patients (stands in for your warehouse query) -> generate_reports (one CSV each under
+``report_root``, a path or URI every worker reads) -> resolve_patients (Cliniko patient by
+``old_reference_id``, then email; skips unknown patients and reports already attached for the date) ->
+upload_reports (``@task.cliniko_upload`` mapped over batches of ``batch_size``; waits in the triggerer;
+emits the asset ``cliniko_tell_clinicians`` is scheduled on) -> summarize (every report uploaded, skipped
+or failed, with reasons; merges the night's audit manifest under ``audit_path``). The wiring is
+``cliniko_provider.nightly``; README.md ("The nightly export example") and the API reference say more.
 """
 
 from __future__ import annotations
@@ -55,10 +24,9 @@ from airflow.sdk import ObjectStoragePath, Param, dag, task
 
 from cliniko_provider.assets.cliniko import cliniko_attachments
 from cliniko_provider.hooks.cliniko import ClinikoHook
-from cliniko_provider.utils.audit import merge_manifests
+from cliniko_provider.nightly import in_batches, resolve_reports, run_date, summarize_night, uploads_of
 
-# Seconds between checks while Cliniko processes the files. `make demo` sets 2 to finish sooner;
-# at night, 15 keeps the requests few.
+# Seconds between checks while Cliniko processes the files (`make demo` sets 2).
 POLL_INTERVAL = float(os.environ.get("CLINIKO_EXAMPLE_POLL_INTERVAL", "15"))
 CLINIKO_CONN_ID = "cliniko_default"
 NIGHTLY_ATTACHMENTS = cliniko_attachments(CLINIKO_CONN_ID)  # the asset cliniko_tell_clinicians waits for
@@ -68,6 +36,7 @@ MAX_ACTIVE_BATCHES = 4  # upload tasks of this DAG running at once
 AIRFLOW_HOME = Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser()
 REPORT_ROOT = (AIRFLOW_HOME / "cliniko-reports").as_uri()
 AUDIT_PATH = str(AIRFLOW_HOME / "cliniko-audit")  # one manifest per upload task, merged per night
+Reports = list[dict[str, Any]]
 
 log = logging.getLogger("cliniko_nightly_report_export")  # its lines go to the task log
 
@@ -92,18 +61,13 @@ PATIENT_SCHEMA = {
 }
 
 
-def report_date(dag_run: Any) -> str:
-    """The date a run reports on: its logical date, or the day it ran for a manual run without one."""
-    return str((dag_run.logical_date or dag_run.run_after).date().isoformat())
-
-
 def report_description(ds: str, reference: str) -> str:
     """The description shown in Cliniko; also how a re-run recognises reports already attached."""
     return f"Nightly report {ds} ({reference})"
 
 
 def write_report(path: ObjectStoragePath, patient: dict[str, str], ds: str) -> int:
-    """Write one patient's CSV report for the date; return its size in bytes."""
+    """Write one patient's CSV report for the date (made-up measures); return its size in bytes."""
     seed = int(hashlib.sha256(f"{patient['reference']}|{ds}".encode()).hexdigest()[:8], 16)
     out = io.StringIO()
     writer = csv.writer(out)
@@ -155,16 +119,14 @@ def cliniko_nightly_report_export() -> None:
     """Generate, attach and confirm one report per patient for the run date."""
 
     @task
-    def extract_patients(params: Any = None) -> list[dict[str, str]]:
+    def extract_patients(params: Any = None) -> Reports:
         """Return the patients to report on (replace with your warehouse query)."""
         return [dict(row) for row in params["patients"]]
 
     @task
-    def generate_reports(
-        patients: list[dict[str, str]], dag_run: Any = None, params: Any = None
-    ) -> list[dict[str, str]]:
+    def generate_reports(patients: Reports, dag_run: Any = None, params: Any = None) -> Reports:
         """Write one CSV per patient; return where each report is."""
-        ds = report_date(dag_run)
+        ds = run_date(dag_run)
         root = ObjectStoragePath(params["report_root"]) / ds
         reports = []
         for patient in patients:
@@ -174,39 +136,17 @@ def cliniko_nightly_report_export() -> None:
         return reports
 
     @task
-    def resolve_patients(
-        reports: list[dict[str, str]], ti: Any = None, params: Any = None
-    ) -> list[list[dict[str, Any]]]:
-        """Map reports to Cliniko patient ids; skip unknown patients and reports already attached.
-
-        Returns the resolved reports in batches of ``batch_size``; the skipped ones go to XCom ``skipped``.
-        """
-        if not reports:
-            return []
-        ds = reports[0]["date"]
-        hook = ClinikoHook(CLINIKO_CONN_ID)
-        patients = hook.match_patients(
-            [report["reference"] for report in reports], [report["email"] for report in reports]
+    def resolve_patients(reports: Reports, ti: Any = None, params: Any = None) -> list[Reports]:
+        """Map reports to patient ids in batches; the skipped ones (with reasons) go to XCom ``skipped``."""
+        ds = reports[0]["date"] if reports else ""
+        resolved, skipped = resolve_reports(
+            ClinikoHook(CLINIKO_CONN_ID),
+            reports,
+            lambda report: report_description(report["date"], report["reference"]),
+            attached_filter=f"description:~Nightly report {ds} (",
         )
-        attached = {
-            (str(record["patient"]["links"]["self"]).rsplit("/", 1)[-1], record.get("description"))
-            for record in hook.list_attachments(f"description:~Nightly report {ds} (")
-        }
-        resolved: list[dict[str, Any]] = []
-        skipped: list[dict[str, Any]] = []
-        for report in reports:
-            patient = patients.get(report["reference"]) or patients.get(report["email"])
-            if patient is None:
-                skipped.append({**report, "reason": "no Cliniko patient with this old_reference_id or email"})
-                continue
-            description = report_description(ds, report["reference"])
-            if (str(patient["id"]), description) in attached:
-                skipped.append({**report, "reason": f"already attached to patient {patient['id']}"})
-                continue
-            resolved.append({**report, "patient_id": str(patient["id"])})
         ti.xcom_push(key="skipped", value=skipped)
-        size = max(1, int(params["batch_size"]))
-        return [resolved[start : start + size] for start in range(0, len(resolved), size)]
+        return in_batches(resolved, params["batch_size"])
 
     @task.cliniko_upload(
         cliniko_conn_id=CLINIKO_CONN_ID,
@@ -222,76 +162,17 @@ def cliniko_nightly_report_export() -> None:
         retry_exponential_backoff=2.0,
         outlets=[NIGHTLY_ATTACHMENTS],
     )
-    def upload_reports(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Return one batch's uploads; the decorator attaches them and waits until Cliniko processed them.
-
-        resolve_patients already checked, in bulk, what is attached for this date; the upload looks for
-        its own earlier uploads only when a try is retried or cleared, by description and content.
-        """
-        return [
-            {
-                "patient_id": report["patient_id"],
-                "file_path": report["file_path"],
-                "description": report_description(report["date"], report["reference"]),
-            }
-            for report in batch
-        ]
+    def upload_reports(batch: Reports) -> Reports:
+        """Return one batch's uploads; the decorator attaches them and waits until Cliniko processed them."""
+        return uploads_of(batch)
 
     @task(trigger_rule="all_done")
     def summarize(
-        reports: list[dict[str, str]], ti: Any = None, params: Any = None, dag_run: Any = None
+        reports: Reports, ti: Any = None, params: Any = None, dag_run: Any = None
     ) -> dict[str, Any]:
         """Name every report uploaded, skipped and failed, with reasons, and the night's manifest."""
-        batches = ti.xcom_pull(task_ids="resolve_patients") or []
-        skipped = ti.xcom_pull(task_ids="resolve_patients", key="skipped") or []
-        uploaded, failed = [], []
-        for index, batch in enumerate(batches):
-            # A batch task leaves one result per report, in order, even when it fails; a task that died
-            # before it could (a killed worker) leaves none: then each of its reports failed with it.
-            results = ti.xcom_pull(task_ids="upload_reports", map_indexes=index)
-            if not isinstance(results, list) or len(results) != len(batch):
-                error = ti.xcom_pull(task_ids="upload_reports", key="cliniko_error", map_indexes=index)
-                results = [{"error": error or "the batch's upload task failed; see its log"}] * len(batch)
-            for upload, result in zip(batch, results, strict=True):
-                entry = {
-                    "reference": upload["reference"],
-                    "patient_id": upload["patient_id"],
-                    "attachment_id": result.get("attachment_id"),
-                }
-                if result.get("error"):
-                    failed.append({**entry, "file_path": upload["file_path"], "reason": result["error"]})
-                elif result.get("status") != "processed":  # only what Cliniko confirmed counts as uploaded
-                    reason = (
-                        "not confirmed processed by Cliniko (the task's wait ended early); a rerun checks"
-                    )
-                    failed.append({**entry, "file_path": upload["file_path"], "reason": reason})
-                else:
-                    uploaded.append({**entry, "processed_at": result.get("processed_at")})
-        summary = {"reports": len(reports or []), "uploaded": uploaded, "skipped": skipped, "failed": failed}
-        if params and dag_run is not None:
-            manifest, lines = merge_manifests(params["audit_path"], dag_run.dag_id, dag_run.run_id)
-            summary["manifest"] = manifest
-            log.info("Audit manifest of the night: %s (%d line(s))", manifest, len(lines))
-        log.info(
-            "Cliniko nightly export: %d uploaded, %d skipped, %d failed",
-            len(uploaded),
-            len(skipped),
-            len(failed),
-        )
-        for item in uploaded:
-            log.info(
-                "  uploaded %s: patient %s, attachment %s",
-                item["reference"],
-                item["patient_id"],
-                item["attachment_id"],
-            )
-        for item in skipped:
-            log.info("  skipped %s: %s", item["reference"], item["reason"])
-        for item in failed:
-            log.warning("  failed %s (patient %s): %s", item["reference"], item["patient_id"], item["reason"])
-        if failed:
-            raise RuntimeError(f"{len(failed)} report(s) failed to upload; see the summary above")
-        return summary
+        audit_path = params["audit_path"] if params else None
+        return summarize_night(ti, reports, audit_path=audit_path, dag_run=dag_run, logger=log)
 
     patients = extract_patients()
     reports = generate_reports(patients)

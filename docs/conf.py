@@ -52,6 +52,7 @@ USER_FACING = (
     "assets",
     "exceptions",
     "cli",
+    "nightly",
 )
 PARAM = re.compile(r":param\s+(?:[^:]*\s)?(\*{0,2}\w+):")
 log = logging.getLogger(__name__)
