@@ -51,10 +51,10 @@ demo: install
 bench: install
 	$(BIN)/python -m tests.bench
 
-## make docs: the API reference in docs/_build/html, from the docstrings; fails on any warning, including a
+## make docs: the API reference in docs/_build/html, from the docstrings; fails on any warning (a broken reference to a public name, nitpicky), including a
 ## public class, function or parameter without documentation (docs/conf.py)
 docs: install
-	$(BIN)/sphinx-build -E -W --keep-going -q -b html docs docs/_build/html
+	$(BIN)/sphinx-build -E -n -W --keep-going -q -b html docs docs/_build/html
 	@echo "API reference: docs/_build/html/index.html"
 
 sandbox: install
