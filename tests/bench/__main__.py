@@ -6,7 +6,7 @@ import importlib
 import sys
 import time
 
-SECTIONS = ("sandbox", "upload", "triggers", "economy", "cluster")
+SECTIONS = ("sandbox", "upload", "streams", "triggers", "economy", "cluster")
 
 
 def main(argv: list[str]) -> int:
