@@ -218,6 +218,14 @@ class ClinikoIntegrityError(ClinikoError, AirflowFailException):
     """
 
 
+class ClinikoDeferralError(ClinikoError):
+    """Airflow ended a deferred wait for Cliniko's processing before the trigger reported.
+
+    Its deferral timeout passed (the triggerer down or behind) or the trigger failed in the triggerer.
+    Retryable: the attachment exists; a retry finds it (uploading nothing again) and waits anew.
+    """
+
+
 class ClinikoBatchError(ClinikoError):
     """Some uploads of a batch failed, and retrying the task may fix at least one of them."""
 

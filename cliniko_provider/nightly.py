@@ -128,7 +128,8 @@ def summarize_batches(
     result with status ``"processed"`` (confirmed by Cliniko) counts as uploaded.
 
     Returns ``(uploaded, failed)``: entries with ``reference``, ``patient_id`` and ``attachment_id``, and
-    ``processed_at`` (uploaded) or ``file_path`` and ``reason`` (failed).
+    ``processed_at`` and ``verification`` (uploaded: the highest integrity check passed, e.g. ``"content"``)
+    or ``file_path`` and ``reason`` (failed: a failed check's reason names both sides).
 
     :param batches: the resolved batches, reports with ``reference``, ``patient_id`` and ``file_path``.
     :param results: per batch, what its task returned (a list of results), or None.
@@ -153,7 +154,13 @@ def summarize_batches(
             elif result.get("status") != PROCESSED:
                 failed.append({**entry, "file_path": upload.get("file_path"), "reason": NOT_CONFIRMED})
             else:
-                uploaded.append({**entry, "processed_at": result.get("processed_at")})
+                uploaded.append(
+                    {
+                        **entry,
+                        "processed_at": result.get("processed_at"),
+                        "verification": result.get("verification"),
+                    }
+                )
     return uploaded, failed
 
 
@@ -170,10 +177,11 @@ def log_summary(summary: Mapping[str, Any], logger: logging.Logger | None = None
     )
     for item in uploaded:
         logger.info(
-            "  uploaded %s: patient %s, attachment %s",
+            "  uploaded %s: patient %s, attachment %s%s",
             item["reference"],
             item["patient_id"],
             item["attachment_id"],
+            f" (verified: {item['verification']})" if item.get("verification") else "",
         )
     for item in skipped:
         logger.info("  skipped %s: %s", item.get("reference"), item.get("reason"))

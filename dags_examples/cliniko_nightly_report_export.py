@@ -4,9 +4,10 @@ extract_patients (stands in for your warehouse query) -> generate_reports (one C
 ``report_root``, a path or URI every worker reads) -> resolve_patients (Cliniko patient by
 ``old_reference_id``, then email; skips unknown patients and reports already attached for the date) ->
 upload_reports (``@task.cliniko_upload`` mapped over batches of ``batch_size``; waits in the triggerer;
-emits the asset ``cliniko_tell_clinicians`` is scheduled on) -> summarize (every report uploaded, skipped
-or failed, with reasons; merges the night's audit manifest under ``audit_path``). The wiring is
-``cliniko_provider.nightly``; README.md ("The nightly export example") and the API reference say more.
+checks what Cliniko holds as ``verify`` says; emits the asset ``cliniko_tell_clinicians`` is scheduled
+on) -> summarize (every report uploaded, skipped or failed, with reasons and how each was verified;
+merges the night's audit manifest under ``audit_path``). The wiring is ``cliniko_provider.nightly``;
+README.md ("The nightly export example") and the API reference say more.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def write_report(path: ObjectStoragePath, patient: dict[str, str], ds: str) -> i
             title="Audit path",
             description="Where each night's audit manifest goes: a local directory or a URI (s3://...).",
         ),
+        "verify": Param(
+            "size",
+            enum=["size", "content"],
+            title="Verification",
+            description="'size': Cliniko's processed size and name are checked, at no request. 'content': "
+            "each file is also read back and its SHA-256 compared (a request and the file's bytes each).",
+        ),
     },
     tags=["cliniko", "example"],
 )
@@ -157,6 +165,7 @@ def cliniko_nightly_report_export() -> None:
         poll_interval=POLL_INTERVAL,
         timeout=3600,
         audit_path="{{ params.audit_path }}",
+        verify="{{ params.verify }}",
         retries=2,
         retry_delay=pendulum.duration(seconds=30),
         retry_exponential_backoff=2.0,

@@ -11,15 +11,30 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cliniko_provider.exceptions import ClinikoBatchFinalError, ClinikoInputError
+from cliniko_provider.exceptions import (
+    ClinikoBatchError,
+    ClinikoBatchFinalError,
+    ClinikoDeferralError,
+    ClinikoError,
+    ClinikoInputError,
+)
 from cliniko_provider.hooks.cliniko import ClinikoHook
-from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator, ClinikoBatchUploadOperator
+from cliniko_provider.nightly import summarize_batches
+from cliniko_provider.operators.cliniko import (
+    ClinikoAttachmentUploadOperator,
+    ClinikoBatchUploadOperator,
+    TaskDeferralError,
+    TaskDeferralTimeout,
+)
+from cliniko_provider.triggers.cliniko import success_event
 from cliniko_provider.utils.audit import (
+    AUDIT_FACTS_KEY,
     AuditRecord,
     manifest_location,
     merge_manifests,
@@ -29,7 +44,7 @@ from cliniko_provider.utils.audit import (
     write_manifest,
 )
 from tests.conftest import SANDBOX_KEY
-from tests.helpers import fake_context
+from tests.helpers import fake_context, sandbox_control, sandbox_faults
 
 JsonDict = dict[str, Any]
 
@@ -239,6 +254,180 @@ def test_the_single_file_operator_writes_its_line_on_success_and_on_failure(
     assert failed.failed and "no such patient" in str(failed.error) and failed.retryable is False
     assert failed.status == "error"
     assert failed.attachment_id is None and failed.size == path.stat().st_size
+
+
+# --- a manifest whatever ends the task: no files, bad input, Airflow's deferral timeout ----------------
+
+
+def test_an_empty_batch_writes_an_empty_manifest(tmp_path: Path) -> None:
+    op = ClinikoBatchUploadOperator(task_id="upload", uploads=[], audit_path=str(tmp_path))
+    assert op.execute(fake_context(map_index=4)) == []
+    where = manifest_location(tmp_path, "nightly", "manual__1", "upload", 4)
+    assert where.read_bytes() == b"" and read_manifest(where) == []  # the night's record shows it ran
+    assert merge_manifests(tmp_path, "nightly", "manual__1")[1] == []
+
+
+@pytest.mark.parametrize("uploads", ["a.pdf", {"patient_id": "1", "file_path": "/a"}, 7, None])
+def test_uploads_that_are_not_a_list_fail_with_a_manifest_line_saying_why(
+    uploads: Any, tmp_path: Path
+) -> None:
+    ctx = fake_context(map_index=3)
+    op = ClinikoBatchUploadOperator(task_id="upload", uploads=uploads, audit_path=str(tmp_path))
+    with pytest.raises(ClinikoInputError, match="uploads must be a list of dicts"):
+        op.execute(ctx)
+    (line,) = read_manifest(manifest_location(tmp_path, "nightly", "manual__1", "upload", 3))
+    assert (line.status, line.index, line.map_index, line.patient_id, line.source) == (
+        "error",
+        None,
+        3,
+        None,
+        None,
+    )
+    assert str(line.error).startswith("uploads must be a list of dicts, got ") and line.retryable is False
+    assert line.error == ctx["ti"].pushed["cliniko_error"]
+
+
+def test_a_manifest_that_cannot_be_written_leaves_the_tasks_own_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    op = ClinikoBatchUploadOperator(task_id="upload", uploads="a.pdf", audit_path=str(tmp_path / "file"))
+    with pytest.raises(ClinikoInputError, match="uploads must be a list"):
+        op.execute(fake_context())
+    assert "The audit manifest could not be written: [Errno 20] Not a directory" in capsys.readouterr().out
+
+
+def deferred_batch(pushed_results: bool = True) -> Any:
+    """The XCom a batch left before deferring: one processed at once, one waiting, one failed."""
+    ctx = fake_context()
+    results: list[JsonDict] = [
+        {"index": 0, "patient_id": "1", "file_path": "/a", "attachment_id": "10", "status": "processed",
+         "processed_at": "2026-01-01T00:00:00Z", "size": 3, "filename": "a", "verification": "processed"},
+        {"index": 1, "patient_id": "1", "file_path": "/b", "attachment_id": "11", "status": "waiting",
+         "size": 4, "filename": "b", "sha256": "ab" * 32, "verification": "etag"},
+        {"index": 2, "patient_id": "1", "file_path": "/c", "attachment_id": None, "status": "error",
+         "error": "no such file", "retryable": False},
+    ]  # fmt: skip
+    if pushed_results:
+        ctx["ti"].xcom_push("return_value", results)
+    ctx["ti"].xcom_push(AUDIT_FACTS_KEY, {"1": {"created_at": "2026-01-01T00:00:01Z"}})
+    return ctx
+
+
+@pytest.mark.parametrize(
+    ("next_kwargs", "words"),
+    [
+        (
+            {"error": "Trigger timeout"},
+            "Airflow's deferral timeout (70 s: timeout=5 plus poll_interval plus 60 s)",
+        ),
+        ({"error": "Trigger failure", "traceback": ["boom"]}, "failed in the triggerer (Trigger failure;"),
+    ],
+)
+def test_when_airflow_ends_the_wait_each_waiting_file_fails_in_xcom_and_the_manifest(
+    tmp_path: Path, next_kwargs: JsonDict, words: str
+) -> None:
+    ctx = deferred_batch()
+    op = ClinikoBatchUploadOperator(
+        task_id="upload", uploads=[], timeout=5, poll_interval=5, audit_path=str(tmp_path)
+    )
+    # What Airflow's task runner calls when the scheduler ended the deferral (next_method "__fail__").
+    with pytest.raises(ClinikoBatchError, match=r"2 of 3 upload\(s\) failed") as raised:
+        op.resume_execution("__fail__", next_kwargs, ctx)
+    assert not isinstance(raised.value, ClinikoBatchFinalError)  # a retry finds the attachment, waits anew
+    assert isinstance(raised.value.__cause__, (TaskDeferralTimeout, TaskDeferralError))
+    results = ctx["ti"].pushed["return_value"]
+    assert [r["status"] for r in results] == ["processed", "error", "error"]
+    assert words in results[1]["error"] and results[1]["retryable"] is True
+    assert results[1]["attachment_id"] == "11" and results[2]["error"] == "no such file"
+    assert words in ctx["ti"].pushed["cliniko_error"]
+    lines = read_manifest(manifest_location(tmp_path, "nightly", "manual__1", "upload", None))
+    assert [line.status for line in lines] == ["processed", "error", "error"]
+    assert words in str(lines[1].error) and lines[1].attachment_id == "11"
+    assert (lines[1].created_at, lines[1].sha256) == ("2026-01-01T00:00:01Z", "ab" * 32)
+    batch = [{"reference": f"R{n}", "patient_id": "1", "file_path": f"/{c}"} for n, c in enumerate("abc")]
+    uploaded, failed = summarize_batches([batch], [results])
+    assert [u["reference"] for u in uploaded] == ["R0"] and [f["reference"] for f in failed] == ["R1", "R2"]
+
+
+def test_a_deferral_timeout_with_the_results_gone_still_writes_the_manifest(tmp_path: Path) -> None:
+    ctx = deferred_batch(pushed_results=False)
+    op = ClinikoBatchUploadOperator(task_id="upload", uploads=[], audit_path=str(tmp_path))
+    with pytest.raises(ClinikoError, match="results are missing from XCom"):
+        op.resume_execution("__fail__", {"error": "Trigger timeout"}, ctx)
+    (line,) = read_manifest(manifest_location(tmp_path, "nightly", "manual__1", "upload", None))
+    assert line.status == "error" and "deferral timeout (3690 s: timeout=3600" in str(line.error)
+    assert "deferral timeout" in ctx["ti"].pushed["cliniko_error"]
+
+
+def test_a_resume_with_the_triggers_event_still_completes(tmp_path: Path) -> None:
+    ctx = deferred_batch()
+    op = ClinikoBatchUploadOperator(task_id="upload", uploads=[], audit_path=str(tmp_path))
+    event = {"status": "done", "attachments": {"11": success_event("11", {"id": "11", "processed_at": "t"})}}
+    with pytest.raises(ClinikoBatchFinalError, match=r"1 of 3"):  # only the file that had failed
+        op.resume_execution("execute_complete", {"event": event}, ctx)
+    assert [r["status"] for r in ctx["ti"].pushed["return_value"]] == ["processed", "processed", "error"]
+
+
+def test_when_airflow_ends_a_single_uploads_wait_its_line_says_why(tmp_path: Path) -> None:
+    ctx = fake_context(map_index=0)
+    facts = {
+        "patient_id": "1",
+        "file_path": "/a.pdf",
+        "attachment_id": "42",
+        "size": 9,
+        "verification": "etag",
+    }
+    ctx["ti"].xcom_push(AUDIT_FACTS_KEY, facts)
+    op = ClinikoAttachmentUploadOperator(
+        task_id="one", patient_id="1", file_path="/a.pdf", wait_for_completion=True, deferrable=True,
+        timeout=100, poll_interval=10, audit_path=str(tmp_path),
+    )  # fmt: skip
+    with pytest.raises(ClinikoDeferralError, match=r"deferral timeout \(170 s: timeout=100 .*raise the"):
+        op.resume_execution("__fail__", {"error": "Trigger timeout"}, ctx)
+    assert "deferral timeout" in ctx["ti"].pushed["cliniko_error"]
+    (line,) = read_manifest(manifest_location(tmp_path, "nightly", "manual__1", "upload", 0))
+    assert (line.status, line.attachment_id, line.retryable) == ("error", "42", True)
+    assert "deferral timeout (170 s" in str(line.error) and line.processed_at is None
+
+
+def test_airflows_deferral_timeout_through_the_operator_against_the_sandbox(
+    hook: ClinikoHook, tmp_path: Path, sandbox: Any
+) -> None:
+    """Processing held in the sandbox: the batch defers; Airflow's deferral timeout ends the wait."""
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    patient = str(hook.create_patient("Audit", uuid.uuid4().hex[:8])["id"])
+    files = [text_file(tmp_path, f"held{n}.txt", str(n)) for n in range(2)]
+    uploads = [{"patient_id": patient, "file_path": str(f)} for f in files]
+    kwargs: JsonDict = dict(
+        task_id="upload", uploads=uploads, wait_for_completion=True, deferrable=True, poll_interval=0.5,
+        timeout=2, audit_path=str(tmp_path / "audit"), verify="{{ params.verify }}",
+    )  # fmt: skip
+    ctx = fake_context()
+    with sandbox_faults(sandbox, processing_delay=3600):  # never processed while the task waits
+        try:
+            op = ClinikoBatchUploadOperator(**kwargs)
+            op.hook, op.verify = hook, "content"  # as rendered from the param
+            with pytest.raises(TaskDeferred) as deferred:
+                op.execute(ctx)
+            assert deferred.value.timeout == timedelta(seconds=62.5)  # after the trigger's deadline
+            ctx["ti"].pushed = json.loads(json.dumps(ctx["ti"].pushed))  # as XCom keeps them
+            resumed = ClinikoBatchUploadOperator(**kwargs)  # a new worker process resumes the task
+            resumed.hook, resumed.verify = hook, "content"
+            with pytest.raises(ClinikoBatchError, match=r"2 of 2 upload\(s\) failed") as raised:
+                resumed.resume_execution("__fail__", {"error": "Trigger timeout"}, ctx)
+        finally:
+            sandbox_control(sandbox, "processing/finish", after=0)
+    assert not isinstance(raised.value, ClinikoBatchFinalError)
+    results = ctx["ti"].pushed["return_value"]
+    assert [r["status"] for r in results] == ["error", "error"]
+    assert all("deferral timeout (62.5 s: timeout=2" in r["error"] for r in results)
+    lines = read_manifest(tmp_path / "audit" / "nightly" / "manual__1" / "upload.jsonl")
+    assert [line.status for line in lines] == ["error", "error"]
+    assert [line.attachment_id for line in lines] == [r["attachment_id"] for r in results]
+    assert all(line.sha256 and line.created_at and line.processed_at is None for line in lines)
+    assert len(list(hook.list_attachments(patient_id=patient))) == 2  # nothing made twice
 
 
 # --- writing, reading, merging ------------------------------------------------------------------------

@@ -439,7 +439,7 @@ def test_an_empty_batch_succeeds_with_nothing_to_do() -> None:
 
 
 def test_uploads_are_templated() -> None:
-    assert ClinikoBatchUploadOperator.template_fields == ("uploads", "audit_path")
+    assert ClinikoBatchUploadOperator.template_fields == ("uploads", "audit_path", "verify")
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 from cliniko_provider.exceptions import (
     AirflowFailException,
     ClinikoBatchFinalError,
+    ClinikoInputError,
     ClinikoIntegrityError,
     S3IntegrityError,
 )
@@ -131,12 +133,29 @@ def test_processed_record_with_another_name_names_both() -> None:
 
 def test_verify_argument() -> None:
     assert check_verify(None, False) is None
+    assert check_verify("", False) is None  # a template rendered empty
     assert check_verify("content", True) == "content"
-    with pytest.raises(ValueError, match="wait_for_completion=True"):
-        check_verify("content", False)
-    for bad in ("contents", "etag", True, ""):
-        with pytest.raises(ValueError, match="None or 'content'"):
+    assert check_verify("size", True) == "size"
+    for level in ("content", "size"):
+        with pytest.raises(ValueError, match=f"verify='{level}' checks .* set wait_for_completion=True"):
+            check_verify(level, False)
+    for bad in ("contents", "etag", "processed", "None", True, 0, " content"):
+        with pytest.raises(ValueError, match=r"^verify must be None, 'size' or 'content', got .*\. 'size'"):
             check_verify(bad, True)
+
+
+def test_a_templated_verify_is_checked_once_rendered() -> None:
+    for template in ("{{ params.verify }}", "{% if x %}content{% endif %}"):
+        assert check_verify(template, False) == template  # before rendering: left to execute
+    with pytest.raises(ClinikoInputError, match=r"got 'contnet' \(as rendered\)\. .*DAG param"):
+        check_verify("contnet", True, rendered=True)
+    with pytest.raises(
+        ClinikoInputError, match=re.escape("got '{{ params.verify }}'")
+    ):  # rendered: no template left
+        check_verify("{{ params.verify }}", True, rendered=True)
+    with pytest.raises(ClinikoInputError, match="wait_for_completion=True"):
+        check_verify("content", False, rendered=True)
+    assert check_verify("content", True, rendered=True) == "content"
 
 
 def test_levels() -> None:
@@ -326,8 +345,60 @@ def test_verify_content_needs_the_wait() -> None:
     ):
         with pytest.raises(ValueError, match="wait_for_completion=True"):
             operator(verify="content")
-        with pytest.raises(ValueError, match="None or 'content'"):
-            operator(verify="size", wait_for_completion=True)
+        with pytest.raises(ValueError, match="None, 'size' or 'content'"):
+            operator(verify="sizes", wait_for_completion=True)
+
+
+def test_verify_is_templated_on_the_operators_and_the_decorator() -> None:
+    from tests.test_decorator import decorated
+
+    template = "{{ params.verify }}"
+    for op in (
+        ClinikoAttachmentUploadOperator(
+            task_id="t", patient_id="1", file_path="/a", wait_for_completion=True, verify=template
+        ),
+        ClinikoBatchUploadOperator(task_id="t", uploads=[], wait_for_completion=True, verify=template),
+        decorated(wait_for_completion=True, verify=template),
+    ):
+        assert "verify" in op.template_fields and op.verify == template  # checked once rendered
+        op.render_template_fields({"params": {"verify": "content"}})
+        assert op.verify == "content"
+
+
+def rendered(op: Any, verify: str) -> Any:
+    op.render_template_fields({"params": {"verify": verify}})
+    return op
+
+
+@pytest.mark.parametrize("verify", ["contnet", "etag"])
+def test_a_verify_rendered_to_another_value_fails_the_task_before_any_request(
+    verify: str, tmp_path: Path
+) -> None:
+    """No connection is set (a request would fail otherwise); each leaves its reason in XCom and manifest."""
+    from cliniko_provider.decorators.cliniko import _ClinikoUploadDecoratedOperator
+    from cliniko_provider.utils.audit import manifest_location, read_manifest
+
+    common: JsonDict = {"wait_for_completion": True, "verify": "{{ params.verify }}"}
+    uploads = [{"patient_id": "1", "file_path": str(tmp_path / "a.pdf")}]
+    operators = {
+        "single": ClinikoAttachmentUploadOperator(
+            task_id="single", patient_id="1", file_path=str(tmp_path / "a.pdf"), **common
+        ),
+        "batch": ClinikoBatchUploadOperator(task_id="batch", uploads=uploads, **common),
+        "decorated": _ClinikoUploadDecoratedOperator(
+            task_id="decorated", python_callable=lambda: uploads, **common
+        ),
+    }
+    for name, op in operators.items():
+        op.audit_path = str(tmp_path / name)
+        ctx = fake_context()
+        with pytest.raises(
+            ClinikoInputError, match=rf"^verify must be None, 'size' or 'content', got '{verify}'"
+        ):
+            rendered(op, verify).execute(ctx)
+        assert ctx["ti"].pushed["cliniko_error"].startswith("verify must be None, 'size' or 'content'")
+        (line,) = read_manifest(manifest_location(tmp_path / name, "nightly", "manual__1", "upload", None))
+        assert line.status == "error" and str(line.error).startswith("verify must be") and not line.retryable
 
 
 def test_a_processed_size_that_differs_fails_the_file_with_both_sizes(

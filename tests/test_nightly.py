@@ -136,6 +136,7 @@ def test_only_processed_results_count_as_uploaded() -> None:
             "patient_id": "11",
             "attachment_id": "100",
             "processed_at": "2026-01-01T00:00:00Z",
+            "verification": None,
         }
     ]
     assert failed == [
@@ -187,7 +188,7 @@ def test_the_night_is_summarised_logged_and_its_manifests_merged(
         {
             ("resolve", "return_value", None): [BATCH],
             ("resolve", "skipped", None): [{"reference": "R9", "reason": NO_PATIENT}],
-            ("up", "return_value", 0): [processed(0), processed(1)],
+            ("up", "return_value", 0): [{**processed(0), "verification": "content"}, processed(1)],
         }
     )
     logger = logging.getLogger("test_nightly")
@@ -207,7 +208,7 @@ def test_the_night_is_summarised_logged_and_its_manifests_merged(
     assert ("up", "cliniko_error", 0) not in ti.pulls  # a batch with all its results needs no error
     assert caplog.messages[1:] == [
         "Cliniko nightly export: 2 uploaded, 1 skipped, 0 failed",
-        "  uploaded R0: patient 11, attachment 100",
+        "  uploaded R0: patient 11, attachment 100 (verified: content)",
         "  uploaded R1: patient 11, attachment 101",
         f"  skipped R9: {NO_PATIENT}",
     ]

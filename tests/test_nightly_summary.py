@@ -44,3 +44,12 @@ def test_processed_results_are_uploaded() -> None:
     results = [{"attachment_id": str(10 + n), "status": "processed", "processed_at": "t"} for n in range(2)]
     summary = summarize(SummaryTI([BATCH], {0: results}), REPORTS)
     assert [item["attachment_id"] for item in summary["uploaded"]] == ["10", "11"] and not summary["failed"]
+
+
+def test_the_upload_task_verifies_as_the_run_param_says() -> None:
+    dag = cliniko_nightly_report_export()
+    param = dag.params.get_param("verify")
+    assert (param.value, param.schema["enum"]) == ("size", ["size", "content"])  # free by default
+    assert "a request and the file's bytes each" in str(param.description)
+    task = dag.get_task("upload_reports")
+    assert task.partial_kwargs["verify"] == "{{ params.verify }}"  # type: ignore[attr-defined]

@@ -302,6 +302,7 @@ def test_user_facing_arguments_are_templated() -> None:
         "description",
         "idempotency_key",
         "audit_path",
+        "verify",
     }
 
 

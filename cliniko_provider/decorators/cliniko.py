@@ -25,9 +25,9 @@ class _ClinikoUploadDecoratedOperator(DecoratedOperator, ClinikoBatchUploadOpera
 
     The function returns the batch operator's ``uploads``: a list of dicts with ``patient_id`` and
     ``file_path``, and optionally ``filename``, ``description`` and ``idempotency_key``. Its arguments are
-    templated (as for ``@task``), and so are the batch operator's templated arguments (``audit_path``...);
-    what it returns is data and is not rendered again, so a description holding ``{{`` reaches Cliniko
-    exactly as returned. Every other argument goes to the batch operator.
+    templated (as for ``@task``), and so are the batch operator's templated arguments (``audit_path``,
+    ``verify``); what it returns is data and is not rendered again, so a description holding ``{{`` reaches
+    Cliniko exactly as returned. Every other argument goes to the batch operator.
 
     :param python_callable: the decorated function.
     :param op_args: its positional arguments (templated).

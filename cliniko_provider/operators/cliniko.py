@@ -8,15 +8,24 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from airflow.providers.common.compat.sdk import conf
 from airflow.sdk import BaseOperator
+
+try:
+    from airflow.sdk.exceptions import TaskDeferralError, TaskDeferralTimeout
+except ImportError:  # Airflow 3.1 and 3.2 keep them in core
+    from airflow.exceptions import (  # type: ignore[attr-defined,no-redef]
+        TaskDeferralError,
+        TaskDeferralTimeout,
+    )
 
 from cliniko_provider.assets.cliniko import attachment_counts, record_asset_events
 from cliniko_provider.exceptions import (
     ClinikoBatchError,
     ClinikoBatchFinalError,
+    ClinikoDeferralError,
     ClinikoError,
     ClinikoInputError,
     ClinikoIntegrityError,
@@ -68,6 +77,39 @@ if TYPE_CHECKING:
 
 JsonDict = dict[str, Any]
 INTEGRITY_ERRORS = (S3IntegrityError, ClinikoIntegrityError)  # a verification failed (the manifest says so)
+DEFERRAL_MARGIN = 60.0  # seconds Airflow's deferral timeout leaves beyond the trigger's own deadline
+
+
+def deferral_timeout(timeout: float, poll_interval: float) -> timedelta:
+    """Return Airflow's deferral timeout for a wait of ``timeout`` s: after the trigger's own deadline.
+
+    :param timeout: the operator's ``timeout`` (the trigger's deadline, from the deferral).
+    :param poll_interval: the operator's ``poll_interval`` (the trigger's last round may take that long).
+    """
+    return timedelta(seconds=timeout + poll_interval + DEFERRAL_MARGIN)
+
+
+def deferral_ended(ended: BaseException, timeout: float, poll_interval: float) -> ClinikoDeferralError:
+    """Return the error for a deferred wait Airflow ended: its deferral timeout, or a trigger that failed.
+
+    :param ended: what Airflow raised on resuming the task (``TaskDeferralTimeout`` or ``TaskDeferralError``).
+    :param timeout: the operator's ``timeout``.
+    :param poll_interval: the operator's ``poll_interval``.
+    """
+    after = "a retry (or a clear) finds it, uploading nothing again, and waits anew"
+    if isinstance(ended, TaskDeferralTimeout):
+        seconds = deferral_timeout(timeout, poll_interval).total_seconds()
+        return ClinikoDeferralError(
+            f"Airflow's deferral timeout ({seconds:g} s: timeout={timeout:g} plus poll_interval plus "
+            f"{DEFERRAL_MARGIN:g} s) ended the wait for Cliniko's processing before the trigger reported: "
+            f"not confirmed processed. The attachment exists; {after}. Fix: make sure a triggerer runs "
+            "(airflow triggerer) and keeps up with its triggers, or raise the operator's timeout."
+        )
+    return ClinikoDeferralError(
+        f"The trigger waiting for Cliniko's processing failed in the triggerer ("
+        f"{one_line(str(ended))[:300]}; its traceback is in the task log): not confirmed processed. "
+        f"The attachment exists; {after}."
+    )
 
 
 def audit_facts(outcome: UploadOutcome) -> JsonDict:
@@ -107,7 +149,34 @@ def verify_content(
         raise content_mismatch(attachment_id, expected, actual, count, size)
 
 
-class ClinikoAttachmentUploadOperator(BaseOperator):
+class _WaitingOperator(BaseOperator):
+    """An upload operator whose deferred wait, when Airflow ends it, fails its files saying why."""
+
+    timeout: float
+    poll_interval: float
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        """Resume after a deferral; when Airflow ended the wait instead, fail what was waiting, saying why.
+
+        Airflow resumes a task whose deferral timeout passed (or whose trigger failed) only to raise; each
+        file not confirmed processed then fails with
+        :class:`~cliniko_provider.exceptions.ClinikoDeferralError` (XCom and the manifest say ``"error"``),
+        and the task with it (retryable: a retry finds the attachments and waits anew).
+
+        :param next_method: the method to resume in (``"__fail__"`` when Airflow ended the wait).
+        :param next_kwargs: its keyword arguments.
+        :param context: the task context.
+        """
+        try:
+            return super().resume_execution(next_method, next_kwargs, context)
+        except (TaskDeferralTimeout, TaskDeferralError) as ended:
+            self._wait_ended(context, deferral_ended(ended, self.timeout, self.poll_interval), ended)
+
+    def _wait_ended(self, context: Context, error: ClinikoDeferralError, ended: BaseException) -> NoReturn:
+        raise NotImplementedError
+
+
+class ClinikoAttachmentUploadOperator(_WaitingOperator):
     """Upload one file into a Cliniko patient's record and return the attachment record (XCom).
 
     The three steps of Cliniko's upload guide: presign, a streamed POST to S3 (constant memory, exact
@@ -181,8 +250,10 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         index>].jsonl``, written atomically.
     :param verify: ``"content"`` to read the processed file back from Cliniko (``/content``, at most its
         size) and compare its SHA-256 with the source's; costs one request and the file's bytes, and
-        needs ``wait_for_completion=True``. Default None: S3's ETag and the processed record's size and
-        name are checked anyway, at no request (see :mod:`~cliniko_provider.utils.integrity`).
+        needs ``wait_for_completion=True``. ``"size"`` (or None, the default, when waiting) checks the
+        processed record's size and name, at no request; S3's ETag is checked in any case (see
+        :mod:`~cliniko_provider.utils.integrity`). Templated (e.g. ``"{{ params.verify }}"``), checked
+        once rendered: another value fails the task without retries, naming the values allowed.
     """
 
     template_fields: Sequence[str] = (
@@ -192,6 +263,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         "description",
         "idempotency_key",
         "audit_path",
+        "verify",
     )
     ui_color = "#e8f4f8"
     operator_extra_links = (ClinikoAttachmentsLink(),)
@@ -212,7 +284,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         look_for_existing: Literal["always", "on_retry"] = "on_retry",
         description_marker: bool = False,
         audit_path: str | os.PathLike[str] | None = None,
-        verify: Literal["content"] | None = None,
+        verify: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -253,6 +325,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         return record
 
     def _upload(self, context: Context) -> JsonDict:
+        self.verify = check_verify(self.verify, self.wait_for_completion, rendered=True)
         patient_id = validate_id("patient_id", self.patient_id)
         source = resolve_source(self.file_path)
         self._facts["size"] = source.size
@@ -302,7 +375,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
                     expect=expect,
                 ),
                 method_name="execute_complete",
-                timeout=timedelta(seconds=self.timeout + self.poll_interval + 60),
+                timeout=deferral_timeout(self.timeout, self.poll_interval),
             )
         self.log.info("Waiting for Cliniko to process attachment %s", attachment_id)
         processed = self.hook.wait_for_processing(
@@ -332,12 +405,10 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         :param context: the task context.
         :param event: the trigger's event.
         """
-        if self.audit_path:
-            ti = context["ti"]
-            facts = ti.xcom_pull(task_ids=ti.task_id, key=AUDIT_FACTS_KEY, map_indexes=ti.map_index)
-            self._facts = facts if isinstance(facts, dict) else {}
+        self._load_facts(context)
         ti = context["ti"]
         try:
+            self.verify = check_verify(self.verify, self.wait_for_completion, rendered=True)
             record = record_from_event(event)
             self._attachment_id = str(record["id"])
             summary = ti.xcom_pull(task_ids=ti.task_id, key="cliniko_upload", map_indexes=ti.map_index)
@@ -354,6 +425,20 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
             summary = ti.xcom_pull(task_ids=ti.task_id, key="cliniko_upload", map_indexes=ti.map_index)
             reused = isinstance(summary, dict) and bool(summary.get("reused"))
         return self._attached(context, record, reused)
+
+    def _wait_ended(self, context: Context, error: ClinikoDeferralError, ended: BaseException) -> NoReturn:
+        """Airflow ended the wait: the file fails with why, in XCom ``cliniko_error`` and the manifest."""
+        self._load_facts(context)
+        self._report_failure(context, error)
+        self._audit_failure(context, error)
+        raise error from ended
+
+    def _load_facts(self, context: Context) -> None:
+        """Take back what the manifest needs from XCom, where ``execute`` left it before deferring."""
+        if self.audit_path:
+            ti = context["ti"]
+            facts = ti.xcom_pull(task_ids=ti.task_id, key=AUDIT_FACTS_KEY, map_indexes=ti.map_index)
+            self._facts = facts if isinstance(facts, dict) else {}
 
     def _attached(self, context: Context, record: JsonDict, reused: bool) -> JsonDict:
         """Fill the ``cliniko://`` outlets' event extra (counts only) and return the record."""
@@ -417,7 +502,7 @@ class ClinikoAttachmentUploadOperator(BaseOperator):
         context["ti"].xcom_push(key="cliniko_error", value=reason)
 
 
-class ClinikoBatchUploadOperator(BaseOperator):
+class ClinikoBatchUploadOperator(_WaitingOperator):
     """Upload many files in one task, several at once, and return one compact result per file (XCom).
 
     Each file goes through exactly what :class:`ClinikoAttachmentUploadOperator` does for one (the same
@@ -476,11 +561,12 @@ class ClinikoBatchUploadOperator(BaseOperator):
         (see :mod:`cliniko_provider.utils.audit`), at ``<audit_path>/<dag_id>/<run_id>/<task_id>[-<map
         index>].jsonl``, written atomically.
     :param verify: ``"content"`` to read each processed file back from Cliniko and compare its SHA-256
-        with the source's (one request and the file's bytes per file; needs ``wait_for_completion=True``),
-        as for the single-file operator.
+        with the source's (one request and the file's bytes per file; needs ``wait_for_completion=True``);
+        ``"size"`` or None for the checks that cost no request (templated), as for the single-file
+        operator.
     """
 
-    template_fields: Sequence[str] = ("uploads", "audit_path")
+    template_fields: Sequence[str] = ("uploads", "audit_path", "verify")
     ui_color = "#e8f4f8"
     operator_extra_links = (ClinikoAttachmentsLink(),)
 
@@ -496,7 +582,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
         timeout: float = 60 * 60.0,
         look_for_existing: Literal["always", "on_retry"] = "on_retry",
         audit_path: str | os.PathLike[str] | None = None,
-        verify: Literal["content"] | None = None,
+        verify: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -528,6 +614,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
         """Upload every file (finding earlier uploads), then wait for processing if asked to."""
         uploads = self.uploads
         try:
+            self.verify = check_verify(self.verify, self.wait_for_completion, rendered=True)
             if isinstance(uploads, (str, bytes, Mapping)) or not isinstance(uploads, Sequence):
                 raise ClinikoInputError(
                     f"uploads must be a list of dicts, got {type(uploads).__name__}: e.g. "
@@ -535,10 +622,12 @@ class ClinikoBatchUploadOperator(BaseOperator):
                 )
             if not uploads:
                 self.log.info("No files to upload")
+                self._write_manifest(context, [])  # the night's record shows the task ran
                 return []
             self.hook.settings  # noqa: B018 - load the connection once, before the threads share the hook
         except ClinikoError as error:
             context["ti"].xcom_push(key="cliniko_error", value=self.hook.redactor(str(error)))
+            self._audit_task_failure(context, error)
             raise
         look_first = self.look_for_existing == "always" or context["ti"].try_number > 1
         results = [describe(index, upload) for index, upload in enumerate(uploads)]
@@ -599,7 +688,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
                         expect=expect,
                     ),
                     method_name="execute_complete",
-                    timeout=timedelta(seconds=self.timeout + self.poll_interval + 60),
+                    timeout=deferral_timeout(self.timeout, self.poll_interval),
                 )
             self.log.info("Waiting for Cliniko to process %d attachment(s)", len(pending))
             outcomes = self.hook.wait_for_processing_of_many(
@@ -614,16 +703,11 @@ class ClinikoBatchUploadOperator(BaseOperator):
         :param context: the task context.
         :param event: the trigger's event, ``{"status": "done", "attachments": {id: payload}}``.
         """
-        ti = context["ti"]
-        results = ti.xcom_pull(task_ids=ti.task_id, key="return_value", map_indexes=ti.map_index)
+        self.verify = check_verify(self.verify, self.wait_for_completion, rendered=True)
         events = event.get("attachments") if isinstance(event, dict) else None
         if not isinstance(events, dict):
             raise ClinikoError(f"Unexpected event from the Cliniko batch trigger: {str(event)[:200]}")
-        if not isinstance(results, list):
-            raise ClinikoError("The batch's results are missing from XCom 'return_value': clear the task")
-        if self.audit_path:
-            facts = ti.xcom_pull(task_ids=ti.task_id, key=AUDIT_FACTS_KEY, map_indexes=ti.map_index)
-            self._facts = facts if isinstance(facts, dict) else {}
+        results = self._results_before_deferral(context)
         outcomes: dict[str, JsonDict | Exception] = {}
         for attachment_id, payload in events.items():
             try:
@@ -631,6 +715,34 @@ class ClinikoBatchUploadOperator(BaseOperator):
             except Exception as error:  # that file's wait failed: its reason is its result
                 outcomes[str(attachment_id)] = error
         return self._finish(context, self._verified(self._with_outcomes(results, outcomes)))
+
+    def _wait_ended(self, context: Context, error: ClinikoDeferralError, ended: BaseException) -> NoReturn:
+        """Airflow ended the wait: each file not confirmed processed fails with why (result and manifest
+        line ``"error"``, so no summary counts it uploaded), and the task as for any failed file.
+        """
+        try:
+            results = self._results_before_deferral(context)
+        except ClinikoError as missing:
+            context["ti"].xcom_push(key="cliniko_error", value=self.hook.redactor(str(error)))
+            self._audit_task_failure(context, error)
+            raise missing from ended
+        waiting = {str(r["attachment_id"]): error for r in results if r.get("status") == WAITING}
+        try:
+            self._finish(context, self._verified(self._with_outcomes(results, waiting)))
+        except ClinikoError as failure:
+            raise failure from ended
+        raise error from ended  # no file was left waiting: the task fails all the same, as Airflow decided
+
+    def _results_before_deferral(self, context: Context) -> list[JsonDict]:
+        """Return the results ``execute`` left in XCom before deferring (and the manifest's facts)."""
+        ti = context["ti"]
+        results = ti.xcom_pull(task_ids=ti.task_id, key="return_value", map_indexes=ti.map_index)
+        if not isinstance(results, list):
+            raise ClinikoError("The batch's results are missing from XCom 'return_value': clear the task")
+        if self.audit_path:
+            facts = ti.xcom_pull(task_ids=ti.task_id, key=AUDIT_FACTS_KEY, map_indexes=ti.map_index)
+            self._facts = facts if isinstance(facts, dict) else {}
+        return results
 
     def _upload(
         self, context: Context, protocol: UploadProtocol, item: BatchItem, look_first: bool
@@ -748,6 +860,31 @@ class ClinikoBatchUploadOperator(BaseOperator):
 
         return batch_lineage(self._results, self.hook.settings.base_url)
 
+    def _write_manifest(self, context: Context, results: list[JsonDict]) -> None:
+        """Write the task's manifest (with ``audit_path``): a line per result, none for an empty batch."""
+        if not self.audit_path:
+            return
+        base = task_of(context)
+        where = write_manifest(
+            manifest_location(self.audit_path, **base), records_from_results(base, results, self._facts)
+        )
+        self.log.info("Audit manifest: %s (%d line(s))", where, len(results))
+
+    def _audit_task_failure(self, context: Context, error: BaseException) -> None:
+        """Write the manifest of a task that failed as a whole (no file to name): one line with the error.
+
+        A manifest that cannot be written is logged: the task's own error is what it fails with.
+        """
+        if not self.audit_path:
+            return
+        try:
+            base = task_of(context)
+            line = record_from(base, failed({}, error, self.hook.redactor), index=None)
+            where = write_manifest(manifest_location(self.audit_path, **base), [line])
+            self.log.info("Audit manifest: %s (the task's error)", where)
+        except Exception as audit_error:
+            self.log.error("The audit manifest could not be written: %s", audit_error)
+
     def _finish(self, context: Context, results: list[JsonDict]) -> list[JsonDict]:
         """Write the manifest; return the results, or push them with the reasons and fail if any failed."""
         # For the "Cliniko attachments" link: the records this task made or found.
@@ -761,12 +898,7 @@ class ClinikoBatchUploadOperator(BaseOperator):
             sum(result.get("status") == WAITING for result in results),
             len(failures),
         )
-        if self.audit_path:
-            base = task_of(context)
-            where = write_manifest(
-                manifest_location(self.audit_path, **base), records_from_results(base, results, self._facts)
-            )
-            self.log.info("Audit manifest: %s (%d line(s))", where, len(results))
+        self._write_manifest(context, results)
         if not failures:
             record_asset_events(context, self.outlets, self.cliniko_conn_id, attachment_counts(results))
             return results

@@ -19,13 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cliniko_provider.exceptions import ClinikoIntegrityError, S3IntegrityError
+from cliniko_provider.exceptions import ClinikoInputError, ClinikoIntegrityError, S3IntegrityError
 from cliniko_provider.utils.upload import format_bytes
 
 JsonDict = dict[str, Any]
 Verification = Literal["none", "etag", "processed", "content"]
 LEVELS: tuple[Verification, ...] = ("none", "etag", "processed", "content")
-VERIFY_CHOICES = (None, "content")
+VERIFY_CHOICES = (None, "", "size", "content")  # "" (a template rendered empty) is None
 
 
 @dataclass(frozen=True)
@@ -127,23 +127,43 @@ def content_mismatch(
     )
 
 
-def check_verify(verify: object, wait_for_completion: bool) -> str | None:
-    """Check an operator's ``verify`` argument; return it.
+def is_template(value: object) -> bool:
+    """True when ``value`` is a Jinja template (``{{ ... }}``, ``{% ... %}``), rendered before ``execute``.
 
-    :param verify: None (default) or ``"content"``.
-    :param wait_for_completion: whether the operator waits for processing (content exists only then).
+    :param value: an operator argument as given.
     """
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def check_verify(verify: object, wait_for_completion: bool, *, rendered: bool = False) -> str | None:
+    """Check an operator's ``verify`` argument; return it (None for ``""``).
+
+    Before rendering (in ``__init__``) a template is returned as is, to be checked once rendered.
+
+    :param verify: None (default), ``"size"`` or ``"content"``; ``""`` counts as None.
+    :param wait_for_completion: whether the operator waits for processing (both checks need it).
+    :param rendered: True once Airflow has rendered the templates (in ``execute``): then a bad value raises
+        :class:`~cliniko_provider.exceptions.ClinikoInputError` (fails the task without retries), not
+        ``ValueError`` (fails the DAG's parsing).
+    :raises ValueError: a bad value given directly.
+    """
+    if not rendered and is_template(verify):
+        return str(verify)
+    error = ClinikoInputError if rendered else ValueError
     if verify not in VERIFY_CHOICES:
-        raise ValueError(
-            f"verify must be None or 'content', got {verify!r}. 'content' reads each processed file back "
-            "from Cliniko and compares its SHA-256 with the source's."
+        raise error(
+            f"verify must be None, 'size' or 'content', got {verify!r}"
+            + (" (as rendered)" if rendered else "")
+            + ". 'size' checks the processed record's size and file name, at no request; 'content' also "
+            "reads each processed file back from Cliniko (one request and the file's bytes) and compares "
+            "its SHA-256 with the source's. Set verify (or the DAG param its template reads) to one of them."
         )
-    if verify == "content" and not wait_for_completion:
-        raise ValueError(
-            "verify='content' compares the bytes Cliniko holds once it has processed the file: set "
+    if verify and not wait_for_completion:
+        raise error(
+            f"verify={verify!r} checks what Cliniko holds once it has processed the file: set "
             "wait_for_completion=True too."
         )
-    return None if verify is None else str(verify)
+    return str(verify) if verify else None
 
 
 def higher(level: str, other: Verification) -> Verification:
