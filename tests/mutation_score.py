@@ -1,6 +1,7 @@
 """Print mutmut's score per module (killed / all mutants that some test covers), after ``mutmut run``.
 
-Usage: ``python -m tests.mutation_score`` (``make mutation`` runs it).
+Usage: ``python -m tests.mutation_score`` (``make mutation`` runs it); ``--classes`` also gives a line per
+class (e.g. the batch operator, whose module holds the single-file operator too).
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from pathlib import Path
 CAUGHT = {"killed", "timeout", "segfault", "suspicious"}
 
 
-def main() -> int:
-    """Read ``mutmut results --all true`` and print a line per module; return 0."""
+def main(argv: list[str] | None = None) -> int:
+    """Read ``mutmut results --all true`` and print a line per module (and class, asked); return 0.
+
+    :param argv: the arguments (default ``sys.argv[1:]``): ``--classes`` for a line per class too.
+    """
+    by_class = "--classes" in (sys.argv[1:] if argv is None else argv)
     mutmut = Path(sys.executable).with_name("mutmut")
     listing = subprocess.run(
         [str(mutmut), "results", "--all", "true"], capture_output=True, text=True, check=True
@@ -24,15 +29,17 @@ def main() -> int:
         name, _, status = line.strip().rpartition(": ")
         if "__mutmut_" not in name:
             continue
-        module = name.split(".x", 1)[0].split(".xǁ", 1)[0]
+        module, _, function = name.partition(".x")
         counts[module][status.strip()] += 1
-    print(f"{'module':42} {'caught':>7} {'survived':>8} {'no test':>7} {'score':>6}")
+        if by_class and function.startswith("ǁ"):
+            counts[f"{module}.{function.split('ǁ')[1]}"][status.strip()] += 1
+    print(f"{'module':60} {'caught':>7} {'survived':>8} {'no test':>7} {'score':>6}")
     for module, count in sorted(counts.items()):
         caught = sum(count[status] for status in CAUGHT)
         survived = count["survived"]
         tested = caught + survived
         score = f"{100 * caught / tested:.0f}%" if tested else "-"
-        print(f"{module:42} {caught:7} {survived:8} {count['no tests']:7} {score:>6}")
+        print(f"{module:60} {caught:7} {survived:8} {count['no tests']:7} {score:>6}")
     return 0
 
 

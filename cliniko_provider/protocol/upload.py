@@ -126,7 +126,7 @@ class UploadProtocol:
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()  # one for the task: its threads may race to build `state`
         self._reading: dict[str, threading.Lock] = {}
-        self._digests: dict[str, str | None] = {}  # attachment id -> SHA-256 of its content, this try
+        self._digests: dict[str, str] = {}  # attachment id -> SHA-256 of its content, this try
         self._claimed: dict[str, str] = {}  # attachment id -> the identity key it is known to be
 
     @cached_property
@@ -292,16 +292,17 @@ class UploadProtocol:
         return None
 
     def _same_content(self, record: JsonDict, identity: UploadIdentity, ours: str) -> UploadOutcome | None:
-        """Return the record as this upload's if its bytes hash to ``ours`` (read once a try, size-bound)."""
+        """Return the record as this upload's if its bytes hash to ``ours`` (read once a try, size-bound).
+
+        The record passed :func:`screen_candidates`: its ``size`` is a number, the file's.
+        """
         attachment_id = str(record["id"])
         with self._lock:
             lock = self._reading.setdefault(attachment_id, threading.Lock())
         with lock:
             if attachment_id not in self._digests:
-                size = _size(record)
-                self._digests[attachment_id] = (
-                    None if size is None else self.hook.attachment_sha256(attachment_id, max_bytes=size)
-                )
+                size = int(str(record["size"]))
+                self._digests[attachment_id] = self.hook.attachment_sha256(attachment_id, max_bytes=size)
         if self._digests[attachment_id] != ours:
             return None
         self._claim(attachment_id, identity)
@@ -355,7 +356,7 @@ class UploadProtocol:
         )
         if (
             record.get("archived_at")
-            or patient.rsplit("/", 1)[-1] != identity.patient_id
+            or patient.rpartition("/")[2] != identity.patient_id
             or description != expected
         ):
             return None
@@ -511,11 +512,3 @@ def created_bound(moment: object) -> str | None:
 
 def _now_iso(now: float) -> str:
     return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _size(record: JsonDict) -> int | None:
-    try:
-        size = int(str(record.get("size")))
-    except ValueError:
-        return None
-    return size if size >= 0 else None

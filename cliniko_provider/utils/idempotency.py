@@ -227,7 +227,7 @@ def screen_candidates(
         if str(record.get("description") or "") != identity.description:
             continue
         patient = str(((record.get("patient") or {}).get("links") or {}).get("self") or "")
-        if patient and patient.rsplit("/", 1)[-1] != identity.patient_id:
+        if patient and patient.rpartition("/")[2] != identity.patient_id:
             continue
         if record.get("processing_completed") is not True:
             pending.append(record)
