@@ -6,8 +6,9 @@ processor, triggerer as processes; LocalExecutor on SQLite) in a fresh AIRFLOW_H
    DAG folder; ``airflow cliniko check`` (3.3+, else ``cliniko check``) finds the connection; the nightly
    DAG, triggered from the CLI with its defaults, attaches every example patient's report and logs its
    summary as plain lines.
-2. 20 reports in 4 batch tasks: each attached exactly once, the summary naming every report, the waits
-   coalesced in the triggerer, and each task's "Cliniko attachments" link served by the UI's API.
+2. 20 reports in 4 batch tasks, with ``verify="content"``: each attached exactly once and read back
+   once, the summary naming every report and how it was verified, the waits coalesced in the
+   triggerer, and each task's "Cliniko attachments" link served by the UI's API.
 
 Each step's time is printed (``pytest -s``) for the README's "Your first night".
 """
@@ -29,6 +30,7 @@ from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.sandbox.config import DEFAULT_API_KEY
 from cliniko_provider.sandbox.examples import EXAMPLE_PATIENTS
 from cliniko_provider.sandbox.process import SandboxProcess
+from cliniko_provider.utils.audit import read_manifest
 from cliniko_provider.version_compat import AIRFLOW_V_3_3_PLUS
 from tests.conftest import REPO, USER_AGENT, connection_json
 from tests.e2e.stack import AirflowStack
@@ -147,6 +149,7 @@ def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: 
                 "patients": rows,
                 "report_root": (tmp_path / "reports").as_uri(),
                 "batch_size": BATCH_SIZE,
+                "verify": "content",  # each processed file read back and hashed
             }
             started = time.monotonic()
             step = time.monotonic()
@@ -209,6 +212,11 @@ def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: 
         assert sorted(item["reference"] for item in summary["uploaded"]) == sorted(patient_ids)
         assert [item["reference"] for item in summary["skipped"]] == ["E2E-404"]
         assert summary["failed"] == []
+        assert {item["verification"] for item in summary["uploaded"]} == {"content"}
+        night = read_manifest(summary["manifest"])
+        assert len(night) == PATIENTS and {
+            (line.verification, line.verification_outcome) for line in night
+        } == {("content", "passed")}
         linked = [
             {str(record["id"]) for record in hook.get_json(link)["patient_attachments"]} for link in links
         ]
@@ -229,4 +237,5 @@ def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: 
         assert len(deferred) == BATCHES
         assert by_route.get("GET /v1/patient_attachments/{id}", 0) == 0
         assert 1 <= by_route["GET /v1/patient_attachments"] <= 10
-        assert api_requests <= 2.5 * PATIENTS  # presign + create each, a few shared lookups and polls
+        assert by_route["GET /v1/patient_attachments/{id}/content"] == PATIENTS  # verify="content": one each
+        assert api_requests - PATIENTS <= 2.5 * PATIENTS  # presign + create each, a few lookups and polls
