@@ -7,7 +7,9 @@ import json as jsonlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import requests
 import urllib3
 from requests.adapters import BaseAdapter
@@ -23,18 +25,52 @@ class Answer:
     raise_error: Exception | None = None
 
 
-class ScriptedAdapter(BaseAdapter):
-    """Answers each request with the next scripted answer (or ``route(request)``), recording requests."""
+# What ``GET /user`` answers unless a test scripts it: the hooks ask it once per API key, to pace the
+# key on its user's rate budget (see cliniko_provider.utils.budget.user_budget).
+USER = {"id": 1001, "first_name": "Test", "last_name": "User"}
 
-    def __init__(self, answers: list[Answer] | None = None, route: Callable[[Any], Answer] | None = None):
+
+def is_user_look_up(method: str | None, url: str) -> bool:
+    """True for ``GET /user`` (the hooks' one look-up of the key's user)."""
+    return method == "GET" and urlsplit(url).path.endswith("/v1/user")
+
+
+def after_look_up(sent: list[Any]) -> list[Any]:
+    """The requests after the first, which must be the hooks' one ``GET /user`` (and the only one).
+
+    :param sent: recorded requests (``requests.PreparedRequest`` or ``httpx.Request``).
+    """
+    assert sent and is_user_look_up(sent[0].method, str(sent[0].url)), "a hook asks GET /user first"
+    rest = sent[1:]
+    assert not any(is_user_look_up(r.method, str(r.url)) for r in rest), "GET /user once per key"
+    return rest
+
+
+class ScriptedAdapter(BaseAdapter):
+    """Answers each request with the next scripted answer (or ``route(request)``), recording requests.
+
+    ``GET /user`` is answered with ``user`` (and recorded like any request) unless ``user`` is None:
+    then the script or the route answers it too.
+    """
+
+    def __init__(
+        self,
+        answers: list[Answer] | None = None,
+        route: Callable[[Any], Answer] | None = None,
+        user: Mapping[str, Any] | None = USER,
+    ):
         super().__init__()
         self.answers = list(answers or [])
         self.route = route
+        self.user = user
         self.requests: list[requests.PreparedRequest] = []
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
         self.requests.append(request)
-        answer = self.route(request) if self.route else self.answers.pop(0)
+        if self.user is not None and is_user_look_up(request.method, str(request.url)):
+            answer = Answer(200, dict(self.user))
+        else:
+            answer = self.route(request) if self.route else self.answers.pop(0)
         if answer.raise_error is not None:
             raise answer.raise_error
         response = requests.Response()
@@ -56,6 +92,24 @@ class ScriptedAdapter(BaseAdapter):
 
     def close(self) -> None:
         pass
+
+
+def answering_user(
+    handler: Callable[[httpx.Request], httpx.Response],
+    user: Mapping[str, Any] = USER,
+    asked: list[httpx.Request] | None = None,
+) -> Callable[[httpx.Request], httpx.Response]:
+    """An ``httpx.MockTransport`` handler that answers ``GET /user`` with ``user`` (recording it in
+    ``asked``), else asks ``handler``."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if is_user_look_up(request.method, str(request.url)):
+            if asked is not None:
+                asked.append(request)
+            return httpx.Response(200, json=dict(user))
+        return handler(request)
+
+    return answer
 
 
 class FakeClock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import uuid
 from typing import Any
 
@@ -41,7 +42,12 @@ def test_check_is_green_on_a_good_connection(sandbox: Any, monkeypatch: pytest.M
     assert "ok    User-Agent: Cliniko Provider Tests (tests@cliniko-provider.example)" in text
     assert "ok    Reachable: GET /user answered 200" in text
     assert "ok    Key's user: " in text
-    assert "ok    Rate budget: 200 requests a minute for this key, shared by this machine's processes" in text
+    user = re.search(r"ok    Key's user: .* \(user (\d+)\)", text)
+    assert user, text
+    assert (
+        f"ok    Rate budget: 200 requests a minute for user {user[1]} (every key of that user draws on it), "
+        "shared by this machine's processes" in text
+    )
     assert text.endswith("All good.\n") and SANDBOX_KEY not in text
 
 

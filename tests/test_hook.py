@@ -28,7 +28,7 @@ from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
 from cliniko_provider.utils.budget import PROCESS_BUDGETS, WINDOW, MachineBudget, ProcessBudget
 from cliniko_provider.utils.retry import RetryPolicy
 from tests.conftest import connection_json
-from tests.fake_http import Answer, FakeClock, ScriptedAdapter
+from tests.fake_http import USER, Answer, FakeClock, ScriptedAdapter, after_look_up, answering_user
 
 KEY = "HoOkTeStSeCrEt-au3"
 BASE = "https://api.au3.cliniko.com/v1"
@@ -43,11 +43,11 @@ def _connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def make_hook(
-    *answers: Answer, clock: FakeClock | None = None
+    *answers: Answer, clock: FakeClock | None = None, user: dict[str, Any] | None = USER
 ) -> tuple[ClinikoHook, ScriptedAdapter, FakeClock]:
     clock = clock or FakeClock()
     hook = ClinikoHook(sleep=clock.sleep, clock=clock, rand=lambda: 0.5)
-    adapter = ScriptedAdapter(list(answers))
+    adapter = ScriptedAdapter(list(answers), user=user)
     hook.session.mount("https://", adapter)
     hook.session.mount("http://", adapter)
     return hook, adapter, clock
@@ -56,7 +56,7 @@ def make_hook(
 def test_sends_basic_auth_user_agent_and_accept_to_the_shard() -> None:
     hook, adapter, _ = make_hook(Answer(200, {"id": "5", "first_name": "Ann"}))
     assert hook.get_patient("5")["first_name"] == "Ann"
-    sent = adapter.requests[0]
+    sent = after_look_up(adapter.requests)[0]
     assert sent.url == f"{BASE}/patients/5"
     assert sent.headers["Authorization"] == hook.settings.authorization
     assert sent.headers["User-Agent"] == "Cliniko Provider Tests (tests@cliniko-provider.example)"
@@ -66,7 +66,7 @@ def test_sends_basic_auth_user_agent_and_accept_to_the_shard() -> None:
 def test_5xx_backs_off_exponentially_then_succeeds() -> None:
     hook, adapter, clock = make_hook(Answer(502), Answer(503), Answer(500), Answer(200, {"id": "1"}))
     assert hook.get_attachment(1) == {"id": "1"}
-    assert len(adapter.requests) == 4
+    assert len(after_look_up(adapter.requests)) == 4
     # rand=0.5 → 3/4 of the ceiling: 1 s, 2 s, 4 s ceilings
     assert clock.sleeps == [0.75, 1.5, 3.0]
 
@@ -83,7 +83,7 @@ def test_5xx_gives_up_after_max_attempts_with_clinikos_message() -> None:
     hook, adapter, _ = make_hook(*[Answer(500, "boom")] * 5)
     with pytest.raises(ClinikoServerError, match=r"Cliniko answered 500 to GET /patients/9: boom") as error:
         hook.get_patient(9)
-    assert len(adapter.requests) == 5
+    assert len(after_look_up(adapter.requests)) == 5
     assert not isinstance(error.value, AirflowFailException)  # Airflow's own retries may still help
 
 
@@ -95,7 +95,7 @@ def test_connection_errors_are_retried_then_reported() -> None:
     ) as raised:
         hook.get_patient(9)
     assert "Check the host/network" in str(raised.value) and "cliniko-sandbox" not in str(raised.value)
-    assert len(adapter.requests) == 5
+    assert len(after_look_up(adapter.requests)) == 5
     assert len(clock.sleeps) == 4
 
 
@@ -106,7 +106,7 @@ def test_429_waits_until_the_reset_header() -> None:
     )
     assert hook.get_patient(3) == {"id": "3"}
     assert clock.sleeps == [12.5]  # until the reset, plus half a second for the header's resolution
-    assert len(adapter.requests) == 2
+    assert len(after_look_up(adapter.requests)) == 2
 
 
 def test_429_honours_retry_after_without_reset() -> None:
@@ -137,7 +137,7 @@ def test_an_absurd_429_reset_is_a_bounded_backoff_shared_with_no_one(headers: di
     hook, adapter, _ = make_hook(Answer(429, "Too many", headers), Answer(200, {"id": "3"}), clock=clock)
     assert hook.get_patient(3) == {"id": "3"}
     assert clock.sleeps == [0.75]  # the first backoff (rand=0.5), nothing else
-    assert len(adapter.requests) == 2
+    assert len(after_look_up(adapter.requests)) == 2
     other, _, _ = make_hook(Answer(200, {}), clock=clock)
     other.get_patient(4)
     assert clock.sleeps == [0.75]  # the other user of the key is not held back
@@ -187,7 +187,7 @@ def test_4xx_fails_at_once_with_a_typed_error(
     with pytest.raises(error_type, match=message) as error:
         hook.get_patient(4)
     assert isinstance(error.value, AirflowFailException)
-    assert len(adapter.requests) == 1 and clock.sleeps == []
+    assert len(after_look_up(adapter.requests)) == 1 and clock.sleeps == []
 
 
 def test_validation_error_carries_field_errors() -> None:
@@ -203,11 +203,11 @@ def test_create_is_not_repeated_after_a_5xx_but_is_after_a_429() -> None:
     hook, adapter, _ = make_hook(Answer(500, "oops"))
     with pytest.raises(ClinikoServerError):
         hook.create_attachment(1, "https://bucket/x")
-    assert len(adapter.requests) == 1
+    assert len(after_look_up(adapter.requests)) == 1
 
     hook, adapter, _ = make_hook(Answer(429, "", {"Retry-After": "1"}), Answer(201, {"id": "77"}))
     assert hook.create_attachment(1, "https://bucket/x") == {"id": "77"}
-    assert len(adapter.requests) == 2
+    assert len(adapter.requests) == 2  # the key's user is known in this process by now
 
 
 def test_pagination_follows_next_lazily_with_100_per_page() -> None:
@@ -218,11 +218,11 @@ def test_pagination_follows_next_lazily_with_100_per_page() -> None:
     page2 = {"patients": [{"id": "3"}], "links": {}}
     hook, adapter, _ = make_hook(Answer(200, page1), Answer(200, page2))
     found = hook.find_patients("email:=a@b.example", old_reference_id="R-1")
-    assert adapter.requests == []  # nothing fetched before iteration
+    assert adapter.requests == []  # nothing fetched before iteration, not even GET /user
     assert next(found)["id"] == "1"
-    assert len(adapter.requests) == 1
+    assert len(after_look_up(adapter.requests)) == 1
     assert [p["id"] for p in found] == ["2", "3"]
-    first, second = adapter.requests
+    first, second = after_look_up(adapter.requests)
     assert "per_page=100" in (first.url or "")
     assert "q%5B%5D=email%3A%3Da%40b.example" in (first.url or "")
     assert "q%5B%5D=old_reference_id%3A%3DR-1" in (first.url or "")
@@ -234,7 +234,7 @@ def test_list_attachments_of_a_patient_including_archived() -> None:
     assert list(hook.list_attachments("description:~ref", patient_id="12", include_archived=True)) == [
         {"id": "9"}
     ]
-    url = adapter.requests[0].url or ""
+    url = after_look_up(adapter.requests)[0].url or ""
     assert url.startswith(f"{BASE}/patients/12/patient_attachments?")
     assert "archived_at%3A%2A" in url
 
@@ -247,8 +247,8 @@ def test_presign_archive_and_description_limit() -> None:
     hook, adapter, _ = make_hook(Answer(200, presign), Answer(204, ""))
     assert hook.get_presigned_post(5) == presign
     hook.archive_attachment(8)
-    assert adapter.requests[1].method == "POST"
-    assert (adapter.requests[1].url or "").endswith("/patient_attachments/8/archive")
+    assert after_look_up(adapter.requests)[1].method == "POST"
+    assert (after_look_up(adapter.requests)[1].url or "").endswith("/patient_attachments/8/archive")
     with pytest.raises(ClinikoInputError, match="256 characters long; Cliniko takes at most 255"):
         hook.create_attachment(1, "https://bucket/k", "x" * 256)
 
@@ -273,9 +273,10 @@ def test_secrets_are_masked_and_never_logged_or_raised(caplog: pytest.LogCapture
 
 
 def test_test_connection_reports_one_line() -> None:
-    hook, _, _ = make_hook(Answer(200, {"first_name": "Ann", "last_name": "Lee"}))
+    hook, adapter, _ = make_hook(Answer(200, {"first_name": "Ann", "last_name": "Lee"}), user=None)
     assert hook.test_connection() == (True, f"Connected to Cliniko at {BASE} as Ann Lee.")
-    hook, adapter, _ = make_hook(Answer(401, "HTTP Basic: Access denied"), Answer(500))
+    assert len(adapter.requests) == 1  # GET /user once: the test is the look-up
+    hook, adapter, _ = make_hook(Answer(401, "HTTP Basic: Access denied"), Answer(500), user=None)
     ok, message = hook.test_connection()
     assert not ok and "401" in message and "Check the API key" in message and "\n" not in message
     assert len(adapter.requests) == 1
@@ -340,13 +341,14 @@ async def test_async_hook_shares_settings_policy_and_fetches_100_ids_at_once() -
         return script.pop(0)
 
     clock = FakeClock(start=1_000.0)
-    hook = ClinikoAsyncHook(
-        asleep=clock.asleep, clock=clock, rand=lambda: 0.0, transport=httpx.MockTransport(handler)
-    )
+    looked_up: list[httpx.Request] = []
+    transport = httpx.MockTransport(answering_user(handler, asked=looked_up))
+    hook = ClinikoAsyncHook(asleep=clock.asleep, clock=clock, rand=lambda: 0.0, transport=transport)
     try:
         records = await hook.aget_attachments(["10", "2", 2])
     finally:
         await hook.aclose()
+    assert len(looked_up) == 1  # the key's user, once, before the first call
     assert set(records) == {"2", "10"}
     assert clock.sleeps == [0.5, pytest.approx(5.0)]  # backoff after 503, then until the 429 reset
     params = seen[-1].url.params

@@ -273,6 +273,7 @@ def test_three_steps_and_the_record_is_returned(hook: ClinikoHook, fake: FakeCli
     op = operator(hook, file_path=str(report), description=" Nightly  report ")
     record = op.execute(ctx)
     assert fake.paths() == [  # a first try asks nothing more than the three steps
+        "GET /v1/user",  # once per key and process: whose rate budget the key draws on
         "GET /v1/patients/42/attachment_presigned_post",
         "POST /",
         "POST /v1/patient_attachments",
@@ -433,7 +434,7 @@ def test_an_explicit_idempotency_key_spans_runs(hook: ClinikoHook, fake: FakeCli
 
 def test_always_looks_on_a_first_try_too(hook: ClinikoHook, fake: FakeCliniko, report: Path) -> None:
     operator(hook, file_path=str(report), look_for_existing="always").execute(context())
-    assert fake.paths()[0] == "GET /v1/patients/42/patient_attachments"
+    assert fake.paths()[:2] == ["GET /v1/user", "GET /v1/patients/42/patient_attachments"]
 
 
 def test_look_for_existing_is_checked() -> None:
@@ -770,7 +771,10 @@ def test_unknown_patient_is_a_clear_error(hook: ClinikoHook, fake: FakeCliniko, 
     with pytest.raises(ClinikoInputError, match="patient_id 777: Cliniko has no such patient") as caught:
         op.execute(context())
     assert isinstance(caught.value, AirflowFailException)
-    assert fake.uploads == [] and len(fake.requests) == 1
+    assert fake.uploads == [] and fake.paths() == [
+        "GET /v1/user",
+        "GET /v1/patients/777/attachment_presigned_post",
+    ]
 
 
 def test_full_storage_fails_without_retry_or_upload(
@@ -784,11 +788,13 @@ def test_full_storage_fails_without_retry_or_upload(
 
 
 def test_bad_api_key_fails_without_retry(hook: ClinikoHook, report: Path, clock: FakeClock) -> None:
-    refusing = ScriptedAdapter(route=lambda request: Answer(401, "HTTP Basic: Access denied."))
+    refusing = ScriptedAdapter(route=lambda request: Answer(401, "HTTP Basic: Access denied."), user=None)
     hook.session.mount("https://", refusing)
     with pytest.raises(ClinikoAuthError, match=r"Access denied.*API key"):
         operator(hook, file_path=str(report)).execute(context())
-    assert len(refusing.requests) == 1 and clock.sleeps == []
+    # the look-up of the key's user fails (its own budget then serves), then the presign: no retry
+    sent = [f"{r.method} {urlsplit(str(r.url)).path}" for r in refusing.requests]
+    assert sent == ["GET /v1/user", "GET /v1/patients/42/attachment_presigned_post"] and clock.sleeps == []
 
 
 # --- waiting for processing ---------------------------------------------------------------------------

@@ -376,7 +376,10 @@ def test_upload_attachment_passes_every_argument_and_returns_the_record(
     assert record == {k: v for k, v in fake.records["1000"].items() if k != "views"}
     assert record["description"] == f"Same {identity.marker}"
     assert [name for name, _, _ in fake.uploads] == ["shown.pdf"] and sent and sent[-1] == report.size
-    assert fake.paths()[0] == f"GET /v1/patients/{PATIENT}/attachment_presigned_post"  # look_first=False
+    assert fake.paths()[:2] == [
+        "GET /v1/user",  # the key's user, once: whose rate budget it draws on
+        f"GET /v1/patients/{PATIENT}/attachment_presigned_post",  # look_first=False: no look-up
+    ]
     before = len(fake.requests)
     again = UploadProtocol(hook, fake_context(try_number=2)).upload_attachment(
         PATIENT, report, description="Same", identity=identity, description_marker=True

@@ -151,7 +151,10 @@ def test_reads_are_coalesced_100_ids_a_request(hook: ClinikoHook, tmp_path: Path
     write_manifest(manifest, lines)
     before = api_requests(sandbox)
     _, report, error = reconcile(hook, manifest)
-    assert requests_since(sandbox, before) == {"GET /v1/patient_attachments": 3}  # 100 + 100 + 50
+    assert requests_since(sandbox, before) == {
+        "GET /v1/user": 1,  # whose rate budget the key draws on, once
+        "GET /v1/patient_attachments": 3,  # 100 + 100 + 50
+    }
     assert report is not None and report["counts"] == {"missing": 250} and report["skipped"] == 1
     assert error.count("\n") == 1 + 20 and error.endswith(
         "... and 230 more (every one is in the task's XCom)"

@@ -38,8 +38,9 @@ from cliniko_provider.hooks import cliniko as hook_module
 from cliniko_provider.hooks.cliniko import ClinikoAsyncHook, ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoAttachmentUploadOperator, ClinikoBatchUploadOperator
 from cliniko_provider.triggers.cliniko import ProcessingCompletedTrigger
-from cliniko_provider.utils.budget import PROCESS_BUDGETS, MachineBudget, key_id
+from cliniko_provider.utils.budget import PROCESS_BUDGETS, MachineBudget, key_id, user_budget
 from tests.conftest import REPO, connection_json
+from tests.fake_http import USER, is_user_look_up
 from tests.helpers import fake_context
 
 KEY = "StAnDiNsEcReT-au1"
@@ -60,11 +61,17 @@ class Seen:
 
 
 class StandIn:
-    """A loopback HTTP server answering each request with the next scripted reply (the last one repeats)."""
+    """A loopback HTTP server answering each request with the next scripted reply (the last one repeats).
+
+    ``GET /v1/user`` (the hooks' look-up of the key's user) is answered with :data:`USER` and counted
+    in :attr:`looked_up`, not in :attr:`seen`.
+    """
 
     def __init__(self, *replies: Reply) -> None:
         self.replies = list(replies) or [Reply()]
         self.seen: list[Seen] = []
+        self.looked_up = 0
+        self.answers_user = True  # False: GET /v1/user gets the scripted replies too
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,8 +81,12 @@ class StandIn:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
                     self.rfile.read(length)
-                stand_in.seen.append(Seen(self.command, self.path, dict(self.headers)))
-                reply = stand_in.replies.pop(0) if len(stand_in.replies) > 1 else stand_in.replies[0]
+                if stand_in.answers_user and is_user_look_up(self.command, self.path):
+                    stand_in.looked_up += 1
+                    reply = Reply(body=json.dumps(USER).encode())
+                else:
+                    stand_in.seen.append(Seen(self.command, self.path, dict(self.headers)))
+                    reply = stand_in.replies.pop(0) if len(stand_in.replies) > 1 else stand_in.replies[0]
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
@@ -165,7 +176,8 @@ def test_links_next_off_the_base_url_is_never_requested(
     with pytest.raises(ClinikoAnswerError, match=r"not the connection's base URL.*not following it"):
         next(patients)
     assert [seen.path for seen in api.seen] == ["/v1/patients?per_page=100"]
-    assert other.seen == []
+    assert api.looked_up == 1  # the key's user, before the first call
+    assert other.seen == [] and other.looked_up == 0
 
 
 def test_links_next_on_the_base_url_is_followed(
@@ -188,6 +200,7 @@ def test_html_200_is_a_clear_error_naming_what_came(
     stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = stand_ins(Reply(body=HTML, headers={"Content-Type": "text/html; charset=utf-8"}))
+    api.answers_user = False
     use(monkeypatch, api)
     with pytest.raises(ClinikoAnswerError) as caught:
         ClinikoHook().get_patient(1)
@@ -195,7 +208,9 @@ def test_html_200_is_a_clear_error_naming_what_came(
     assert "Cliniko answered GET /patients/1 with something that is not JSON" in message
     assert "Content-Type 'text/html; charset=utf-8'" in message
     assert "'<!doctype html><html><head><title>Sign in</title></head><body>xxxxxxxxxxxxxxxxxx...'" in message
-    assert len(message) < 500 and len(api.seen) == 1
+    assert len(message) < 500
+    # the key's user could not be learned from the same page (its own budget serves): one try each
+    assert [seen.path for seen in api.seen] == ["/v1/user", "/v1/patients/1"]
     ok, reason = ClinikoHook().test_connection()
     assert not ok and "not JSON" in reason and "Check that the connection's host" in reason
 
@@ -204,7 +219,9 @@ def test_html_200_is_a_clear_error_naming_what_came(
 def test_json_that_is_not_an_object_is_a_clear_error(
     stand_ins: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch, body: bytes, kind: str
 ) -> None:
-    use(monkeypatch, stand_ins(Reply(body=body)))
+    api = stand_ins(Reply(body=body))
+    api.answers_user = False
+    use(monkeypatch, api)
     with pytest.raises(ClinikoAnswerError, match=rf"JSON that is not an object \({kind}\)"):
         ClinikoHook().get_patient(1)
     ok, reason = ClinikoHook().test_connection()
@@ -492,6 +509,9 @@ async def test_a_trigger_deadline_inside_a_hung_round_fires_within_one_poll_inte
     api = stand_ins(Reply(body=trickle))  # the status check never ends (until its own 30 s deadline)
     use(monkeypatch, api, timeout=30)
     monkeypatch.setenv("CLINIKO_RATE_STATE_DIR", str(tmp_path))
+    learner = ClinikoHook()  # the key's user known first, so the round's status check is the first call
+    user_budget(learner.settings, learner._look_up_user)
+    assert api.looked_up == 1
     started = time.time()
     asked = ProcessingCompletedTrigger("1", poll_interval=0.5, deadline=started + 1.0)  # asked at 0.5 s
     late = ProcessingCompletedTrigger("2", poll_interval=5.0, deadline=started + 1.5)  # joins in the round

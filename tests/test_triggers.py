@@ -25,7 +25,7 @@ from cliniko_provider.triggers.poller import REGISTRY, AttachmentPoller, PollerR
 from cliniko_provider.utils.errors import Redactor
 from cliniko_provider.version_compat import AIRFLOW_V_3_3_PLUS
 from tests.conftest import SANDBOX_KEY, connection_json
-from tests.fake_http import FakeClock
+from tests.fake_http import FakeClock, answering_user
 from tests.helpers import create_attachment_via_api, own_rate_budgets, sandbox_control, sandbox_faults
 
 START = 1_700_000_000.0
@@ -59,6 +59,7 @@ class FakeCliniko:
         self.hooks: list[ClinikoAsyncHook] = []
         self.times: list[float] = []  # when each request came, in seconds after START
         self.asked: list[list[str]] = []  # the ids each request asked about
+        self.user_look_ups: list[httpx.Request] = []  # GET /user: once per key and process
 
     def record(self, attachment_id: str) -> dict[str, Any]:
         done = self.time() >= self.done_at[attachment_id]
@@ -120,7 +121,8 @@ def fake_cliniko(monkeypatch: pytest.MonkeyPatch, time: FakeTime) -> FakeCliniko
     cliniko = FakeCliniko(time)
 
     def hook_factory(conn_id: str) -> ClinikoAsyncHook:
-        hook = make_hook(conn_id, transport=httpx.MockTransport(cliniko.handler), time=time)
+        handler = answering_user(cliniko.handler, asked=cliniko.user_look_ups)
+        hook = make_hook(conn_id, transport=httpx.MockTransport(handler), time=time)
         cliniko.hooks.append(hook)
         return hook
 
@@ -801,6 +803,7 @@ async def test_wait_many_registers_every_id_and_answers_by_id(fake: FakeCliniko)
     }
     assert [payloads["2"]["reason"], payloads["3"]["reason"]] == ["archived", "not_found"]
     assert fake.asked == [["1", "2", "3"]]  # one request for all of them
+    assert len(fake.user_look_ups) == 1  # and, before it, the key's user (whose budget it draws on)
 
 
 async def test_describe_blanks_secrets_and_keeps_one_short_line(fake: FakeCliniko) -> None:

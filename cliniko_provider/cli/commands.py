@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from cliniko_provider.exceptions import ClinikoError
 from cliniko_provider.hooks.cliniko import ClinikoHook
+from cliniko_provider.utils.budget import user_id_of
 from cliniko_provider.utils.settings import (
     ClinikoSettings,
     ConnectionLike,
@@ -157,7 +158,9 @@ def check(connection: ConnectionLike, out: IO[str]) -> int:
         if settings.redis_conn_id
         else "shared by this machine's processes"
     )
-    budget = f"{settings.requests_per_minute:g} requests a minute for this key, {shared}"
+    owner = user_id_of(user)
+    whose = f"for user {owner} (every key of that user draws on it)" if owner else "for this key alone"
+    budget = f"{settings.requests_per_minute:g} requests a minute {whose}, {shared}"
     remaining = answer.headers.get("X-RateLimit-Remaining")
     if remaining is not None:
         budget += f"; Cliniko says {remaining} left in this window"

@@ -33,7 +33,14 @@ from cliniko_provider.exceptions import (
     ClinikoNotFoundError,
     S3UploadError,
 )
-from cliniko_provider.utils.budget import RateBudget, budget_for
+from cliniko_provider.utils.budget import (
+    PROCESS_BUDGETS,
+    RateBudget,
+    auser_budget,
+    budget_for,
+    key_id,
+    user_budget,
+)
 from cliniko_provider.utils.errors import Redactor, decode_json_object, error_for_answer, redact
 from cliniko_provider.utils.idempotency import DigestingOpener
 from cliniko_provider.utils.integrity import S3Upload, check_processed_record, s3_mismatch
@@ -42,6 +49,7 @@ from cliniko_provider.utils.retry import (
     API_CREATE,
     S3_UPLOAD,
     S3_UPLOAD_REFRESHING,
+    CallRules,
     Deadline,
     DeadlineExceeded,
     Failure,
@@ -239,8 +247,10 @@ class _ClinikoBase(BaseHook):
 
     @property
     def budget(self) -> RateBudget:
-        """This process's request budget for the connection's API key."""
-        return budget_for(self._require_settings())
+        """This process's request budget for the Cliniko user behind the connection's API key (the
+        key's own budget until that user is learned)."""
+        settings = self._require_settings()
+        return budget_for(settings, owner=PROCESS_BUDGETS.owner_of(key_id(settings.api_key), self._clock()))
 
     def _require_settings(self) -> ClinikoSettings:
         if self._settings is None:
@@ -397,6 +407,20 @@ class ClinikoHook(_ClinikoBase):
         :param json: JSON body.
         :param idempotent: False for requests that must not be repeated after a 5xx (creates).
         """
+        self.settings.url(path_or_url)  # a refused URL sends nothing, not even the look-up
+        user_budget(self.settings, self._look_up_user, clock=self._clock)  # once per key, then remembered
+        return self._send(method, path_or_url, params=params, json=json, idempotent=idempotent)
+
+    def _send(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: Params = None,
+        json: JsonDict | None = None,
+        idempotent: bool = True,
+    ) -> Answer:
+        """:meth:`request` on the budget known now (without learning the key's user first)."""
         url = self.settings.url(path_or_url)
         what = self.settings.describe(method, url)
 
@@ -417,6 +441,10 @@ class ClinikoHook(_ClinikoBase):
             return self._api_answer(status, headers, content, what)
 
         return self._runner(self._sleep).run(what, attempt, API_CALL if idempotent else API_CREATE)
+
+    def _look_up_user(self) -> JsonDict:
+        """The Cliniko user behind the key: one ``GET /user``, paced on the key's budget, not repeated."""
+        return self._send("GET", "/user", idempotent=False).json_object("GET /user")
 
     def get_json(self, path_or_url: str, params: Params = None) -> JsonDict:
         """GET and decode a JSON object.
@@ -687,7 +715,7 @@ class ClinikoHook(_ClinikoBase):
     def test_connection(self) -> tuple[bool, str]:
         """Check the key, User-Agent and host with one call to ``GET /user``; return (ok, one-line reason)."""
         try:
-            user = self.request("GET", "/user", idempotent=False).json_object("GET /user")
+            user = self._look_up_user()
         except ClinikoError as error:
             return False, one_line(str(error))
         name = " ".join(str(user.get(part) or "") for part in ("first_name", "last_name")).strip()
@@ -1029,6 +1057,21 @@ class ClinikoAsyncHook(_ClinikoBase):
         :param params: query parameters.
         :param json: JSON body.
         """
+        settings = await self.aget_settings()
+        settings.url(path_or_url)  # a refused URL sends nothing, not even the look-up
+        await auser_budget(settings, self._alook_up_user, clock=self._clock)  # once per key, then remembered
+        return await self._asend(method, path_or_url, params=params, json=json)
+
+    async def _asend(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: Params = None,
+        json: JsonDict | None = None,
+        rules: CallRules = API_CALL,
+    ) -> Answer:
+        """:meth:`arequest` on the budget known now (without learning the key's user first)."""
         client = await self.aclient()
         settings = self._require_settings()
         url = settings.url(path_or_url)
@@ -1047,7 +1090,12 @@ class ClinikoAsyncHook(_ClinikoBase):
                 return self._connection_failure(error, what, deadline)
             return self._api_answer(status, headers, content, what)
 
-        return await self._runner(asleep=self._asleep).arun(what, attempt)
+        return await self._runner(asleep=self._asleep).arun(what, attempt, rules)
+
+    async def _alook_up_user(self) -> JsonDict:
+        """:meth:`ClinikoHook._look_up_user`, the async way."""
+        answer = await self._asend("GET", "/user", rules=API_CREATE)
+        return answer.json_object("GET /user")
 
     async def aget_json(self, path_or_url: str, params: Params = None) -> JsonDict:
         """GET and decode a JSON object.

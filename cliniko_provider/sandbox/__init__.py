@@ -10,7 +10,8 @@ Answers chosen where Cliniko's own behaviour is not publicly confirmed:
 - Bad or missing key (or a non-empty password): 401, plain text `HTTP Basic: Access denied.`
   with `WWW-Authenticate: Basic realm="Application"` (Rails' answer). Keys are accepted with
   or without their shard suffix, as Cliniko documents.
-- Rate limit (sliding window per key): 429, plain text `Retry later`, headers
+- Rate limit (sliding window per user, as Cliniko's: every key of a user counts in one window; a
+  `--same-user-key NEW=KEY` makes NEW a second key of KEY's user): 429, plain text `Retry later`, headers
   `X-RateLimit-Reset` (epoch seconds when a request is allowed again) and `Retry-After`.
 - Unknown or non-numeric ids: 404 `{"message": "Not found"}`. Creating an attachment for an
   unknown patient also answers 404 (the patient is looked up first, as for the presign).

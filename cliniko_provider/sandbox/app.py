@@ -193,7 +193,7 @@ class Api:
                 ACCESS_DENIED, status_code=401, headers={"WWW-Authenticate": 'Basic realm="Application"'}
             )
         sandbox.stats.requests_by_key[mask_key(api_key)] += 1
-        reset_at = sandbox.limiter.admit(account.key_digest, time.time())
+        reset_at = sandbox.limiter.admit(str(account.user_id), time.time())  # per user, as Cliniko
         if reset_at is not None:
             sandbox.stats.rate_limited += 1
             return throttled(reset_at)

@@ -15,6 +15,7 @@ from cliniko_provider.sandbox.config import (
     DEFAULT_API_KEY,
     SandboxSettings,
     parse_rate_limit,
+    parse_same_user_key,
     shard_of,
     strip_shard,
 )
@@ -61,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"an accepted API key, one account each; repeatable; the suffix after the last '-' names the"
         f" shard (default: {DEFAULT_API_KEY})",
     )
+    parser.add_argument(
+        "--same-user-key",
+        action="append",
+        type=parse_same_user_key,
+        dest="same_user_keys",
+        default=[],
+        metavar="NEW_KEY=KEY",
+        help="accept NEW_KEY as a second API key of the user of KEY (an --api-key): one account, one "
+        "rate limit; repeatable",
+    )
     parser.add_argument("--data-dir", type=Path, help="where state and files live (default: a temporary dir)")
     parser.add_argument(
         "--processing-delay",
@@ -81,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_rate_limit,
         default=(200, 60.0),
         metavar="N/SECONDS",
-        help="per key (default: 200/60)",
+        help="per user: every key of one user counts in one window (default: 200/60)",
     )
     parser.add_argument("--storage-limit", type=int, metavar="BYTES", help="per account (default: unlimited)")
     parser.add_argument(
@@ -145,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(
             "two --api-key values differ only in their shard suffix: Cliniko treats them as one key"
         )
+    same_user_keys = dict(args.same_user_keys)
+    for new_key, key in same_user_keys.items():
+        if strip_shard(key) not in {strip_shard(accepted) for accepted in api_keys}:
+            build_parser().error(f"--same-user-key: {key!r} is not an --api-key")
+        if strip_shard(new_key) in {strip_shard(accepted) for accepted in api_keys}:
+            build_parser().error(f"--same-user-key: {new_key!r} is already an --api-key of its own user")
     # Everything the sandbox writes is private: its database holds the S3 signing secret.
     os.umask(0o077)
     temporary = args.data_dir is None
@@ -154,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=data_dir,
         host=args.host,
         api_keys=api_keys,
+        same_user_keys=same_user_keys,
         processing_delay=args.processing_delay,
         processing_delay_per_mb=args.processing_delay_per_mb,
         rate_limit=limit,

@@ -50,6 +50,14 @@ def parse_rate_limit(text: str) -> tuple[int, float]:
     return int(match[1]), float(match[2])
 
 
+def parse_same_user_key(text: str) -> tuple[str, str]:
+    """`NEW_KEY=KEY` -> (NEW_KEY, KEY): a second API key of the user of KEY."""
+    new_key, equals, key = text.partition("=")
+    if not equals or not new_key.strip() or not key.strip():
+        raise ValueError(f"must look like NEW_KEY=KEY, not {text!r}")
+    return new_key.strip(), key.strip()
+
+
 @dataclass
 class SandboxSettings:
     """Everything the server needs to know; the fault fields may change while it runs."""
@@ -57,6 +65,8 @@ class SandboxSettings:
     data_dir: Path
     host: str = "127.0.0.1"  # the address it listens on
     api_keys: list[str] = field(default_factory=lambda: [DEFAULT_API_KEY])
+    # Extra key -> the accepted key whose user it also belongs to (one account, one user, one rate limit).
+    same_user_keys: dict[str, str] = field(default_factory=dict)
     processing_delay: float = 2.0
     processing_delay_per_mb: float = 0.01
     rate_limit: int = 200

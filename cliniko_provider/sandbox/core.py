@@ -19,7 +19,15 @@ from cliniko_provider.sandbox.config import (
     region_of,
 )
 from cliniko_provider.sandbox.examples import seed_example_patients
-from cliniko_provider.sandbox.store import Account, Attachment, Patient, Store, StoredObject, utc_now_iso
+from cliniko_provider.sandbox.store import (
+    Account,
+    Attachment,
+    Patient,
+    Store,
+    StoredObject,
+    key_digest,
+    utc_now_iso,
+)
 from cliniko_provider.sandbox.traffic import FaultInjector, RateLimiter, Stats
 
 if TYPE_CHECKING:
@@ -65,7 +73,12 @@ class Sandbox:
         self.transports: dict[tuple[str, int], asyncio.Transport] = {}
 
     def account_for_key(self, api_key: str) -> Account | None:
-        """The account of a configured key; storage use is read afresh from the store."""
+        """The account of a configured key (or of the key whose user a ``--same-user-key`` shares);
+        storage use is read afresh from the store."""
+        digest = key_digest(api_key)
+        for extra, key in self.settings.same_user_keys.items():
+            if key_digest(extra) == digest:
+                api_key = key
         account = self.store.account_for_key(api_key)
         configured = {known.id for known in self.accounts_by_key.values()}
         return account if account is not None and account.id in configured else None

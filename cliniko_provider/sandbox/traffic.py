@@ -12,7 +12,7 @@ Fault = Literal["fail", "throttle"]
 
 
 class RateLimiter:
-    """A sliding window of `limit` requests per `window` seconds for each key."""
+    """A sliding window of `limit` requests per `window` seconds for each user (all of a user's keys)."""
 
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit

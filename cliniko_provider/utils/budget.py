@@ -1,7 +1,9 @@
-"""The rate budget of one API key: one small interface, and backends for a process or a machine.
+"""The rate budget of one Cliniko user: one small interface, and backends for a process or a machine.
 
-Cliniko allows 200 requests a minute per API key. Every request first books a slot in the key's
-budget (``reserve``) and, once answered, moves the slot to the time of its answer (``settle``):
+Cliniko allows 200 requests a minute per user: the API keys of one user share them. So a budget is
+keyed by the user behind the key (learned with one ``GET /user`` per key, remembered for a day; the
+key's own hash while it cannot be learned, see :func:`user_budget`). Every request first books a slot
+in the budget (``reserve``) and, once answered, moves the slot to the time of its answer (``settle``):
 Cliniko counted the request at some moment before it answered, so measuring the window from the
 answer keeps every pair of requests 200 apart more than a minute apart however late a request
 went out (a busy worker, a slow network). After a 429 with a sane reset, every user of the key
@@ -26,16 +28,19 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from cliniko_provider.exceptions import ClinikoError
 from cliniko_provider.utils.private_state import FIX, PrivateDir
 
 log = logging.getLogger(__name__)
 
 WINDOW = 60.5  # Cliniko's minute, and half a second for a request booked before an older one was answered
 SETTLE_TOLERANCE = 1e-3  # seconds: a booked time handed back to settle matches its slot within this
+OWNER_TTL = 86_400.0  # seconds a key's user is remembered where the key's budget lives
+OWNER_RETRY_AFTER = 600.0  # seconds before a key whose user could not be learned is asked again
 LONGEST_FLIGHT = 600.0  # seconds past the window an unsettled slot is kept: after that its process died
 SHARE_RETRY_AFTER = 60.0  # seconds before a machine budget that could not share tries again
 
@@ -83,6 +88,18 @@ class BudgetSettings(Protocol):
     @property
     def redis_conn_id(self) -> str | None: ...
 
+    @property
+    def base_url(self) -> str: ...
+
+
+def user_budget_id(base_url: str, user_id: str) -> str:
+    """Return the identifier of a Cliniko user's budget (a hash of the API's URL and the user's id).
+
+    :param base_url: the API's base URL.
+    :param user_id: the user's id, as ``GET /user`` answers it.
+    """
+    return hashlib.sha256(f"{base_url}/users/{user_id}".encode()).hexdigest()[:16]
+
 
 def key_id(api_key: str) -> str:
     """Return a short identifier of an API key (a hash; never the key itself).
@@ -96,10 +113,14 @@ T = TypeVar("T")
 
 
 class Budgets:
-    """The budgets of one process: one per key (and the settings that shape it), made on first use."""
+    """The budgets of one process: one per key or user (and the settings that shape it), made on first
+    use; and which user each key belongs to, once learned."""
 
     def __init__(self) -> None:
         self._budgets: dict[Hashable, RateBudget] = {}
+        self._owners: dict[str, tuple[str | None, float]] = {}  # key id -> (user budget id, good until)
+        self._looking: dict[str, threading.Event] = {}  # key ids whose user is being learned right now
+        self._warned: set[str] = set()  # key ids whose failed look-up was warned about
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, make: Callable[[], RateBudget]) -> RateBudget:
@@ -114,25 +135,94 @@ class Budgets:
                 budget = self._budgets[key] = make()
             return budget
 
+    def owner_of(self, kid: str, now: float) -> str | None:
+        """Return the user budget id learned for a key, if any (never starts learning it).
+
+        :param kid: the key's id.
+        :param now: the current UNIX time.
+        """
+        with self._lock:
+            owner, until = self._owners.get(kid, (None, -math.inf))
+            return owner if until > now else None
+
+    def claim_owner(self, kid: str, now: float) -> tuple[bool, str | None, threading.Event | None]:
+        """Return (known, user budget id, event) for a key. Known: the id (None: not learnable lately).
+        Not known, with an event: another caller is learning it (wait for the event). Not known, no
+        event: the caller learns it now and must call :meth:`learned`.
+
+        :param kid: the key's id.
+        :param now: the current UNIX time.
+        """
+        with self._lock:
+            owner, until = self._owners.get(kid, (None, -math.inf))
+            if until > now:
+                return True, owner, None
+            if kid in self._looking:
+                return False, None, self._looking[kid]
+            self._looking[kid] = threading.Event()
+            return False, None, None
+
+    def learned(self, kid: str, owner: str | None, now: float) -> None:
+        """Record a key's user budget id (None: not learned, asked again ``OWNER_RETRY_AFTER`` later).
+
+        :param kid: the key's id.
+        :param owner: the user budget id, or None.
+        :param now: the current UNIX time.
+        """
+        with self._lock:
+            self._owners[kid] = (owner, now + (OWNER_TTL if owner else OWNER_RETRY_AFTER))
+            event = self._looking.pop(kid, None)
+        if event is not None:
+            event.set()
+
+    def first_warning(self, kid: str) -> bool:
+        """Return True the first time it is asked for a key (one warning per key and process).
+
+        :param kid: the key's id.
+        """
+        with self._lock:
+            first = kid not in self._warned
+            self._warned.add(kid)
+            return first
+
     def clear(self) -> None:
-        """Forget every budget (tests use this to start each test afresh)."""
+        """Forget every budget and owner (tests use this to start each test afresh)."""
         with self._lock:
             self._budgets.clear()
+            self._owners.clear()
+            self._looking.clear()
+            self._warned.clear()
+
+
+@runtime_checkable
+class OwnerMemory(Protocol):
+    """A budget that remembers, where it lives, which user its key belongs to."""
+
+    def recall_owner(self, now: float) -> str | None:
+        """Return the user budget id remembered for the key, if still good."""
+        ...
+
+    def remember_owner(self, owner: str, now: float) -> None:
+        """Remember the key's user budget id for ``OWNER_TTL`` seconds."""
+        ...
 
 
 PROCESS_BUDGETS = Budgets()
 
 
-def budget_for(settings: BudgetSettings, budgets: Budgets = PROCESS_BUDGETS) -> RateBudget:
-    """Return this process's budget for the key of a connection.
+def budget_for(
+    settings: BudgetSettings, budgets: Budgets = PROCESS_BUDGETS, owner: str | None = None
+) -> RateBudget:
+    """Return this process's budget for the key (or the user) of a connection.
 
     The cluster budget in Redis when the connection names a ``redis_conn_id`` (the machine budget
     standing in while Redis cannot be reached), else the machine-wide budget.
 
     :param settings: the connection settings (key, requests a minute, longest 429 wait, Redis).
     :param budgets: where the process keeps its budgets.
+    :param owner: the key's user budget id (:func:`user_budget_id`); None: the key's own budget.
     """
-    kid = key_id(settings.api_key)
+    kid = owner or key_id(settings.api_key)
     per_minute, max_block = settings.requests_per_minute, settings.max_rate_limit_wait
     machine = budgets.get(
         ("machine", kid, per_minute, max_block), lambda: MachineBudget(kid, per_minute, max_block)
@@ -146,6 +236,180 @@ def budget_for(settings: BudgetSettings, budgets: Budgets = PROCESS_BUDGETS) -> 
         ("redis", redis_conn_id, kid, per_minute, max_block),
         lambda: RedisBudget(kid, per_minute, max_block, redis_conn_id, machine),
     )
+
+
+def user_id_of(user: Mapping[str, object]) -> str | None:
+    """Return the id in a ``GET /user`` answer when it is one (digits, at most 32), else None.
+
+    :param user: the decoded answer.
+    """
+    user_id = user.get("id")
+    text = str(user_id) if isinstance(user_id, int | str) and not isinstance(user_id, bool) else ""
+    return text if text.isdigit() and text.isascii() and len(text) <= 32 else None
+
+
+def _patience(settings: BudgetSettings) -> float:
+    """How long a caller waits for another's look-up of the key's user: its longest pacing, and a
+    minute for the one request."""
+    return WINDOW + settings.max_rate_limit_wait + 60.0
+
+
+def user_budget(
+    settings: BudgetSettings,
+    look_up: Callable[[], Mapping[str, object]],
+    budgets: Budgets = PROCESS_BUDGETS,
+    clock: Callable[[], float] = time.time,
+) -> RateBudget:
+    """Return the budget of the Cliniko user behind the connection's key: Cliniko counts requests per
+    user, so the keys of one user share one budget.
+
+    The user is learned once per key with ``look_up`` (one ``GET /user``, paced on the key's own budget
+    and then counted on the user's) and remembered for ``OWNER_TTL`` where the key's budget lives
+    (Redis, or the machine's private state, named by the key's hash), so other processes and machines
+    need not ask. While another thread learns it, this one waits. When it cannot be learned (the call
+    fails, or answers no id), the key's own budget serves, one warning says so, and it is asked again
+    ``OWNER_RETRY_AFTER`` later.
+
+    :param settings: the connection settings.
+    :param look_up: sends ``GET /user`` once and returns its answer; raises :class:`ClinikoError`.
+    :param budgets: where the process keeps its budgets.
+    :param clock: the current UNIX time.
+    """
+    kid, key_budget = key_id(settings.api_key), budget_for(settings, budgets)
+    known, owner, event = budgets.claim_owner(kid, clock())
+    if event is not None:
+        event.wait(_patience(settings))
+        owner = budgets.owner_of(kid, clock())
+    elif not known:
+        owner = None
+        try:
+            owner = _recall_owner(key_budget, clock())
+            if owner is None:
+                owner = _learn(settings, kid, budgets, _answer_or_error(look_up))
+                if owner is not None:
+                    _remember_owner(key_budget, owner, clock())
+                    _count_look_up(budget_for(settings, budgets, owner), clock())
+        finally:
+            budgets.learned(kid, owner, clock())
+    return budget_for(settings, budgets, owner) if owner else key_budget
+
+
+async def auser_budget(
+    settings: BudgetSettings,
+    alook_up: Callable[[], Awaitable[Mapping[str, object]]],
+    budgets: Budgets = PROCESS_BUDGETS,
+    clock: Callable[[], float] = time.time,
+) -> RateBudget:
+    """:func:`user_budget` for the event loop: what is remembered is read and written in a thread.
+
+    :param settings: the connection settings.
+    :param alook_up: sends ``GET /user`` once and returns its answer; raises :class:`ClinikoError`.
+    :param budgets: where the process keeps its budgets.
+    :param clock: the current UNIX time.
+    """
+    kid, key_budget = key_id(settings.api_key), budget_for(settings, budgets)
+    known, owner, event = budgets.claim_owner(kid, clock())
+    if event is not None:
+        await asyncio.to_thread(event.wait, _patience(settings))
+        owner = budgets.owner_of(kid, clock())
+    elif not known:
+        owner = None
+        try:
+            owner = await asyncio.to_thread(_recall_owner, key_budget, clock())
+            if owner is None:
+                try:
+                    answer: Mapping[str, object] | ClinikoError = await alook_up()
+                except ClinikoError as error:
+                    answer = error
+                owner = _learn(settings, kid, budgets, answer)
+                if owner is not None:
+                    await asyncio.to_thread(_remember_owner, key_budget, owner, clock())
+                    await _acount_look_up(budget_for(settings, budgets, owner), clock())
+        finally:
+            budgets.learned(kid, owner, clock())
+    return budget_for(settings, budgets, owner) if owner else key_budget
+
+
+def _answer_or_error(look_up: Callable[[], Mapping[str, object]]) -> Mapping[str, object] | ClinikoError:
+    try:
+        return look_up()
+    except ClinikoError as error:
+        return error
+
+
+def _learn(
+    settings: BudgetSettings, kid: str, budgets: Budgets, answer: Mapping[str, object] | ClinikoError
+) -> str | None:
+    """The user budget id from a look-up's answer; None (and one warning per key) when there is none."""
+    user = None if isinstance(answer, ClinikoError) else user_id_of(answer)
+    if user is not None:
+        return user_budget_id(settings.base_url, user)
+    reason = str(answer) if isinstance(answer, ClinikoError) else "GET /user answered no user id"
+    (log.warning if budgets.first_warning(kid) else log.debug)(
+        "Cliniko rate budget: cannot learn which Cliniko user this API key belongs to (%s); it keeps a "
+        "budget of its own (keys of one user then pace apart) and asks again in %.0f s.",
+        reason[:300],
+        OWNER_RETRY_AFTER,
+    )
+    return None
+
+
+def _count_look_up(budget: RateBudget, now: float) -> None:
+    """Book the ``GET /user`` just answered (paced on the key's own budget) on the user's budget too:
+    Cliniko counted it there."""
+    booked = now + budget.reserve(now)
+    budget.settle(booked, now)
+
+
+async def _acount_look_up(budget: RateBudget, now: float) -> None:
+    booked = now + await budget.areserve(now)
+    await budget.asettle(booked, now)
+
+
+def _recall_owner(budget: RateBudget, now: float) -> str | None:
+    return budget.recall_owner(now) if isinstance(budget, OwnerMemory) else None
+
+
+def _remember_owner(budget: RateBudget, owner: str, now: float) -> None:
+    if isinstance(budget, OwnerMemory):
+        budget.remember_owner(owner, now)
+
+
+def is_owner(text: object) -> bool:
+    """True for a user budget id as :func:`user_budget_id` makes them (16 lowercase hex digits).
+
+    :param text: what was read back.
+    """
+    return isinstance(text, str) and len(text) == 16 and all(c in "0123456789abcdef" for c in text)
+
+
+def owner_record(owner: str, now: float) -> bytes:
+    """A remembered owner as the machine stores it (JSON: the user budget id, and until when it holds).
+
+    :param owner: the user budget id.
+    :param now: the current UNIX time.
+    """
+    return json.dumps({"owner": owner, "until": now + OWNER_TTL}).encode()
+
+
+def read_owner_record(raw: bytes | None, now: float) -> str | None:
+    """The user budget id of a stored record, or None when it is missing, damaged or out of date.
+
+    :param raw: the record as stored.
+    :param now: the current UNIX time.
+    """
+    try:
+        data = json.loads(raw) if raw and len(raw) <= 256 else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    owner, until = data.get("owner"), data.get("until")
+    if not is_owner(owner) or not isinstance(until, int | float) or not _is_number(until):
+        return None
+    if not now < until <= now + OWNER_TTL:
+        return None
+    return str(owner)
 
 
 class SlidingWindow:
@@ -353,6 +617,27 @@ class MachineBudget:
     def path(self) -> Path:
         """The key's state file."""
         return self.state_dir / self.filename
+
+    def recall_owner(self, now: float) -> str | None:
+        """Return the user budget id this machine remembers for the key, if still good.
+
+        :param now: the current UNIX time.
+        """
+        try:
+            return read_owner_record(self._dir.read(f"cliniko-owner-{self.kid}.json", 256), now)
+        except OSError:
+            return None
+
+    def remember_owner(self, owner: str, now: float) -> None:
+        """Remember the key's user budget id on this machine for ``OWNER_TTL`` seconds.
+
+        :param owner: the user budget id.
+        :param now: the current UNIX time.
+        """
+        try:
+            self._dir.write(f"cliniko-owner-{self.kid}.json", owner_record(owner, now))
+        except OSError as error:
+            log.debug("Cliniko rate budget: cannot remember the key's user (%s)", error)
 
     def reserve(self, now: float) -> float:
         """Book one slot for every process of the machine; return the seconds to wait.

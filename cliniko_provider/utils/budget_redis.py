@@ -1,10 +1,11 @@
-"""The cluster rate budget: one sliding window per API key in Redis, shared by every machine.
+"""The cluster rate budget: one sliding window per Cliniko user in Redis, shared by every machine.
 
 Every worker on every machine and every triggerer that names the same Airflow Redis connection
 (``redis_conn_id`` in the Cliniko connection's extras) books its requests in one window per key, kept
 in Redis and changed atomically by a Lua script; a 429's reset holds the key for all of them at once.
-Nothing secret goes into Redis: the keys are named by a hash of the API key, the values are times
-(the window's members are sequence numbers, scored by their send times, then by their answers).
+Nothing secret goes into Redis: the keys are named by a hash of the API key (or of the Cliniko user
+behind it), the values are times (the window's members are sequence numbers, scored by their send
+times, then by their answers) and, under ``...:owner``, the hash naming the user's budget.
 
 Redis is a helper, never a dependency of an upload: every call is bounded by short timeouts, and when
 Redis cannot be reached (or answers nonsense) the budget falls back to the machine budget, logs one
@@ -21,7 +22,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cliniko_provider.utils.budget import LONGEST_FLIGHT, SETTLE_TOLERANCE, WINDOW, RateBudget
+from cliniko_provider.utils.budget import (
+    LONGEST_FLIGHT,
+    OWNER_TTL,
+    SETTLE_TOLERANCE,
+    WINDOW,
+    OwnerMemory,
+    RateBudget,
+    is_owner,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -168,6 +177,15 @@ def redis_keys(kid: str) -> list[str]:
     return [f"{base}:sent", f"{base}:seq", f"{base}:blocked"]
 
 
+def owner_key(kid: str) -> str:
+    """Return the Redis key remembering which user's budget an API key shares (see
+    :func:`~cliniko_provider.utils.budget.user_budget`).
+
+    :param kid: the key's identifier (a hash of the API key, never the key).
+    """
+    return f"{KEY_PREFIX}:{{{kid}}}:owner"
+
+
 def client_options(conn: Any) -> dict[str, Any]:
     """Return redis-py client options for an Airflow Redis connection, with short timeouts.
 
@@ -222,6 +240,7 @@ class RedisBudget:
         self.redis_conn_id = redis_conn_id
         self.fallback = fallback
         self._keys = redis_keys(kid)
+        self._owner_key = owner_key(kid)
         self._limit = max(1, int(per_minute))
         self._max_block = max_block
         self._clock = clock or time.time
@@ -291,6 +310,45 @@ class RedisBudget:
             self.fallback.settle(booked, answered)
             return
         self._reached()
+
+    def recall_owner(self, now: float) -> str | None:
+        """Return the user budget id the cluster remembers for the key (Redis expires it), else the
+        machine's.
+
+        :param now: the current UNIX time.
+        """
+        if not self._resting(now):
+            try:
+                raw = self._sync_client().get(self._owner_key)
+            except Exception as error:  # whatever Redis does, the upload goes on
+                self._fell_back(now, error)
+            else:
+                self._reached()
+                owner = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+                if is_owner(owner):
+                    return str(owner)
+        return self.fallback.recall_owner(now) if isinstance(self.fallback, OwnerMemory) else None
+
+    def remember_owner(self, owner: str, now: float) -> None:
+        """Remember the key's user budget id for the cluster and this machine for ``OWNER_TTL`` seconds.
+
+        :param owner: the user budget id.
+        :param now: the current UNIX time.
+        """
+        if isinstance(self.fallback, OwnerMemory):
+            self.fallback.remember_owner(owner, now)
+        if not self._resting(now):
+            try:
+                self._sync_client().set(self._owner_key, owner, ex=int(OWNER_TTL))
+            except Exception as error:  # whatever Redis does, the upload goes on
+                self._fell_back(now, error)
+            else:
+                self._reached()
+
+    def _sync_client(self) -> redis.Redis:
+        self._sync_scripts()
+        assert self._client is not None
+        return self._client
 
     def _sync_scripts(self) -> tuple[Script, Script, Script]:
         with self._lock:

@@ -4,7 +4,11 @@ Run as ``python -m tests.cluster.machine REQUESTS OUT GO`` in a process with its
 AIRFLOW_HOME (so its machine budget is its own); the connection comes from the environment. Once set up
 it writes ``OUT.ready`` and waits for the file GO, so that every machine starts calling at once (and
 none is slowed by another still importing Airflow); then writes the finish time of each call (UNIX
-seconds), one a line, to OUT. REQUESTS 0 means: as many as fit in ``$BENCH_SECONDS`` seconds.
+seconds), one a line, to OUT. REQUESTS 0 means: as many as fit in ``$BENCH_SECONDS`` seconds. A call is
+``GET /patients?per_page=1`` (the hook's own ``GET /user``, once, learns whose budget the key draws on).
+With ``$MACHINE_LEARN_USER`` set, the key's user is learned before ``OUT.ready``. With
+``$MACHINE_LONGEST_WAIT`` set, a pacing wait longer than that many seconds ends the machine: it
+writes the wait to ``OUT.wait`` (how a test sees the budget hold it back without waiting a minute).
 """
 
 from __future__ import annotations
@@ -77,17 +81,36 @@ def main() -> None:
     from cliniko_provider.hooks.cliniko import ClinikoHook
 
     count, out, go = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    hook = ClinikoHook()
+    longest = float(os.environ.get("MACHINE_LONGEST_WAIT") or "inf")
+    finished: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        if seconds > longest:
+            out.with_suffix(".wait").write_text(repr(seconds))
+            raise HeldBack
+        time.sleep(seconds)
+
+    hook = ClinikoHook(sleep=sleep)
     hook.get_conn()  # settings and session made before the start
+    if os.environ.get("MACHINE_LEARN_USER"):  # the key's GET /user before the start, not raced by calls
+        from cliniko_provider.utils.budget import user_budget
+
+        user_budget(hook.settings, hook._look_up_user)
     out.with_suffix(".ready").touch()
     while not go.exists():
         time.sleep(0.05)
-    finished: list[float] = []
     until = time.time() + float(os.environ.get("BENCH_SECONDS", "0"))
-    while len(finished) < count or (count == 0 and time.time() < until):
-        hook.get_json("/user")
-        finished.append(time.time())
+    try:
+        while len(finished) < count or (count == 0 and time.time() < until):
+            hook.get_json("/patients", {"per_page": 1})
+            finished.append(time.time())
+    except HeldBack:
+        pass
     out.write_text("".join(f"{moment!r}\n" for moment in finished))
+
+
+class HeldBack(Exception):
+    """The budget asked for a wait longer than ``$MACHINE_LONGEST_WAIT``."""
 
 
 if __name__ == "__main__":

@@ -40,13 +40,35 @@ def test_rate_limit_answers_429_until_the_reset_time(start_sandbox: Start) -> No
     assert stats(sandbox)["rate_limited"] == 2
 
 
-def test_rate_limit_is_per_key(start_sandbox: Start) -> None:
-    sandbox = start_sandbox("--rate-limit", "2/60", "--api-key", "first-au1", "--api-key", "second-au1")
+def test_rate_limit_is_per_user(start_sandbox: Start) -> None:
+    sandbox = start_sandbox(
+        *("--rate-limit", "2/60", "--api-key", "first-au1", "--api-key", "second-au1"),
+        *("--same-user-key", "first-again-au1=first-au1"),
+    )
     first, second = Client(sandbox, "first-au1"), Client(sandbox, "second-au1")
-    assert [first.get("/user").status_code for _ in range(3)] == [200, 200, 429]
-    assert second.get("/user").status_code == 200
+    again = Client(sandbox, "first-again-au1")
+    assert again.get("/user").json()["id"] == first.get("/user").json()["id"]  # one user: 2 of 2 spent
+    assert first.get("/user").status_code == 429 and again.get("/user").status_code == 429
+    assert second.get("/user").status_code == 200  # another user
     # The key without its shard suffix is the same key, so it shares the budget.
     assert Client(sandbox, "first").get("/user").status_code == 429
+    assert Client(sandbox, "first-again").get("/user").status_code == 429
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("no-equals", "NEW_KEY=KEY"),
+        ("new-au1=unknown-au1", "'unknown-au1' is not an --api-key"),
+        ("second-au1=first-au1", "'second-au1' is already an --api-key"),
+    ],
+)
+def test_same_user_key_is_checked(value: str, error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from cliniko_provider.sandbox.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--api-key", "first-au1", "--api-key", "second-au1", "--same-user-key", value])
+    assert error in capsys.readouterr().err
 
 
 def test_fault_injection_on_api_and_s3(start_sandbox: Start) -> None:
