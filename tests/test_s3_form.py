@@ -99,6 +99,14 @@ def test_progress_reports_the_file_bytes_sent() -> None:
     assert seen == [1000, 2000, 2500]
 
 
+def test_sent_is_called_once_the_last_part_was_taken_and_more_is_asked() -> None:
+    calls: list[str] = []
+    parts = iter(make_body(b"z" * 2500, chunk_size=1000, sent=lambda: calls.append("sent")))
+    *_, tail = (next(parts) for _ in range(5))  # head, three chunks, tail: all of it, none sent yet
+    assert tail.endswith(b"--BOUNDARY--\r\n") and calls == []
+    assert next(parts, None) is None and calls == ["sent"]
+
+
 @pytest.mark.parametrize(("actual", "problem"), [(999, "shrank"), (1001, "grew")])
 def test_a_file_that_changed_size_is_an_error(actual: int, problem: str) -> None:
     body = MultipartBody(FIELDS, CountingOpener(b"q" * actual), 1000, "f.bin")

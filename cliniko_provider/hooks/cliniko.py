@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import random
 import socket
@@ -17,7 +18,9 @@ from typing import Any, TypeVar
 
 import httpx
 import requests
+import requests.adapters
 import urllib3
+import urllib3.connection
 from airflow.providers.common.compat.sdk import AirflowSensorTimeout
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
@@ -142,44 +145,147 @@ async def aread_capped(chunks: AsyncIterator[bytes], cap: int) -> bytes:
 
 
 class DeadlineWatch:
-    """Shuts an answer's connection when its deadline passes, so that no read blocks past it.
+    """Shuts the connection of one attempt when the attempt's deadline passes, whatever it is doing.
 
-    ``requests`` bounds each socket read, not the whole answer: a server sending one byte every half
-    second never trips a one-second read timeout, and one blocking read of a 64 KiB chunk can last for
-    hours. Used as a context manager around the reads; :attr:`fired` tells that the deadline ended them
-    (what was read may then be cut short).
+    ``requests`` bounds each socket read, not the whole exchange: a server sending one byte every half
+    second (of its status line, headers or body) never trips a one-second read timeout, and one blocking
+    read of a 64 KiB chunk can last for hours. The watch is entered before the request is sent; while it
+    is, the hook's connections (``_WatchedAdapter``) register with it as they connect and send, so
+    connect, send, status line, headers and body are bounded together. A socket it shut reads as dropped
+    and urllib3 never reuses it. On leaving, a fired watch raises :class:`DeadlineExceeded` (what was read
+    may have been cut short), whatever error the shut socket gave meanwhile.
 
-    :param response: the streamed answer (its connection is still attached).
-    :param deadline: when the answer must be in whole.
+    :param deadline: when the attempt must be done, or None: no deadline until :meth:`arm` gives one.
     """
 
-    def __init__(self, response: requests.Response, deadline: Deadline) -> None:
+    def __init__(self, deadline: Deadline | None = None) -> None:
         self.fired = False
         self._deadline = deadline
-        self._socket: socket.socket | None = getattr(getattr(response.raw, "connection", None), "sock", None)
-        self._done = threading.Event()
+        self._connection: urllib3.connection.HTTPConnection | None = None
+        self._socket: socket.socket | None = None
+        self._done = False
+        self._changed = threading.Condition()
         self._watcher = threading.Thread(target=self._watch, name="cliniko-deadline", daemon=True)
+        self._token: contextvars.Token[DeadlineWatch | None] | None = None
 
     def __enter__(self) -> DeadlineWatch:
+        self._token = _ATTEMPT_WATCH.set(self)
         self._watcher.start()
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._done.set()
-        if self.fired:
+        with self._changed:  # once left, the watch shuts nothing (the connection may serve another call)
+            self._done = True
+            self._changed.notify()
+        if self._token is not None:
+            _ATTEMPT_WATCH.reset(self._token)
+        if self.fired and self._deadline is not None:
             raise DeadlineExceeded(self._deadline.reason()) from error
 
+    def arm(self, deadline: Deadline) -> None:
+        """Give the watch its deadline, or a new one in place of the current.
+
+        :param deadline: when the attempt (or what is left of it) must be done.
+        """
+        with self._changed:
+            self._deadline = deadline
+            self._changed.notify()
+
+    def watch(self, connection: urllib3.connection.HTTPConnection, sock: socket.socket | None = None) -> None:
+        """Watch the connection the attempt now uses (shut at once if the deadline has passed).
+
+        :param connection: the connection.
+        :param sock: its socket while the connection does not hold it yet (connecting).
+        """
+        with self._changed:
+            self._connection, self._socket = connection, sock
+            if self.fired:
+                self._shut()
+
     def _watch(self) -> None:
-        # the deadline may move later meanwhile (Deadline.extend): wait again until it truly passed
-        while not self._done.wait(max(0.0, self._deadline.remaining())):
-            if self._deadline.passed():
-                self.fired = True
-                if self._socket is not None:
-                    with contextlib.suppress(OSError):
-                        self._socket.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread
-                return
+        with self._changed:
+            while not self._done:
+                if self._deadline is None:
+                    self._changed.wait()
+                elif self._deadline.passed():
+                    self.fired = True
+                    self._shut()
+                    return
+                else:
+                    # the deadline may move later meanwhile (Deadline.extend): look again when it is due
+                    self._changed.wait(self._deadline.remaining())
+
+    def _shut(self) -> None:
+        current = getattr(self._connection, "sock", None)  # TLS: the wrapped socket, once there is one
+        for sock in (current, self._socket):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    # wakes a connect, send or read blocked in its thread; the plain socket's shutdown, as
+                    # a TLS socket's own would unwrap it under that read (a ValueError, not a broken read)
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+# The watch of the attempt running in this thread (or task): urllib3 makes the connections, so they
+# cannot be handed the watch; a context variable is per thread, like an attempt.
+_ATTEMPT_WATCH: contextvars.ContextVar[DeadlineWatch | None] = contextvars.ContextVar(
+    "cliniko_attempt_watch", default=None
+)
+
+
+def _watched(connection: urllib3.connection.HTTPConnection, sock: socket.socket | None = None) -> None:
+    watch = _ATTEMPT_WATCH.get()
+    if watch is not None:
+        watch.watch(connection, sock)
+
+
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    """A connection that registers with the running attempt's :class:`DeadlineWatch`."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watched(self, sock)  # covers the TLS handshake, which runs before :meth:`request`
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watched(self)  # a kept-alive connection makes no new socket
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(_WatchedHTTPConnection, urllib3.connection.HTTPSConnection):
+    """The HTTPS twin of :class:`_WatchedHTTPConnection`."""
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """``requests``' adapter whose connections a :class:`DeadlineWatch` can shut (also via an HTTP proxy)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """Make the pool manager, with pools of watched connections."""
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.PoolManager:
+        """Return the proxy's pool manager, with pools of watched connections (not for SOCKS proxies).
+
+        :param proxy: the proxy's URL.
+        :param proxy_kwargs: passed to ``requests``.
+        """
+        manager: urllib3.PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if type(manager) is urllib3.ProxyManager:
+            manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
 
 
 def equality_filters(*filters: str, **equals: object) -> list[str]:
@@ -427,12 +533,13 @@ class ClinikoHook(_ClinikoBase):
         def attempt() -> Answer | Failure:
             deadline = Deadline(self.settings.timeout)
             try:
-                with (
-                    self.session.request(
-                        method, url, params=params, json=json, timeout=self.settings.timeout, stream=True
-                    ) as response,
-                    DeadlineWatch(response, deadline),
-                ):
+                # the watch is left before the answer is closed: a connection back in the pool is not its
+                with contextlib.ExitStack() as answers, DeadlineWatch(deadline):
+                    response = answers.enter_context(
+                        self.session.request(
+                            method, url, params=params, json=json, timeout=self.settings.timeout, stream=True
+                        )
+                    )
                     content = read_capped(response.iter_content(CHUNK), MAX_ANSWER_BYTES, deadline)
                     status, headers = response.status_code, response.headers
             except (requests.RequestException, DeadlineExceeded) as error:
@@ -738,6 +845,8 @@ class ClinikoHook(_ClinikoBase):
         if session is None:
             session = requests.Session()
             session.headers.update(headers)
+            for prefix in ("https://", "http://"):
+                session.mount(prefix, _WatchedAdapter())
             with self._sessions_lock:
                 first = self._first_sessions.setdefault(kind, session)
             if first is not session:
@@ -821,23 +930,34 @@ class ClinikoHook(_ClinikoBase):
         url = str(presign["url"])
         fields = [(str(name), str(value)) for name, value in dict(presign["fields"]).items()]
         reporter = progress or UploadProgress(size, self.log.info, self._clock)
-        body = MultipartBody(
-            fields, opener, size, filename, content_type=guess_content_type(filename), progress=reporter
-        )
+        timeout = self.settings.timeout
         started = self._clock()
         try:
             # Sending the file has no total deadline (5 GiB take minutes), only progress: each write
-            # within the timeout. S3's answer, which comes once the body is in, is read by a deadline.
-            with self.s3_session.post(
-                url,
-                data=body,
-                headers={"Content-Type": body.content_type},
-                timeout=self.settings.timeout,
-                stream=True,
-            ) as response:
-                deadline = Deadline(self.settings.timeout)
-                with DeadlineWatch(response, deadline):
-                    content = read_capped(response.iter_content(CHUNK), MAX_ERROR_BYTES, deadline)
+            # within the timeout. Once the file is sent, S3's status line and headers must come within
+            # the timeout, and its body within the timeout more.
+            with contextlib.ExitStack() as answers, DeadlineWatch() as watch:
+                body = MultipartBody(
+                    fields,
+                    opener,
+                    size,
+                    filename,
+                    content_type=guess_content_type(filename),
+                    progress=reporter,
+                    sent=lambda: watch.arm(Deadline(timeout)),
+                )
+                response = answers.enter_context(
+                    self.s3_session.post(
+                        url,
+                        data=body,
+                        headers={"Content-Type": body.content_type},
+                        timeout=timeout,
+                        stream=True,
+                    )
+                )
+                deadline = Deadline(timeout)
+                watch.arm(deadline)
+                content = read_capped(response.iter_content(CHUNK), MAX_ERROR_BYTES, deadline)
                 status, headers = response.status_code, response.headers
         except (requests.RequestException, DeadlineExceeded) as error:
             if isinstance(error, DeadlineExceeded):
@@ -916,10 +1036,8 @@ class ClinikoHook(_ClinikoBase):
             count = 0
             deadline = Deadline(timeout)
             try:
-                with (
-                    self.session.get(url, timeout=timeout, stream=True) as response,
-                    DeadlineWatch(response, deadline),
-                ):
+                with contextlib.ExitStack() as answers, DeadlineWatch(deadline):
+                    response = answers.enter_context(self.session.get(url, timeout=timeout, stream=True))
                     status, headers = response.status_code, response.headers
                     if status >= 400:
                         content = read_capped(response.iter_content(CHUNK), MAX_ERROR_BYTES, deadline)

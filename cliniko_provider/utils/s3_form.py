@@ -73,6 +73,7 @@ class MultipartBody:
     :param chunk_size: bytes read from the file at a time.
     :param progress: called with the file bytes produced so far, after each chunk.
     :param boundary: the multipart boundary (random unless given).
+    :param sent: called when more is asked for after the last part, i.e. once the last part was sent.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class MultipartBody:
         chunk_size: int = CHUNK_SIZE,
         progress: Progress | None = None,
         boundary: str | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> None:
         if size < 0 or chunk_size < 1:
             raise ValueError("size must be >= 0 and chunk_size >= 1")
@@ -95,6 +97,7 @@ class MultipartBody:
         self.chunk_size = chunk_size
         self._opener = opener
         self._progress = progress
+        self._sent = sent
         delimiter = b"--" + self.boundary.encode("ascii") + CRLF
         head = bytearray()
         for name, value in fields:
@@ -131,6 +134,8 @@ class MultipartBody:
         if sent != self.size:
             raise SourceChangedError(f"the file shrank while it was being sent ({sent} of {self.size} bytes)")
         yield self._tail
+        if self._sent is not None:
+            self._sent()
 
 
 def parse_s3_xml(body: bytes | str) -> dict[str, str]:
