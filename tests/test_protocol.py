@@ -4,6 +4,7 @@ Cliniko + S3 of tests/test_operator.py: what a reuse says, which queries a look-
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from cliniko_provider.exceptions import ClinikoInputError
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.protocol.upload import TaskStateProgress, UploadProtocol
 from cliniko_provider.utils.idempotency import UploadJournal, UploadOutcome, upload_identity
@@ -137,6 +139,7 @@ def test_a_recorded_attachment_is_no_other_identitys_in_the_same_try(
     fake.process(fake.records["1000"])
     protocol = UploadProtocol(hook, fake_context(try_number=2))
     assert protocol.find_earlier_upload(mine, report) is not None  # by the journal: one GET
+    assert protocol.find_earlier_upload(mine, report) is not None  # and again: it is still mine
     # Same file, description and content under another key: the record is taken.
     assert protocol.find_earlier_upload(identity_of(report, key="theirs"), report) is None
     # Without the claim its content would match (another try knows nothing of this one's claims).
@@ -385,3 +388,123 @@ def test_upload_attachment_passes_every_argument_and_returns_the_record(
         PATIENT, report, description="Same", identity=identity, description_marker=True
     )
     assert again["id"] == "1000" and fake.paths()[before:] == ["GET /v1/patient_attachments/1000"]
+
+
+# --- upload_once and create-once -------------------------------------------------------------------------
+
+
+def test_an_upload_gives_the_digests_of_what_was_sent_and_records_each_step(
+    hook: ClinikoHook, fake: FakeCliniko, report: UploadSource, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cliniko_provider.utils.upload import format_bytes
+
+    identity = identity_of(report)
+    made = first_upload(hook, report, identity)
+    with report.opener() as stream:
+        data = stream.read()
+    assert (made.record["id"], made.reused, made.reason) == ("1000", False, "uploaded")
+    assert (made.sha256, made.md5) == (hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())
+    assert made.verification == "none"  # the fake S3's ETag is no MD5: nothing checked
+    assert UploadJournal(KEY).read(identity.key) == {
+        "identity": identity.key,
+        "sha256": made.sha256,
+        "patient_id": PATIENT,
+        "create_sent_at": SENT_AT,
+        "attachment_id": "1000",
+    }
+    assert f"Uploading report.pdf ({format_bytes(5000)}) for patient {PATIENT} [" in capsys.readouterr().out
+
+
+def test_no_description_sends_none(hook: ClinikoHook, fake: FakeCliniko, report: UploadSource) -> None:
+    UploadProtocol(hook).upload_once(PATIENT, report)
+    (create,) = [
+        r for r in fake.requests if r.method == "POST" and str(r.url).endswith("/patient_attachments")
+    ]
+    assert json.loads(create.body or b"{}").get("description") is None
+
+
+def test_a_bad_patient_id_is_named(hook: ClinikoHook, fake: FakeCliniko, report: UploadSource) -> None:
+    with pytest.raises(ClinikoInputError, match=r"^patient_id must be"):
+        UploadProtocol(hook).upload_once("abc", report)
+    assert fake.requests == []
+
+
+def test_a_retry_looks_first_by_default(
+    hook: ClinikoHook, fake: FakeCliniko, report: UploadSource, capsys: pytest.CaptureFixture[str]
+) -> None:
+    identity = identity_of(report)
+    first_upload(hook, report, identity)
+    again = UploadProtocol(hook, fake_context(try_number=2)).upload_once(
+        PATIENT, report, description="D", identity=identity
+    )
+    assert again.record["id"] == "1000" and again.reused and len(fake.uploads) == 1
+    assert (
+        f"Not uploading again: reusing attachment 1000 of patient {PATIENT}, because this worker recorded "
+        "attachment 1000 as this upload [" in capsys.readouterr().out
+    )
+
+
+def test_a_lost_create_answer_is_found_by_the_marker_in_marker_mode(
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    report: UploadSource,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake.create_script = ["500-after"]
+    identity = identity_of(report, description="Same")
+    made = first_upload(hook, report, identity, description_marker=True)
+    assert list(fake.records) == ["1000"] and fake.paths().count("POST /v1/patient_attachments") == 1
+    assert (made.record["id"], made.reused) == ("1000", False)
+    assert made.reason.startswith("created; the answer was lost (") and "502" in made.reason
+    out = capsys.readouterr().out
+    assert "The create failed (" in out and "), but attachment 1000 exists [" in out
+
+
+def test_a_create_that_failed_before_creating_is_retried_saying_no_record_was_made(
+    hook: ClinikoHook, fake: FakeCliniko, report: UploadSource, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.create_script = ["500"]
+    made = first_upload(hook, report, identity_of(report))
+    assert made.record["id"] == "1000" and fake.paths().count("POST /v1/patient_attachments") == 2
+    assert "POST /patient_attachments: 500 (no record was made) on attempt 1 of " in capsys.readouterr().out
+
+
+class BrokenStore(FakeTaskStateStore):
+    """A task state store whose writes fail with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def set(self, key: str, value: Any) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (RuntimeError("x" * 300 + "\nsecond line"), "x" * 200),  # one line, 200 characters at most
+        (RuntimeError(), "RuntimeError"),  # no message: its type
+    ],
+)
+def test_a_store_that_cannot_record_hands_the_progress_to_the_journal_saying_why(
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    report: UploadSource,
+    capsys: pytest.CaptureFixture[str],
+    error: Exception,
+    shown: str,
+) -> None:
+    ctx = durable_context(BrokenStore(error))
+    identity = identity_of(report, ctx=ctx)
+    protocol = UploadProtocol(hook, ctx)
+    assert protocol.durable
+    made = protocol.upload_once(PATIENT, report, description="D", identity=identity, look_first=False)
+    assert not protocol.durable and made.record["id"] == "1000"
+    assert UploadJournal(KEY).read(identity.key)["attachment_id"] == "1000"
+    assert (
+        f"Airflow's task state store could not record this upload's progress ({shown}): this task keeps it "
+        "in the worker's journal instead [" in capsys.readouterr().out
+    )
