@@ -331,3 +331,85 @@ def test_uploads_that_are_not_a_list_are_refused_and_named_in_xcom() -> None:
         "uploads must be a list of dicts, got str: e.g. [{'patient_id': '123', 'file_path': '/data/a.pdf'}]."
     )
     assert ctx["ti"].pushed == {"cliniko_error": str(raised.value)}
+
+
+# --- one item's checks and results (utils/batch.py) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("upload", "message"),
+    [
+        (
+            ["1", "/a"],
+            "uploads[2] is a list; each upload is a dict such as "
+            "{'patient_id': '123', 'file_path': '/data/a.pdf'}.",
+        ),
+        (
+            {"patient_id": "1", "file_path": "/a", "zeta": 1, "alpha": 2},
+            "uploads[2] has unknown key(s) alpha, zeta; an upload takes patient_id, file_path, filename, "
+            "description, idempotency_key. Check the spelling or drop the extra keys.",
+        ),
+        (
+            {"patient_id": None, "file_path": ""},
+            "uploads[2] has no patient_id or file_path: every upload needs both.",
+        ),
+        ({"patient_id": "1"}, "uploads[2] has no file_path: every upload needs both."),
+    ],
+)
+def test_a_malformed_upload_is_refused_with_its_exact_reason(upload: Any, message: str) -> None:
+    from cliniko_provider.utils.batch import parse_upload
+
+    with pytest.raises(ClinikoInputError) as raised:
+        parse_upload(2, upload)
+    assert str(raised.value) == message
+
+
+def test_an_items_optional_fields_are_strings_or_none_and_its_identity_leaves_out_the_description() -> None:
+    from cliniko_provider.utils.batch import BatchItem, parse_upload
+
+    item = parse_upload(
+        4, {"patient_id": 7, "file_path": Path("/a.pdf"), "idempotency_key": 9, "description": 1}
+    )
+    assert item == BatchItem(4, "7", "/a.pdf", None, "1", "9")
+    assert item.identity == ("7", "/a.pdf", None, "9")
+
+
+def test_an_items_first_result_holds_what_was_given() -> None:
+    from cliniko_provider.utils.batch import describe
+
+    assert describe(3, {"patient_id": 12, "file_path": Path("/a")}) == {
+        "index": 3,
+        "patient_id": "12",
+        "file_path": "/a",
+        "attachment_id": None,
+        "status": "waiting",
+    }
+    assert describe(0, "x")["patient_id"] is None and describe(0, {"patient_id": 0})["patient_id"] == "0"
+
+
+def test_a_failed_items_reason_is_one_redacted_line_or_the_errors_type() -> None:
+    from airflow.providers.common.compat.sdk import AirflowFailException, AirflowSensorTimeout
+
+    from cliniko_provider.utils.batch import failed, processed
+
+    base = {"index": 0, "status": "waiting"}
+    assert failed(base, RuntimeError("key abc\nleaked"), lambda text: text.replace("abc", "***")) == {
+        "index": 0,
+        "status": "error",
+        "error": "key *** leaked",
+        "retryable": True,
+    }
+    assert failed(base, RuntimeError())["error"] == "RuntimeError"
+    assert failed(base, AirflowFailException("bad"))["retryable"] is False
+    assert failed(base, AirflowSensorTimeout("late"))["retryable"] is False
+    assert processed(base, "2026-01-01") == {"index": 0, "status": "processed", "processed_at": "2026-01-01"}
+
+
+def test_the_summary_says_how_many_more_failures_xcom_names() -> None:
+    from cliniko_provider.utils.batch import failure_summary
+
+    results = [{"index": n, "patient_id": "1", "file_path": f"/f{n}", "error": f"bad {n}"} for n in range(3)]
+    assert failure_summary(results, limit=2).splitlines()[-1] == (
+        "  ... and 1 more (every reason is in XCom 'cliniko_error')"
+    )
+    assert failure_summary(results, limit=3).splitlines()[-1] == "  #2 patient 1 /f2: bad 2"
