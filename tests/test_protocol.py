@@ -388,6 +388,10 @@ def test_upload_attachment_passes_every_argument_and_returns_the_record(
         PATIENT, report, description="Same", identity=identity, description_marker=True
     )
     assert again["id"] == "1000" and fake.paths()[before:] == ["GET /v1/patient_attachments/1000"]
+    plain = UploadProtocol(hook).upload_attachment(
+        PATIENT, report, description="Other", identity=identity_of(report, "Other"), look_first=False
+    )
+    assert plain["description"] == "Other"  # no marker unless asked
 
 
 # --- upload_once and create-once -------------------------------------------------------------------------
@@ -507,4 +511,112 @@ def test_a_store_that_cannot_record_hands_the_progress_to_the_journal_saying_why
     assert (
         f"Airflow's task state store could not record this upload's progress ({shown}): this task keeps it "
         "in the worker's journal instead [" in capsys.readouterr().out
+    )
+
+
+def test_a_record_found_by_content_stays_this_identitys_for_the_rest_of_the_try(
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    report: UploadSource,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    mine = identity_of(report)
+    first_upload(hook, report, mine)
+    fake.process(fake.records["1000"])
+    other_worker(monkeypatch, tmp_path)
+    protocol = UploadProtocol(hook, fake_context(try_number=2))
+    assert protocol.find_earlier_upload(mine, report) is not None
+    again = protocol.find_earlier_upload(mine, report)  # its content is not read twice either
+    assert again is not None and again.record["id"] == "1000"
+    assert fake.paths().count("GET /v1/patient_attachments/1000/content") == 1
+
+
+def test_a_candidate_that_never_finishes_processing_is_named_in_the_error(
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    report: UploadSource,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from cliniko_provider.exceptions import ClinikoError
+
+    fake.list_views_until_processed = None
+    fake.gets_until_processed = 10**9
+    identity = identity_of(report)
+    first_upload(hook, report, identity)
+    other_worker(monkeypatch, tmp_path)
+    with pytest.raises(ClinikoError) as raised:
+        UploadProtocol(hook, fake_context(try_number=2)).find_earlier_upload(identity, report)
+    assert str(raised.value) == (
+        f"Attachment 1000 of patient {PATIENT} has this description but is still being processed after 300 "
+        "s, so whether it is this upload's earlier attempt cannot be told yet (its bytes are readable only "
+        "once processed). Not uploading, to avoid a duplicate; the task's next retry checks again."
+    )
+
+
+def test_a_first_try_says_why_it_does_not_wait_for_records_still_processing(
+    hook: ClinikoHook, fake: FakeCliniko, report: UploadSource, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.list_views_until_processed = None
+    first_upload(hook, report, identity_of(report, key="another"))
+    capsys.readouterr()
+    found = UploadProtocol(hook, fake_context()).find_earlier_upload(
+        identity_of(report), report, pending_may_be_ours=False
+    )
+    assert found is None and fake.paths().count("GET /v1/patient_attachments/1000") == 0
+    out = capsys.readouterr().out
+    assert (
+        f"1 attachment(s) of patient {PATIENT} with this description are still processing; none can be this "
+        "upload's (no earlier try of it exists), so they are not waited for [" in out
+    )
+    assert (
+        f"No earlier upload of report.pdf for patient {PATIENT}: 1 attachment(s) with this description since "
+        "ever, 0 with this name and size, none with this file's content [" in out
+    )
+
+
+def test_a_candidate_archived_while_waited_for_is_skipped_for_the_next(
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    report: UploadSource,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    fake.list_views_until_processed = None
+    fake.gets_until_processed = 1
+    identity = identity_of(report)
+    first_upload(hook, report, identity)
+    fake.records["999"] = {**fake.records["1000"], "id": "999"}  # an older one, archived once asked about
+    get = fake.get
+
+    def archiving_get(record_id: str) -> Any:
+        if record_id == "999":
+            fake.records["999"]["archived_at"] = "2026-01-02T00:00:00Z"
+        return get(record_id)
+
+    monkeypatch.setattr(fake, "get", archiving_get)
+    other_worker(monkeypatch, tmp_path)
+    found = UploadProtocol(hook, fake_context(try_number=2)).find_earlier_upload(identity, report)
+    assert found is not None and found.record["id"] == "1000"
+
+
+def test_each_candidate_processed_with_other_bytes_is_counted(
+    hook: ClinikoHook,
+    fake: FakeCliniko,
+    report: UploadSource,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    still_processing_at_first(fake)
+    identity = identity_of(report)
+    first_upload(hook, report, identity)
+    fake.records["999"] = {**fake.records["1000"], "id": "999"}
+    fake.uploads = [(n, bytes(len(d)), k) for n, d, k in fake.uploads]
+    other_worker(monkeypatch, tmp_path)
+    capsys.readouterr()
+    assert UploadProtocol(hook, fake_context(try_number=2)).find_earlier_upload(identity, report) is None
+    assert "2 attachment(s) with this description since ever, 2 with this name and size, none" in (
+        capsys.readouterr().out
     )
