@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import urllib3.connection
 from airflow.providers.common.compat.sdk import AirflowFailException
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -330,7 +331,7 @@ def test_a_watch_without_a_deadline_never_fires_until_armed(
 
     def armed_late() -> None:
         with watch, session.get(f"{server.url}/v1/x", timeout=5, stream=True) as response:
-            assert not watch.fired  # ~1.4 s of headers, a byte every 20 ms, and no deadline yet
+            assert watch.fired is False  # ~1.4 s of headers, a byte every 20 ms, and no deadline yet
             watch.arm(Deadline(0.05))
             response.content  # noqa: B018 - the body trickles past the armed deadline
 
@@ -338,3 +339,19 @@ def test_a_watch_without_a_deadline_never_fires_until_armed(
         armed_late()
     assert watch.fired
     assert isinstance(caught.value.__cause__, requests.RequestException)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_watch_fires_cleanly_with_no_connection_and_with_a_socket_already_closed() -> None:
+    def fire(watch: DeadlineWatch) -> None:
+        with watch:
+            time.sleep(0.1)
+
+    with pytest.raises(DeadlineExceeded):
+        fire(DeadlineWatch(Deadline(0.01)))  # nothing registered yet: nothing to shut
+    closed = socket.socket()
+    closed.close()
+    watch = DeadlineWatch(Deadline(0.01))
+    watch.watch(urllib3.connection.HTTPConnection("127.0.0.1", 9), closed)  # its shutdown raises OSError
+    with pytest.raises(DeadlineExceeded):
+        fire(watch)
