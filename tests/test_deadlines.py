@@ -257,10 +257,11 @@ def test_a_content_download_whose_headers_trickle_ends_at_the_deadline(
     assert 1.0 <= elapsed < BOUND, f"a 1 s deadline took {elapsed:.2f} s"
 
 
-def test_s3s_answer_whose_headers_trickle_ends_at_the_deadline_after_the_file(
-    servers: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("stall", ["trickled headers", "silent"])
+def test_s3s_answer_whose_headers_never_come_whole_ends_at_the_deadline_after_the_file(
+    servers: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stall: str
 ) -> None:
-    s3 = servers(trickled(S3_OK))
+    s3 = servers(trickled(S3_OK) if stall == "trickled headers" else silent)
     hook = hook_for(monkeypatch, s3, timeout=1, max_attempts=1)
     source = tmp_path / "a.txt"
     source.write_bytes(b"abc")

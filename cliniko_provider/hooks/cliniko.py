@@ -184,6 +184,11 @@ class DeadlineWatch:
         if self.fired and self._deadline is not None:
             raise DeadlineExceeded(self._deadline.reason()) from error
 
+    @property
+    def deadline(self) -> Deadline | None:
+        """The deadline watched, or None before :meth:`arm` gives one."""
+        return self._deadline
+
     def arm(self, deadline: Deadline) -> None:
         """Give the watch its deadline, or a new one in place of the current.
 
@@ -932,11 +937,12 @@ class ClinikoHook(_ClinikoBase):
         reporter = progress or UploadProgress(size, self.log.info, self._clock)
         timeout = self.settings.timeout
         started = self._clock()
+        watch = DeadlineWatch()
         try:
             # Sending the file has no total deadline (5 GiB take minutes), only progress: each write
             # within the timeout. Once the file is sent, S3's status line and headers must come within
             # the timeout, and its body within the timeout more.
-            with contextlib.ExitStack() as answers, DeadlineWatch() as watch:
+            with contextlib.ExitStack() as answers, watch:
                 body = MultipartBody(
                     fields,
                     opener,
@@ -960,8 +966,9 @@ class ClinikoHook(_ClinikoBase):
                 content = read_capped(response.iter_content(CHUNK), MAX_ERROR_BYTES, deadline)
                 status, headers = response.status_code, response.headers
         except (requests.RequestException, DeadlineExceeded) as error:
-            if isinstance(error, DeadlineExceeded):
-                code, reason = "Timeout", f"S3's answer: {error}"
+            due = watch.deadline
+            if due is not None and due.passed():  # also a read timeout that ends with the deadline
+                code, reason = "Timeout", f"S3's answer: {due.reason()}"
             else:
                 code, reason = "ConnectionError", self.redactor(network_reason(error))
             return Failure(None, {}, final(S3UploadError(0, code, reason)), reason)
