@@ -99,5 +99,38 @@ def test_the_first_night_in_the_readme_is_what_the_end_to_end_test_runs() -> Non
         assert flag in commands and flag.split()[0] in e2e
     assert "airflow cliniko check" in commands and '"cliniko", "check"' in e2e
     assert "dags_examples/cliniko_*.py" in commands and '.glob("cliniko_*.py")' in e2e
-    assert "airflow dags trigger cliniko_nightly_report_export " in commands
+    # A fresh AIRFLOW_HOME has no database, and a new DAG starts paused (its triggered run would stay
+    # queued forever): the README says both, before the commands that need them.
+    assert commands.index("airflow db migrate") < commands.index("airflow connections add")
+    assert commands.index("airflow dags unpause cliniko_nightly_report_export") < commands.index(
+        "airflow dags trigger cliniko_nightly_report_export"
+    )
+    assert 'stack.cli("dags", "unpause", DAG_ID)' in e2e and 'self.cli("db", "migrate")' in (
+        REPO / "tests" / "e2e" / "stack.py"
+    ).read_text()
+    assert "airflow standalone" in commands
+    assert "airflow dags trigger cliniko_nightly_report_export\n" in commands
     assert 'stack.cli("dags", "trigger", DAG_ID, "--run-id", "first-night")' in e2e  # no conf: the defaults
+
+
+def test_the_readme_manifest_line_is_what_the_nightly_example_writes() -> None:
+    """The audit section's sample line has a real manifest line's fields, as the nightly example's
+    default ``verify="size"`` records a processed upload (verification ``processed``, not ``etag``)."""
+    import dataclasses
+    import json
+
+    from cliniko_provider.utils.audit import AuditRecord
+
+    readme = (REPO / "README.md").read_text()
+    sample = re.search(r"```json\n(.*?)\n```", readme[readme.index("## The audit trail") :], re.S)
+    assert sample is not None
+    line = json.loads(sample.group(1))
+    assert list(line) == [field.name for field in dataclasses.fields(AuditRecord)]
+    assert AuditRecord.from_json(sample.group(1)).attachment_id == line["attachment_id"]
+    assert (line["status"], line["verification"], line["verification_outcome"]) == (
+        "processed",
+        "processed",
+        "passed",
+    )
+    nightly = (REPO / "dags_examples" / "cliniko_nightly_report_export.py").read_text()
+    assert re.search(r'"verify": Param\(\s*"size"', nightly)

@@ -115,6 +115,7 @@ def test_nightly_export_attaches_every_report_once(tmp_path: Path, monkeypatch: 
 
             # The first night: the DAG's defaults, no conf, no pool.
             step = time.monotonic()
+            stack.cli("dags", "unpause", DAG_ID)  # the README's step (the stack also creates DAGs unpaused)
             stack.cli("dags", "trigger", DAG_ID, "--run-id", "first-night")
             stack.wait_for(
                 lambda: (
