@@ -105,9 +105,10 @@ def test_the_first_night_in_the_readme_is_what_the_end_to_end_test_runs() -> Non
     assert commands.index("airflow dags unpause cliniko_nightly_report_export") < commands.index(
         "airflow dags trigger cliniko_nightly_report_export"
     )
-    assert 'stack.cli("dags", "unpause", DAG_ID)' in e2e and 'self.cli("db", "migrate")' in (
-        REPO / "tests" / "e2e" / "stack.py"
-    ).read_text()
+    assert (
+        'stack.cli("dags", "unpause", DAG_ID)' in e2e
+        and 'self.cli("db", "migrate")' in (REPO / "tests" / "e2e" / "stack.py").read_text()
+    )
     assert "airflow standalone" in commands
     assert "airflow dags trigger cliniko_nightly_report_export\n" in commands
     assert 'stack.cli("dags", "trigger", DAG_ID, "--run-id", "first-night")' in e2e  # no conf: the defaults
