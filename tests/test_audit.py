@@ -36,13 +36,20 @@ from cliniko_provider.triggers.cliniko import success_event
 from cliniko_provider.utils.audit import (
     AUDIT_FACTS_KEY,
     AuditRecord,
+    as_path,
     manifest_location,
     merge_manifests,
+    path_segment,
     read_manifest,
+    record_from,
+    records_from_results,
     redact_uri,
+    serialise,
     task_manifests,
+    task_of,
     write_manifest,
 )
+from cliniko_provider.version_compat import AIRFLOW_V_3_3_PLUS
 from tests.conftest import SANDBOX_KEY
 from tests.helpers import fake_context, sandbox_control, sandbox_faults
 
@@ -533,3 +540,167 @@ def test_uris_lose_their_credentials() -> None:
     assert redact_uri("s3://key:secret@bucket/a.pdf") == "s3://bucket/a.pdf"
     assert redact_uri("/data/a@b.pdf") == "/data/a@b.pdf"
     assert redact_uri("s3://bucket/a@b.pdf") == "s3://bucket/a@b.pdf"
+
+
+# --- each function of the manifest at its edges (fast: make mutation runs these) ------------------------
+
+BASE = {"run_id": "r1", "dag_id": "d1", "task_id": "t1", "map_index": 2}
+
+
+def test_a_line_carries_every_fact_under_its_own_name() -> None:
+    facts = {
+        "status": "processed", "patient_id": 7, "file_path": "s3://k:s@b/a.pdf", "filename": "a.pdf",
+        "size": 12, "sha256": "s" * 64, "md5": "m" * 32, "attachment_id": 9, "created_at": "c",
+        "processed_at": "p", "reused": "found by its journal entry", "verification": "content",
+        "verification_outcome": "passed",
+    }  # fmt: skip
+    line = record_from(BASE, facts, index=3, recorded_at="now")
+    assert line == AuditRecord(
+        run_id="r1", dag_id="d1", task_id="t1", map_index=2, index=3, status="processed", patient_id="7",
+        source="s3://b/a.pdf", filename="a.pdf", size=12, sha256="s" * 64, md5="m" * 32, attachment_id="9",
+        created_at="c", processed_at="p", reused=True, reused_reason="found by its journal entry",
+        verification="content", verification_outcome="passed", error=None, retryable=None, recorded_at="now",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        ({}, {"status": "waiting", "source": None, "size": None, "reused": False, "verification": None}),
+        ({"processed_at": "p"}, {"status": "processed", "processed_at": "p"}),
+        ({"error": "boom", "retryable": True, "status": "processed"}, {"status": "error", "retryable": True}),
+        ({"retryable": True}, {"retryable": None, "error": None}),  # no error, nothing to retry
+        ({"size": True}, {"size": None}),
+        ({"size": "12"}, {"size": None}),
+        ({"size": 0}, {"size": 0}),
+        ({"reused": True, "reused_reason": "why"}, {"reused": True, "reused_reason": "why"}),
+        ({"verification": "none"}, {"verification": "none", "verification_outcome": None}),
+        ({"verification": "etag"}, {"verification": "etag", "verification_outcome": "passed"}),
+        ({"verification": "content", "verification_outcome": "failed"}, {"verification_outcome": "failed"}),
+        ({"verification_outcome": "failed"}, {"verification": None, "verification_outcome": "failed"}),
+    ],
+)
+def test_a_lines_defaults_and_edges(facts: JsonDict, expected: JsonDict) -> None:
+    line = record_from({**BASE, "map_index": None}, facts, index=None)
+    assert {name: getattr(line, name) for name in expected} == expected
+    assert (line.map_index, line.index) == (None, None)
+    assert line.recorded_at and line.recorded_at.endswith("+00:00")  # written now, in UTC
+
+
+def test_a_batchs_lines_take_each_items_facts_by_index_and_one_time() -> None:
+    results = [{"index": 0, "status": "waiting"}, {"index": 1, "status": "error", "error": "boom"}]
+    lines = list(records_from_results(BASE, results, {"1": {"size": 5}, "0": {"size": 4}}))
+    assert [(line.index, line.size, line.status) for line in lines] == [(0, 4, "waiting"), (1, 5, "error")]
+    assert lines[0].recorded_at == lines[1].recorded_at and lines[0].recorded_at is not None
+
+
+def test_json_lines_are_compact_utf8_and_keep_non_ascii_text() -> None:
+    line = record(filename="résumé 報告.pdf")
+    text = line.to_json()
+    assert '"filename":"résumé 報告.pdf"' in text and ", " not in text and ": " not in text
+    data = serialise([line, line])
+    assert data == f"{text}\n{text}\n".encode() and data.decode("utf-8").count("\n") == 2
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("/data/audit", Path("/data/audit")),
+        ("~/audit", Path.home() / "audit"),
+        ("file:///data/audit", Path("/data/audit")),
+        ("local:///data/audit", Path("/data/audit")),
+        ("file:///data/with%20space", Path("/data/with%20space")),
+    ],
+)
+def test_local_audit_paths_are_paths(location: str, expected: Path) -> None:
+    assert as_path(location) == expected
+
+
+def test_other_audit_paths_are_object_storage_and_bad_ones_are_named() -> None:
+    from airflow.sdk import ObjectStoragePath
+
+    memory = as_path("memory://bucket/audit")
+    assert isinstance(memory, ObjectStoragePath) and memory.protocol == "memory"
+    assert as_path(ObjectStoragePath("file:///data/x")) == Path("/data/x")
+    assert as_path(memory) is memory
+    with pytest.raises(
+        ClinikoInputError, match=r"^audit_path is empty: give a local directory or a URI such as s3://"
+    ):
+        as_path("  ")
+    if AIRFLOW_V_3_3_PLUS:  # Airflow 3.1's ObjectStoragePath finds an unknown scheme only when used
+        with pytest.raises(
+            ClinikoInputError, match=r"^audit_path 'nosuchfs://b/a' cannot be used: .*Install the Airflow"
+        ):
+            as_path("nosuchfs://b/a")
+
+
+def test_a_manifest_on_object_storage_with_a_local_protocol_is_written_atomically_as_a_file(
+    tmp_path: Path,
+) -> None:
+    from airflow.sdk import ObjectStoragePath
+
+    target = ObjectStoragePath(f"file://{tmp_path}/deep/er/m.jsonl")
+    where = write_manifest(target, [record()])
+    assert where == str(tmp_path / "deep" / "er" / "m.jsonl") and read_manifest(where) == [record()]
+    assert write_manifest(str(tmp_path / "m2.jsonl"), []) == str(tmp_path / "m2.jsonl")
+    write_manifest(tmp_path / "m3.jsonl", [record()])
+    write_manifest(tmp_path / "m3.jsonl", [record(index=5)])  # over an existing one
+    assert [line.index for line in read_manifest(tmp_path / "m3.jsonl")] == [5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "m2.jsonl", "m3.jsonl"]  # no temp left
+
+
+def test_task_manifests_are_the_runs_jsonl_files_sorted_without_temporary_ones(tmp_path: Path) -> None:
+    for name in ("b.jsonl", "a-1.jsonl", ".a.jsonl.123.tmp", ".hidden.jsonl", "notes.txt"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in task_manifests(str(tmp_path))] == ["a-1.jsonl", "b.jsonl"]
+    assert task_manifests(tmp_path / "missing") == []
+
+
+def test_a_night_merges_in_task_map_index_and_item_order(tmp_path: Path) -> None:
+    run = ("d", "r")
+    write_manifest(manifest_location(tmp_path, *run, "up", 1), [record(task_id="up", map_index=1, index=0)])
+    write_manifest(
+        manifest_location(tmp_path, *run, "up", 0),
+        [record(task_id="up", map_index=0, index=1), record(task_id="up", map_index=0, index=None)],
+    )
+    write_manifest(manifest_location(tmp_path, *run, "one", None), [record(task_id="one", index=None)])
+    write_manifest(manifest_location(tmp_path, *run, "up", None), [record(task_id="up", map_index=None)])
+    where, lines = merge_manifests(tmp_path, *run)
+    assert [(line.task_id, line.map_index, line.index) for line in lines] == [
+        ("one", None, None), ("up", None, 0), ("up", 0, None), ("up", 0, 1), ("up", 1, 0),
+    ]  # fmt: skip
+    assert where == str(tmp_path / "d" / "r.jsonl") and read_manifest(where) == lines
+
+
+def test_a_manifests_blank_lines_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").write_text(f"\n{record().to_json()}\n   \n{record(index=1).to_json()}\n")
+    assert [line.index for line in read_manifest(str(tmp_path / "m.jsonl"))] == [0, 1]
+
+
+def test_the_task_of_a_context_names_its_map_index_only_when_mapped() -> None:
+    assert task_of(fake_context(map_index=0))["map_index"] == 0
+    assert task_of(fake_context(map_index=-1)) == {
+        "dag_id": "nightly", "run_id": "manual__1", "task_id": "upload", "map_index": None,
+    }  # fmt: skip
+    ti = fake_context()["ti"]
+    del ti.map_index
+    assert task_of({"ti": ti})["map_index"] is None
+    ti.map_index = "0"
+    assert task_of({"ti": ti})["map_index"] is None
+
+
+def test_path_segments_edges() -> None:
+    assert [path_segment(text) for text in ("", ".", "..", "...", "a.b", "a:b+c=d-e_f")] == [
+        "_", "_", "_", "...", "a.b", "a:b+c=d-e_f",
+    ]  # fmt: skip
+
+
+def test_uris_lose_only_their_credentials() -> None:
+    assert redact_uri("s3://user:p@ss@bucket/a.pdf") == "s3://bucket/a.pdf"  # the last @ ends them
+    assert redact_uri("s3://a@bucket@x/a@b.pdf") == "s3://x/a@b.pdf"
+
+
+def test_a_manifest_line_that_is_not_an_object_is_named_with_its_type(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").write_text("[1]\n")
+    with pytest.raises(ClinikoInputError, match="expected a JSON object, got list"):
+        read_manifest(tmp_path / "m.jsonl")

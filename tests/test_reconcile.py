@@ -16,7 +16,9 @@ from cliniko_provider.operators.reconcile import ClinikoReconcileOperator
 from cliniko_provider.utils.audit import (
     AuditRecord,
     Finding,
+    attached,
     compare,
+    content_changed,
     manifest_location,
     read_manifest,
     reconcile_summary,
@@ -261,3 +263,63 @@ def test_the_example_dag_reconciles_the_newest_night_or_the_manifest_given(
         os.utime(tmp_path / name, (1000 + n, 1000 + n))
     assert choose(params={"manifest": ""}).endswith("/a.jsonl")  # the newest manifest, not a temporary file
     assert choose(params={"manifest": "s3://audit/x.jsonl"}) == "s3://audit/x.jsonl"
+
+
+def test_a_finding_names_the_attachment_patient_and_file_and_says_exactly_what_was_found() -> None:
+    details = {
+        None: ("missing", "not in Cliniko any more (deleted)"),
+        "confirmed": ("confirmed", "present, not archived, same size"),
+        "processing": ("processing", "still being processed by Cliniko: its size is not known yet"),
+    }
+    records = {None: None, "confirmed": cliniko(), "processing": cliniko(processing_completed=False)}
+    for key, record in records.items():
+        assert compare(line(), record) == Finding("5", "7", "a.pdf", *details[key])
+    assert compare(line(), cliniko(patient=None)).status == "confirmed"  # no patient link: not compared
+    assert compare(line(patient_id=None), cliniko()).status == "confirmed"
+    assert compare(line(size=None), cliniko(size=99)).status == "confirmed"  # nothing sent to compare
+
+
+def test_content_compared_says_same_changed_or_nothing_to_compare() -> None:
+    found = Finding("5", "7", "a.pdf", "confirmed", "present")
+    sha = "a" * 64
+    assert content_changed(found, line(sha256=sha), sha) == Finding(
+        "5", "7", "a.pdf", "confirmed", "present, same content"
+    )
+    assert content_changed(found, line(sha256=None), "b" * 64) == Finding(
+        "5", "7", "a.pdf", "confirmed", "present (no SHA-256 to compare)"
+    )
+    assert content_changed(found, line(sha256=sha), "0123456789abcdef" + "b" * 48) == Finding(
+        "5",
+        "7",
+        "a.pdf",
+        "content_changed",
+        f"its bytes hash to SHA-256 0123456789abcdef..., {'a' * 16}... was sent",
+    )
+
+
+def test_only_attachments_not_failed_are_checked_each_once() -> None:
+    lines = [
+        line(attachment_id="1", index=0),
+        line(attachment_id=None, index=1),
+        line(attachment_id="2", index=2, error="boom"),
+        line(attachment_id="1", index=3),
+        line(attachment_id="3", index=4),
+    ]
+    assert [(found.attachment_id, found.index) for found in attached(lines)] == [("1", 0), ("3", 4)]
+
+
+def test_the_summary_counts_each_status_and_names_at_most_the_limit() -> None:
+    findings = [Finding(str(n), "7", f"{n}.pdf", "size_changed", "d") for n in range(3)]
+    findings.append(Finding("9", "7", "9.pdf", "confirmed", "ok"))
+    text = reconcile_summary("m", findings, 2, limit=2).splitlines()
+    assert text[0] == (
+        "Reconciled 4 attachment(s) of m with Cliniko: 1 confirmed, 3 size changed "
+        "(2 line(s) had no attachment: failed uploads)"
+    )
+    assert text[1:] == [
+        "  attachment 0 (patient 7, 0.pdf): size changed: d",
+        "  attachment 1 (patient 7, 1.pdf): size changed: d",
+        "  ... and 1 more (every one is in the task's XCom)",
+    ]
+    assert len(reconcile_summary("m", findings[:2], 0, limit=2).splitlines()) == 3  # exactly the limit
+    assert reconcile_summary("m", [], 0) == "Reconciled 0 attachment(s) of m with Cliniko: none"
