@@ -75,6 +75,42 @@ def test_check_asks_whether_the_sandbox_runs_when_nothing_listens(monkeypatch: p
     assert "Is `cliniko-sandbox` running?" in text
 
 
+def test_check_fails_when_the_cluster_budget_cannot_reach_redis(
+    sandbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``redis_conn_id`` whose Redis is down (or not defined) is a problem with its fix, not "ok".
+
+    Uploads would go on with the machine budget, so only the check can tell the team before the night.
+    """
+    monkeypatch.setenv("AIRFLOW_CONN_BUDGET_DOWN", f"redis://127.0.0.1:{free_port()}?db=3")
+    code, text = run(check, connect(monkeypatch, SANDBOX_KEY, sandbox.base_url, redis_conn_id="budget_down"))
+    assert code == 1, text
+    assert "ok    Reachable: GET /user answered 200" in text
+    assert "FAIL  Rate budget: Redis connection 'budget_down' cannot be used (ConnectionError" in text
+    assert "Fix: check that Redis is up" in text and "shared cluster-wide" not in text
+
+    code, text = run(
+        check, connect(monkeypatch, SANDBOX_KEY, sandbox.base_url, redis_conn_id="no_such_redis")
+    )
+    assert code == 1, text
+    assert "FAIL  Rate budget: Redis connection 'no_such_redis' cannot be used" in text
+    assert "Fix: create the Airflow connection 'no_such_redis' (type redis), or correct redis_conn_id" in text
+
+
+def test_check_is_green_with_a_reachable_redis(
+    sandbox: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from tests.redis_server import RedisServer
+
+    with RedisServer(tmp_path) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_BUDGET_UP", server.connection_json())
+        code, text = run(
+            check, connect(monkeypatch, SANDBOX_KEY, sandbox.base_url, redis_conn_id="budget_up")
+        )
+    assert code == 0, text
+    assert "shared cluster-wide through Redis connection 'budget_up'" in text
+
+
 def test_check_names_the_fix_for_a_missing_key(monkeypatch: pytest.MonkeyPatch) -> None:
     code, text = run(check, connect(monkeypatch, "", None))
     assert code == 1 and "FAIL  API key: none. Fix: put the key in the connection's Password" in text
@@ -139,6 +175,17 @@ def test_try_upload_to_an_unknown_patient_stops_at_the_first_step(
     assert code == 1
     assert "FAIL  1. Patient: Cliniko answered 404" in text
     assert "2. File" not in text and "Archive" not in text
+
+
+def test_the_console_scripts_help_reads_as_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """No reStructuredText markup in a terminal, and every option's default said."""
+    with pytest.raises(SystemExit):
+        commands.main(["--help"])
+    text = capsys.readouterr().out
+    assert "Cliniko: check a connection, find patients, try one upload" in text and "``" not in text
+    with pytest.raises(SystemExit):
+        commands.main(["try-upload", "--help"])
+    assert "seconds to wait for processing (default: 300)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_airflow_loads_the_command_group_where_it_supports_provider_commands() -> None:

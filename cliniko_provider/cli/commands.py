@@ -164,7 +164,21 @@ def check(connection: ConnectionLike, out: IO[str]) -> int:
     remaining = answer.headers.get("X-RateLimit-Remaining")
     if remaining is not None:
         budget += f"; Cliniko says {remaining} left in this window"
-    report.ok("Rate budget", budget)
+    problem = getattr(hook.budget, "problem", None)  # the request just sent tried the shared budget
+    if problem:
+        report.fail(
+            "Rate budget",
+            f"{problem} Uploads still go on, but each machine paces the key alone, so Cliniko may answer "
+            "429 (waited out).",
+        )
+    elif not getattr(hook.budget, "sharing", True):
+        report.fail(
+            "Rate budget",
+            "this machine's processes cannot share the key's budget (the warning above names the "
+            "directory and the fix); each process paces the key alone.",
+        )
+    else:
+        report.ok("Rate budget", budget)
     return _verdict(report)
 
 
@@ -337,10 +351,14 @@ ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
         (("patient_id",), {"help": "the Cliniko id of a test patient"}),
         CONN_ID,
         (("--file",), {"help": "the file to upload (default: a small text file written for the trial)"}),
-        (("--timeout",), {"type": float, "default": 300.0, "help": "seconds to wait for processing"}),
+        (
+            ("--timeout",),
+            {"type": float, "default": 300.0, "help": "seconds to wait for processing (default: 300)"},
+        ),
         (("--keep",), {"action": "store_true", "help": "keep the attachment (default: archive it)"}),
     ],
 }
+DESCRIPTION = "Cliniko: check a connection, find patients, try one upload"
 HELP = {
     "check": "Check a Cliniko connection: key, shard, URL, User-Agent, reachability, user, rate budget",
     "patients": "Find Cliniko patients by reference (old_reference_id) or email",
@@ -377,7 +395,7 @@ def run(command: str, args: argparse.Namespace, out: IO[str] | None = None) -> i
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cliniko`` console script's parser."""
-    parser = argparse.ArgumentParser(prog="cliniko", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="cliniko", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, arguments in ARGUMENTS.items():
         sub = commands.add_parser(name, help=HELP[name], description=HELP[name])

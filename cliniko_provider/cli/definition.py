@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cliniko_provider.cli.commands import ARGUMENTS, HELP
+from cliniko_provider.cli.commands import ARGUMENTS, DESCRIPTION, HELP
 
 if TYPE_CHECKING:
     from airflow.cli.cli_config import CLICommand
@@ -19,7 +19,7 @@ def get_cliniko_cli_commands() -> list[CLICommand]:
     return [
         GroupCommand(
             name="cliniko",
-            help="Cliniko: check a connection, find patients, try one upload",
+            help=DESCRIPTION,
             subcommands=[
                 ActionCommand(
                     name=name,

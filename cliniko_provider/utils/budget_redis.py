@@ -253,6 +253,7 @@ class RedisBudget:
         self._try_again_at = -math.inf
         self._warned = False
         self.shared = True
+        self.problem: str | None = None  # why Redis could not be used last, with the fix (None: it could)
 
     # --- sync -----------------------------------------------------------------------------------------
 
@@ -484,11 +485,15 @@ class RedisBudget:
             self._try_again_at = now + RETRY_REDIS_AFTER
             warn, self._warned = not self._warned, True
         reason = f"{type(error).__name__}: {error}"[:300]
-        fix = (
-            "install the provider's redis extra: pip install 'airflow-provider-cliniko[redis]'"
-            if isinstance(error, ImportError)
-            else "check that Redis is up and that this machine reaches it through that connection"
-        )
+        if isinstance(error, ImportError):
+            fix = "install the provider's redis extra: pip install 'airflow-provider-cliniko[redis]'"
+        elif type(error).__name__ == "AirflowNotFoundException":
+            fix = (
+                f"create the Airflow connection {self.redis_conn_id!r} (type redis), or correct redis_conn_id"
+            )
+        else:
+            fix = "check that Redis is up and that this machine reaches it through that connection"
+        self.problem = f"Redis connection {self.redis_conn_id!r} cannot be used ({reason}). Fix: {fix}."
         if warn:
             log.warning(
                 "Cliniko rate budget: Redis connection %r cannot be used (%s); this process paces the key "
@@ -506,5 +511,5 @@ class RedisBudget:
     def _reached(self) -> None:
         if not self.shared:
             with self._lock:
-                self.shared = True
+                self.shared, self.problem = True, None
             log.info("Cliniko rate budget: Redis %r reachable again, sharing resumed", self.redis_conn_id)
