@@ -135,3 +135,32 @@ def test_the_readme_manifest_line_is_what_the_nightly_example_writes() -> None:
     )
     nightly = (REPO / "dags_examples" / "cliniko_nightly_report_export.py").read_text()
     assert re.search(r'"verify": Param\(\s*"size"', nightly)
+
+
+def test_the_readme_stays_short_and_its_longer_pages_are_in_the_docs() -> None:
+    """The limits and cluster material lives in docs/ (linked from the README, built by ``make docs``)."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) < 500
+    toctree = (REPO / "docs" / "index.rst").read_text()
+    facts = {
+        "limits": (
+            "60.5 s",
+            "**at most 5 x** ``max_rate_limit_wait``",
+            "390,625",
+            "Private local state",
+            "64 KiB",
+        ),
+        "cluster": (
+            "Skew it tolerates",
+            "0.3 ms median",
+            "**Kubernetes.**",
+            "airflow pools set cliniko_api",
+            "2 s",
+        ),
+    }
+    for page, shown in facts.items():
+        assert f"[docs/{page}.rst](docs/{page}.rst)" in readme
+        assert f"\n   {page}\n" in toctree
+        text = (REPO / "docs" / f"{page}.rst").read_text()
+        assert all(fact in text for fact in shown), page
+        assert "](" not in text and "\n## " not in text  # no Markdown left
