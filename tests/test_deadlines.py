@@ -273,6 +273,22 @@ def test_s3s_answer_whose_headers_never_come_whole_ends_at_the_deadline_after_th
     assert 1.0 <= elapsed < BOUND, f"a 1 s deadline took {elapsed:.2f} s"
 
 
+def test_an_upload_whose_writes_stall_ends_after_one_write_timeout(
+    servers: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    hook = hook_for(monkeypatch, servers(silent), timeout=1, max_attempts=1)
+    source = tmp_path / "big.bin"
+    with source.open("wb") as sparse:
+        sparse.truncate(64 * 1024 * 1024)  # far more than the loopback's socket buffers take
+    with socket.create_server(("127.0.0.1", 0)) as s3:  # the kernel accepts; nobody ever reads
+        presign = {"url": f"http://127.0.0.1:{s3.getsockname()[1]}/", "fields": {"key": "k/${filename}"}}
+        started = time.monotonic()
+        with pytest.raises(S3UploadError, match=r"\(0 ConnectionError\): .*timed out"):
+            hook.upload_file(presign, lambda: source.open("rb"), 64 * 1024 * 1024, "big.bin")
+        elapsed = time.monotonic() - started
+    assert elapsed < 5.0, f"a write stalled for {elapsed:.2f} s"
+
+
 def test_a_slow_file_upload_is_not_cut_off_and_s3s_answer_then_has_the_whole_timeout(
     servers: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
