@@ -164,3 +164,17 @@ def test_the_readme_stays_short_and_its_longer_pages_are_in_the_docs() -> None:
         text = (REPO / "docs" / f"{page}.rst").read_text()
         assert all(fact in text for fact in shown), page
         assert "](" not in text and "\n## " not in text  # no Markdown left
+
+
+def test_the_readme_names_every_option_of_the_command_line() -> None:
+    from cliniko_provider.cli.commands import ARGUMENTS
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("| `cliniko check")
+    table = readme[start : readme.index("\n\n", start)]
+    for command, arguments in ARGUMENTS.items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| `cliniko {command} "))
+        for flags, _ in arguments:
+            flag = flags[0]
+            assert flag in row or flag == "--conn-id" or flag == "patient_id", (command, flag)
+    assert "each takes `--conn-id ID` (default `cliniko_default`)" in readme
