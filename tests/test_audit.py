@@ -569,6 +569,8 @@ def test_a_line_carries_every_fact_under_its_own_name() -> None:
         ({}, {"status": "waiting", "source": None, "size": None, "reused": False, "verification": None}),
         ({"processed_at": "p"}, {"status": "processed", "processed_at": "p"}),
         ({"error": "boom", "retryable": True, "status": "processed"}, {"status": "error", "retryable": True}),
+        ({"status": "processed", "processed_at": None}, {"status": "processed"}),  # the result's own word
+        ({"status": "waiting", "processed_at": "p"}, {"status": "waiting"}),
         ({"retryable": True}, {"retryable": None, "error": None}),  # no error, nothing to retry
         ({"size": True}, {"size": None}),
         ({"size": "12"}, {"size": None}),
@@ -610,6 +612,7 @@ def test_json_lines_are_compact_utf8_and_keep_non_ascii_text() -> None:
         ("file:///data/audit", Path("/data/audit")),
         ("local:///data/audit", Path("/data/audit")),
         ("file:///data/with%20space", Path("/data/with%20space")),
+        ("file:///data/a://b", Path("/data/a://b")),  # the scheme is what comes before the first ://
     ],
 )
 def test_local_audit_paths_are_paths(location: str, expected: Path) -> None:
@@ -622,6 +625,7 @@ def test_other_audit_paths_are_object_storage_and_bad_ones_are_named() -> None:
     memory = as_path("memory://bucket/audit")
     assert isinstance(memory, ObjectStoragePath) and memory.protocol == "memory"
     assert as_path(ObjectStoragePath("file:///data/x")) == Path("/data/x")
+    assert as_path(ObjectStoragePath("local:///data/x")) == Path("/data/x")
     assert as_path(memory) is memory
     with pytest.raises(
         ClinikoInputError, match=r"^audit_path is empty: give a local directory or a URI such as s3://"
@@ -629,7 +633,9 @@ def test_other_audit_paths_are_object_storage_and_bad_ones_are_named() -> None:
         as_path("  ")
     if AIRFLOW_V_3_3_PLUS:  # Airflow 3.1's ObjectStoragePath finds an unknown scheme only when used
         with pytest.raises(
-            ClinikoInputError, match=r"^audit_path 'nosuchfs://b/a' cannot be used: .*Install the Airflow"
+            ClinikoInputError,
+            match=r"^audit_path 'nosuchfs://b/a' cannot be used: .*Install the Airflow provider for that "
+            r"storage \(e\.g\. apache-airflow-providers-amazon for s3://\) or use a local directory\.$",
         ):
             as_path("nosuchfs://b/a")
 
@@ -639,14 +645,16 @@ def test_a_manifest_on_object_storage_with_a_local_protocol_is_written_atomicall
 ) -> None:
     from airflow.sdk import ObjectStoragePath
 
-    target = ObjectStoragePath(f"file://{tmp_path}/deep/er/m.jsonl")
+    target = ObjectStoragePath(f"local://{tmp_path}/deep/er/m.jsonl")
     where = write_manifest(target, [record()])
     assert where == str(tmp_path / "deep" / "er" / "m.jsonl") and read_manifest(where) == [record()]
     assert write_manifest(str(tmp_path / "m2.jsonl"), []) == str(tmp_path / "m2.jsonl")
     write_manifest(tmp_path / "m3.jsonl", [record()])
     write_manifest(tmp_path / "m3.jsonl", [record(index=5)])  # over an existing one
     assert [line.index for line in read_manifest(tmp_path / "m3.jsonl")] == [5]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "m2.jsonl", "m3.jsonl"]  # no temp left
+    file_uri = ObjectStoragePath(f"file://{tmp_path}/f/m.jsonl")
+    assert write_manifest(file_uri, []) == str(tmp_path / "f" / "m.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "f", "m2.jsonl", "m3.jsonl"]  # no temp left
 
 
 def test_task_manifests_are_the_runs_jsonl_files_sorted_without_temporary_ones(tmp_path: Path) -> None:
