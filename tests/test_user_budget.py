@@ -23,6 +23,7 @@ from cliniko_provider.utils.budget import (
     WINDOW,
     Budgets,
     MachineBudget,
+    ProcessBudget,
     auser_budget,
     budget_for,
     key_id,
@@ -195,14 +196,68 @@ def test_redis_remembers_the_user_for_the_cluster_by_the_keys_hash(redis_conn: R
     )
     # another machine (its own private state) finds it in Redis and asks nothing
     os.environ["CLINIKO_STATE_DIR"] = str(Path(os.environ["CLINIKO_STATE_DIR"]) / "machine-2")
-    asked = LookUp()
-    assert user_budget(settings, asked, Budgets(), FakeClock()) is not None and asked.calls == 0
+    asked, budgets = LookUp(), Budgets()
+    found = user_budget(settings, asked, budgets, FakeClock())
+    assert found is budget_for(settings, budgets, user_budget_id(BASE, "7")) and asked.calls == 0
     # what is not a budget id in Redis is not taken
     client.set(owner_key(key_id(key)), b"../../etc/passwd")
     os.environ["CLINIKO_STATE_DIR"] = str(Path(os.environ["CLINIKO_STATE_DIR"]) / "machine-3")
     again = LookUp({"id": 7})
     user_budget(settings, again, Budgets(), FakeClock())
     assert again.calls == 1
+
+
+@pytest.mark.parametrize("stored", [b"\xff\xfe not ascii", b"0123456789abcdeg", b""])
+def test_what_redis_holds_that_is_no_budget_id_is_asked_again(
+    redis_conn: RedisServer,  # noqa: F811
+    stored: bytes,
+) -> None:
+    key = "DaMaGeDkEy-au1"
+    redis.Redis.from_url(redis_conn.url).set(owner_key(key_id(key)), stored)
+    settings, budgets, look_up = Settings(key, redis_conn_id=REDIS_CONN), Budgets(), LookUp({"id": 7})
+    assert user_budget(settings, look_up, budgets, FakeClock()) is budget_for(
+        settings, budgets, user_budget_id(BASE, "7")
+    )
+    assert look_up.calls == 1
+
+
+def test_redis_that_fails_to_remember_warns_once_and_rests(
+    redis_conn: RedisServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = "ReAdOnLyKeY-au1"
+    budget = budget_for(Settings(key, redis_conn_id=REDIS_CONN), Budgets())
+    assert isinstance(budget, RedisBudget)
+    now = time.time()
+    assert budget.recall_owner(now) is None  # Redis reached: nothing there yet
+    client = budget._sync_client()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise redis.ReadOnlyError("You can't write against a read only replica.")
+
+    client.set = refuse  # type: ignore[method-assign]
+    budget.remember_owner(user_budget_id(BASE, "7"), now)
+    assert budget.shared is False
+    (warning,) = warnings(caplog)
+    assert "ReadOnlyError: You can't write against a read only replica." in warning
+    # the machine remembered it; Redis rests, so the machine answers meanwhile
+    assert budget.recall_owner(now + 1) == user_budget_id(BASE, "7")
+
+
+def test_redis_down_recalls_from_a_machine_budget_and_not_from_a_process_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{REDIS_CONN.upper()}", '{"conn_type": "redis", "host": "127.0.0.1", "port": 1}'
+    )
+    owner, now = user_budget_id(BASE, "7"), time.time()
+    machine = MachineBudget(key_id("down-key-au1"), 3, 65.0)
+    machine.remember_owner(owner, now)
+    assert RedisBudget(key_id("down-key-au1"), 3, 65.0, REDIS_CONN, machine).recall_owner(now) == owner
+    alone = RedisBudget(key_id("down-key-au1"), 3, 65.0, REDIS_CONN, ProcessBudget(3, 65.0))
+    assert alone.recall_owner(now) is None
+    alone.remember_owner(owner, now)  # nowhere to keep it: nothing happens
+    assert alone.recall_owner(now) is None
 
 
 def test_redis_down_remembers_on_the_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,3 +307,33 @@ async def test_the_async_way_learns_once_and_falls_back_alike(caplog: pytest.Log
     other = Settings("async-other-au1")
     assert await auser_budget(other, failing.acall, budgets, clock) is budget_for(other, budgets)
     assert len(warnings(caplog)) == 1
+
+
+async def test_the_async_way_remembers_recalls_and_counts_like_the_sync_way(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock(time.time())  # the machine budget settles on the real clock
+    settings, budgets = Settings("async-memory-au1", requests_per_minute=2), Budgets()
+    budget = await auser_budget(settings, LookUp({"id": 7}).acall, budgets, clock)
+    assert budget is budget_for(settings, budgets, user_budget_id(BASE, "7"))
+    assert budget.reserve(clock()) == 0.0  # the look-up took one of the user's 2 slots
+    assert budget.reserve(clock()) == WINDOW
+    other_process, asked = Budgets(), LookUp()  # remembered on the machine: nothing asked
+    found = await auser_budget(settings, asked.acall, other_process, clock)
+    assert found is budget_for(settings, other_process, user_budget_id(BASE, "7")) and asked.calls == 0
+    # a key whose user cannot be learned leaves nothing remembered, and each such key warns once
+    rate = Path(os.environ["CLINIKO_STATE_DIR"]) / "rate"
+    for name in ("async-fails-1-au1", "async-fails-2-au1"):
+        failing = Settings(name)
+        for _ in range(2):
+            got = await auser_budget(failing, LookUp(ClinikoConnectionError("down")).acall, budgets, clock)
+            assert got is budget_for(failing, budgets)
+        assert not (rate / f"cliniko-owner-{key_id(name)}.json").exists()
+    assert len(warnings(caplog)) == 2
+
+
+def test_a_key_whose_user_cannot_be_learned_leaves_nothing_remembered() -> None:
+    settings = Settings("sync-fails-au1")
+    assert user_budget(settings, LookUp({"id": None}), Budgets(), FakeClock()) is not None
+    rate = Path(os.environ["CLINIKO_STATE_DIR"]) / "rate"
+    assert not (rate / f"cliniko-owner-{key_id('sync-fails-au1')}.json").exists()
