@@ -273,6 +273,19 @@ def test_s3s_answer_whose_headers_never_come_whole_ends_at_the_deadline_after_th
     assert 1.0 <= elapsed < BOUND, f"a 1 s deadline took {elapsed:.2f} s"
 
 
+def test_s3_hanging_up_after_the_file_is_a_broken_connection_not_the_deadline(
+    servers: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    s3 = servers(lambda client: client.shutdown(socket.SHUT_RDWR))  # reads the file, then hangs up
+    hook = hook_for(monkeypatch, s3, timeout=1, max_attempts=1)
+    source = tmp_path / "a.txt"
+    source.write_bytes(b"abc")
+    presign = {"url": f"{s3.url}/", "fields": {"key": "k/${filename}"}}
+    with pytest.raises(S3UploadError, match=r"\(0 ConnectionError\): ") as caught:
+        hook.upload_file(presign, lambda: source.open("rb"), 3, "a.txt")
+    assert "deadline" not in str(caught.value)
+
+
 def test_an_upload_whose_writes_stall_ends_after_one_write_timeout(
     servers: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
