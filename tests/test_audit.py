@@ -501,6 +501,20 @@ def test_a_failed_write_removes_its_temporary_file(tmp_path: Path, monkeypatch: 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_temporary_file_never_made_is_not_what_the_write_fails_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cliniko_provider.utils import audit
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(audit, "open", refused, raising=False)  # the module's open, not the builtin
+    with pytest.raises(PermissionError, match="Permission denied"):
+        write_manifest(tmp_path / "m.jsonl", [record()])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_object_storage_gets_the_manifest_in_one_write(tmp_path: Path) -> None:
     from airflow.sdk import ObjectStoragePath
     from airflow.sdk.io import attach
