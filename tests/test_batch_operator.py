@@ -159,7 +159,7 @@ def test_a_wait_that_times_out_fails_that_file_without_retries(
 
 
 def test_deferring_leaves_the_results_in_xcom_and_one_trigger_for_the_batch(
-    hook: ClinikoHook, fake: BatchFake, files: list[Path]
+    hook: ClinikoHook, fake: BatchFake, files: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     ctx = fake_context()
     op = batch(
@@ -176,6 +176,7 @@ def test_deferring_leaves_the_results_in_xcom_and_one_trigger_for_the_batch(
         "1001": {"size": 200, "filename": "b.pdf"},
     }
     assert deferred.value.method_name == "execute_complete"
+    assert "Deferring until Cliniko has processed 2 attachment(s) [" in capsys.readouterr().out
     assert deferred.value.timeout is not None and deferred.value.timeout.total_seconds() == 60 + 5 + 60
     waiting = [result(0, files[0], "1000"), result(1, files[1], "1001")]
     assert ctx["ti"].pushed == {"return_value": waiting}
@@ -246,17 +247,17 @@ def test_a_failure_a_retry_may_fix_makes_the_task_retryable(
 
 
 def test_more_failures_than_the_summary_names_are_all_in_xcom(hook: ClinikoHook, fake: BatchFake) -> None:
-    uploads = [{"patient_id": PATIENT, "file_path": f"/no/such/{n}.pdf"} for n in range(6)]
+    uploads = [{"patient_id": PATIENT, "file_path": f"/no/such/{n}.pdf"} for n in range(7)]
     ctx = fake_context()
     with pytest.raises(ClinikoBatchFinalError) as raised:
         batch(hook, uploads).execute(ctx)
-    assert len(str(raised.value).splitlines()) == 1 + 5 + 1
-    assert len(ctx["ti"].pushed["cliniko_error"].splitlines()) == 1 + 6
+    assert len(str(raised.value).splitlines()) == 1 + 5 + 1  # five named, then "... and 2 more"
+    assert len(ctx["ti"].pushed["cliniko_error"].splitlines()) == 1 + 7
     assert fake.requests == []
 
 
 def test_a_retry_finds_each_files_earlier_upload_and_says_why(
-    hook: ClinikoHook, fake: BatchFake, files: list[Path]
+    hook: ClinikoHook, fake: BatchFake, files: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     batch(hook, uploads_of(files)).execute(fake_context())
     before = len(fake.requests)
@@ -268,6 +269,10 @@ def test_a_retry_finds_each_files_earlier_upload_and_says_why(
     ]
     assert again[0]["md5"] is None and again[0]["sha256"] == result(0, files[0], "1000")["sha256"]
     assert fake.paths()[before:] == ["GET /v1/patient_attachments/1000", "GET /v1/patient_attachments/1001"]
+    assert (
+        f"Upload #0: {files[0]} to patient 42: attachment 1000 (an earlier upload: this worker recorded "
+        "attachment 1000 as this upload) [" in capsys.readouterr().out
+    )
 
 
 def test_always_looks_on_a_first_try_and_a_processed_match_is_confirmed_at_once(
@@ -285,11 +290,12 @@ def test_always_looks_on_a_first_try_and_a_processed_match_is_confirmed_at_once(
 
 
 def test_verify_content_reads_each_processed_file_back(
-    hook: ClinikoHook, fake: BatchFake, files: list[Path]
+    hook: ClinikoHook, fake: BatchFake, files: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     op = batch(hook, uploads_of(files), wait_for_completion=True, verify="content", poll_interval=1)
     results = op.execute(fake_context())
     assert [r["verification"] for r in results] == ["content", "content"]
+    assert "Verifying the content of 2 processed attachment(s) [" in capsys.readouterr().out
     assert [p for p in fake.paths() if p.endswith("/content")] == [
         "GET /v1/patient_attachments/1000/content",
         "GET /v1/patient_attachments/1001/content",
@@ -354,6 +360,7 @@ def test_uploads_that_are_not_a_list_are_refused_and_named_in_xcom() -> None:
             "uploads[2] has no patient_id or file_path: every upload needs both.",
         ),
         ({"patient_id": "1"}, "uploads[2] has no file_path: every upload needs both."),
+        ({"patient_id": "one", "file_path": "/a"}, "patient_id must be a Cliniko numeric id"),
     ],
 )
 def test_a_malformed_upload_is_refused_with_its_exact_reason(upload: Any, message: str) -> None:
@@ -361,7 +368,7 @@ def test_a_malformed_upload_is_refused_with_its_exact_reason(upload: Any, messag
 
     with pytest.raises(ClinikoInputError) as raised:
         parse_upload(2, upload)
-    assert str(raised.value) == message
+    assert str(raised.value) == message or str(raised.value).startswith(f"{message} ")
 
 
 def test_an_items_optional_fields_are_strings_or_none_and_its_identity_leaves_out_the_description() -> None:
@@ -413,3 +420,30 @@ def test_the_summary_says_how_many_more_failures_xcom_names() -> None:
         "  ... and 1 more (every reason is in XCom 'cliniko_error')"
     )
     assert failure_summary(results, limit=3).splitlines()[-1] == "  #2 patient 1 /f2: bad 2"
+
+
+def test_an_items_idempotency_key_spans_runs(hook: ClinikoHook, fake: BatchFake, files: list[Path]) -> None:
+    for run in ("run-1", "run-2"):
+        results = batch(
+            hook, uploads_of(files[:1], idempotency_key="a-7"), look_for_existing="always"
+        ).execute(fake_context(run))
+    assert results[0]["attachment_id"] == "1000" and len(fake.uploads) == 1
+
+
+def test_a_processed_record_of_another_size_fails_that_file_when_waited_for_in_the_worker(
+    hook: ClinikoHook, fake: BatchFake, files: list[Path]
+) -> None:
+    process = fake.process
+
+    def shrinking(record: JsonDict) -> None:
+        process(record)
+        if record["id"] == "1001":
+            record["size"] = 199
+
+    fake.process = shrinking  # type: ignore[method-assign]
+    ctx = fake_context()
+    with pytest.raises(ClinikoBatchFinalError):
+        batch(hook, uploads_of(files), wait_for_completion=True, poll_interval=1).execute(ctx)
+    results = ctx["ti"].pushed["return_value"]
+    assert [r["status"] for r in results] == ["processed", "error"]
+    assert "199" in results[1]["error"] and "200" in results[1]["error"]

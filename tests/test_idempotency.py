@@ -54,6 +54,19 @@ def test_the_look_up_bound_is_ten_minutes_before_since_in_utc() -> None:
     assert replace(IDENTITY, since=since).created_after() == "2025-12-31T23:55:30Z"
 
 
+def test_the_look_up_bound_is_in_utc_on_a_worker_in_another_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    since = datetime(2026, 1, 1, 10, 5, 30, tzinfo=timezone(timedelta(hours=10)))
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert replace(IDENTITY, since=since).created_after() == "2025-12-31T23:55:30Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_the_task_part_is_the_task_instance_and_since_the_runs_earliest_moment() -> None:
     ctx = fake_context("scheduled__1", map_index=3)
     early, late = datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 1, 2, tzinfo=timezone.utc)
@@ -89,6 +102,7 @@ def test_content_identity_lists_size_time_and_every_version_field_in_order() -> 
 def test_the_digesting_opener_hashes_what_is_read_once_the_whole_file_was_read() -> None:
     data = b"0123456789"
     opener = DigestingOpener(lambda: io.BytesIO(data), len(data))
+    assert (opener.sha256, opener.md5) == (None, None)  # unknown until read
     with opener() as stream:
         assert stream.read(4) == b"0123"
         assert stream.read() == b"456789"

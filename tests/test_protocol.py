@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, urlsplit
@@ -299,13 +300,16 @@ def test_a_recorded_attachment_whose_description_was_edited_is_not_reused(
 def test_a_look_up_bound_is_in_utc_on_a_worker_in_another_zone(monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    from cliniko_provider.protocol.upload import created_bound
+    from cliniko_provider.protocol.upload import _now_iso, created_bound
 
     monkeypatch.setenv("TZ", "Australia/Sydney")
     time.tzset()
     try:
         assert created_bound("2026-01-01T10:10:00+10:00") == "2026-01-01T00:00:00Z"
         assert created_bound("2026-01-01T00:10:00Z") == "2026-01-01T00:00:00Z"
+        assert _now_iso(1_700_000_000) == SENT_AT  # the create's time is recorded in UTC too
+        since = datetime(2026, 1, 1, 10, 10, tzinfo=timezone(timedelta(hours=10)))
+        assert replace(identity_of_nothing(), since=since).created_after() == "2026-01-01T00:00:00Z"
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -462,8 +466,8 @@ def test_a_lost_create_answer_is_found_by_the_marker_in_marker_mode(
     assert list(fake.records) == ["1000"] and fake.paths().count("POST /v1/patient_attachments") == 1
     assert (made.record["id"], made.reused) == ("1000", False)
     assert made.reason.startswith("created; the answer was lost (") and "502" in made.reason
-    out = capsys.readouterr().out
-    assert "The create failed (" in out and "), but attachment 1000 exists [" in out
+    error = made.reason.removeprefix("created; the answer was lost (").removesuffix(")")
+    assert f"The create failed ({error}), but attachment 1000 exists [" in capsys.readouterr().out
 
 
 def test_a_create_that_failed_before_creating_is_retried_saying_no_record_was_made(
@@ -507,7 +511,8 @@ def test_a_store_that_cannot_record_hands_the_progress_to_the_journal_saying_why
     assert protocol.durable
     made = protocol.upload_once(PATIENT, report, description="D", identity=identity, look_first=False)
     assert not protocol.durable and made.record["id"] == "1000"
-    assert UploadJournal(KEY).read(identity.key)["attachment_id"] == "1000"
+    facts = UploadJournal(KEY).read(identity.key)
+    assert (facts["attachment_id"], facts["sha256"], facts["patient_id"]) == ("1000", made.sha256, PATIENT)
     assert (
         f"Airflow's task state store could not record this upload's progress ({shown}): this task keeps it "
         "in the worker's journal instead [" in capsys.readouterr().out
@@ -620,3 +625,23 @@ def test_each_candidate_processed_with_other_bytes_is_counted(
     assert "2 attachment(s) with this description since ever, 2 with this name and size, none" in (
         capsys.readouterr().out
     )
+
+
+def identity_of_nothing() -> Any:
+    from cliniko_provider.utils.idempotency import UploadIdentity
+
+    return UploadIdentity("t", "", PATIENT, "a.pdf", "", "size=1")
+
+
+def test_a_file_uploaded_in_this_try_is_no_other_identitys_even_with_the_same_bytes(
+    hook: ClinikoHook, fake: FakeCliniko, report: UploadSource
+) -> None:
+    protocol = UploadProtocol(hook, fake_context())
+    protocol.upload_once(
+        PATIENT, report, description="D", identity=identity_of(report, key="a"), look_first=False
+    )
+    fake.process(fake.records["1000"])
+    # Another file of this task with the same bytes and description (look_for_existing="always"): the
+    # attachment just made is the first one's, so this one is uploaded too.
+    second = protocol.upload_once(PATIENT, report, description="D", identity=identity_of(report, key="b"))
+    assert second.record["id"] == "1001" and len(fake.uploads) == 2
