@@ -15,7 +15,12 @@ import pytest
 import requests
 from airflow.providers.common.compat.sdk import TaskDeferred
 
-from cliniko_provider.exceptions import ClinikoBatchError, ClinikoBatchFinalError, ClinikoInputError
+from cliniko_provider.exceptions import (
+    ClinikoBatchError,
+    ClinikoBatchFinalError,
+    ClinikoError,
+    ClinikoInputError,
+)
 from cliniko_provider.hooks.cliniko import ClinikoHook
 from cliniko_provider.operators.cliniko import ClinikoBatchUploadOperator
 from cliniko_provider.triggers.cliniko import ProcessingCompletedBatchTrigger, success_event
@@ -447,3 +452,40 @@ def test_a_processed_record_of_another_size_fails_that_file_when_waited_for_in_t
     results = ctx["ti"].pushed["return_value"]
     assert [r["status"] for r in results] == ["processed", "error"]
     assert "199" in results[1]["error"] and "200" in results[1]["error"]
+
+
+def test_the_manifest_has_each_files_name_size_and_creation_even_when_it_failed(
+    hook: ClinikoHook, fake: BatchFake, files: list[Path], tmp_path: Path
+) -> None:
+    from cliniko_provider.utils.audit import read_manifest
+
+    fake.create_script = ["500"] * 5  # the first file's create keeps failing: nothing in its result
+    uploads = [
+        *uploads_of(files[:1]),
+        {"patient_id": PATIENT, "file_path": str(files[1]), "filename": "c.pdf"},
+    ]
+    with pytest.raises(ClinikoBatchError):
+        batch(hook, uploads, audit_path=str(tmp_path / "audit")).execute(fake_context())
+    lines = read_manifest(tmp_path / "audit" / "nightly" / "manual__1" / "upload.jsonl")
+    assert [(line.status, line.filename, line.size, line.created_at) for line in lines] == [
+        ("error", "a.pdf", 100, None),
+        ("waiting", "c.pdf", 200, "2026-01-01T00:00:00Z"),
+    ]
+
+
+def test_an_unexpected_event_is_shown_cut_at_200_characters() -> None:
+    event = {"status": "x" * 300}
+    with pytest.raises(ClinikoError) as raised:
+        ClinikoBatchUploadOperator(task_id="b", uploads=[]).execute_complete(fake_context(), event)
+    assert str(raised.value) == f"Unexpected event from the Cliniko batch trigger: {str(event)[:200]}"
+
+
+def test_verify_is_checked_again_once_rendered_when_the_task_resumes() -> None:
+    op = ClinikoBatchUploadOperator(
+        task_id="b", uploads=[], wait_for_completion=True, verify="{{ params.verify }}"
+    )
+    op.verify = "bogus"  # as rendered
+    with pytest.raises(
+        ClinikoInputError, match=r"^verify must be None, 'size' or 'content', got 'bogus' \(as rendered\)"
+    ):
+        op.execute_complete(fake_context(), {"status": "done", "attachments": {}})
