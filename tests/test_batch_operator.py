@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -258,7 +259,7 @@ def test_more_failures_than_the_summary_names_are_all_in_xcom(hook: ClinikoHook,
         batch(hook, uploads).execute(ctx)
     assert len(str(raised.value).splitlines()) == 1 + 5 + 1  # five named, then "... and 2 more"
     assert len(ctx["ti"].pushed["cliniko_error"].splitlines()) == 1 + 7
-    assert fake.requests == []
+    assert fake.paths() == ["GET /v1/user"]  # the key's user, learned before the threads: nothing sent
 
 
 def test_a_retry_finds_each_files_earlier_upload_and_says_why(
@@ -489,3 +490,22 @@ def test_verify_is_checked_again_once_rendered_when_the_task_resumes() -> None:
         ClinikoInputError, match=r"^verify must be None, 'size' or 'content', got 'bogus' \(as rendered\)"
     ):
         op.execute_complete(fake_context(), {"status": "done", "attachments": {}})
+
+
+def test_the_keys_user_is_learned_on_the_tasks_thread_before_the_uploads_threads_start(
+    hook: ClinikoHook, fake: BatchFake, files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # under `airflow dags test` Airflow's calls are not safe from several threads at once
+    threads: list[str] = []
+    look_up = hook._look_up_user
+
+    def recording_look_up() -> JsonDict:
+        threads.append(threading.current_thread().name)
+        return look_up()
+
+    monkeypatch.setattr(hook, "_look_up_user", recording_look_up)
+    op = batch(hook, uploads_of(files))
+    op.max_concurrency = 2
+    op.execute(fake_context())
+    assert threads == [threading.main_thread().name]
+    assert fake.paths().count("GET /v1/user") == 1

@@ -388,3 +388,24 @@ def test_missing_redis_client_names_the_extra(
     assert budget.reserve(1000.0) == 0.0
     assert budget.fallback.calls == 1  # type: ignore[attr-defined]
     assert "airflow-provider-cliniko[redis]" in warnings(caplog)[0]
+
+
+def test_connect_reads_the_redis_connection_before_any_request(
+    redis_conn: RedisServer, kid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budget = cluster(kid)
+    budget.connect()
+    monkeypatch.delenv(f"AIRFLOW_CONN_{REDIS_CONN.upper()}")  # a later look-up would no longer find it
+    assert budget.reserve(1000.0) == 0.0
+    assert budget.fallback.calls == 0  # type: ignore[attr-defined]
+
+
+def test_connect_leaves_a_missing_connection_to_the_first_request(
+    caplog: pytest.LogCaptureFixture, kid: str
+) -> None:
+    budget = RedisBudget(kid, 3, 65, "no_such_redis_conn", CountingBudget())
+    budget.connect()  # no error and no warning yet
+    assert warnings(caplog) == []
+    assert budget.reserve(1000.0) == 0.0
+    assert budget.fallback.calls == 1  # type: ignore[attr-defined]
+    assert "no_such_redis_conn" in warnings(caplog)[0]

@@ -44,6 +44,7 @@ from cliniko_provider.utils.budget import (
     key_id,
     user_budget,
 )
+from cliniko_provider.utils.budget_redis import RedisBudget
 from cliniko_provider.utils.errors import Redactor, decode_json_object, error_for_answer, redact
 from cliniko_provider.utils.idempotency import DigestingOpener
 from cliniko_provider.utils.integrity import S3Upload, check_processed_record, s3_mismatch
@@ -521,6 +522,16 @@ class ClinikoHook(_ClinikoBase):
         self.settings.url(path_or_url)  # a refused URL sends nothing, not even the look-up
         user_budget(self.settings, self._look_up_user, clock=self._clock)  # once per key, then remembered
         return self._send(method, path_or_url, params=params, json=json, idempotent=idempotent)
+
+    def prepare(self) -> None:
+        """Load the connection, learn the key's Cliniko user and read its rate budget's Redis connection.
+
+        Call it before threads share this hook: the Airflow calls it makes (connections, at most one
+        ``GET /user``) are then made once, on the calling thread, where requests would make them anyway.
+        """
+        budget = user_budget(self.settings, self._look_up_user, clock=self._clock)
+        if isinstance(budget, RedisBudget):
+            budget.connect()
 
     def _send(
         self,

@@ -624,7 +624,7 @@ class ClinikoBatchUploadOperator(_WaitingOperator):
                 self.log.info("No files to upload")
                 self._write_manifest(context, [])  # the night's record shows the task ran
                 return []
-            self.hook.settings  # noqa: B018 - load the connection once, before the threads share the hook
+            self.hook.prepare()  # Airflow calls once, here, before the threads share the hook
         except ClinikoError as error:
             context["ti"].xcom_push(key="cliniko_error", value=self.hook.redactor(str(error)))
             self._audit_task_failure(context, error)
@@ -808,6 +808,7 @@ class ClinikoBatchUploadOperator(_WaitingOperator):
                 result.update(self._failed(result, error))
 
         self.log.info("Verifying the content of %d processed attachment(s)", len(checked))
+        self.hook.prepare()
         with ThreadPoolExecutor(max(1, min(self.max_concurrency, len(checked))), "cliniko-verify") as pool:
             list(pool.map(verify, checked))
         return results

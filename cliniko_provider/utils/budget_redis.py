@@ -346,6 +346,18 @@ class RedisBudget:
             else:
                 self._reached()
 
+    def connect(self) -> None:
+        """Read the Redis connection now, so that the threads sharing this budget later make no Airflow call.
+
+        A connection that cannot be read is left for the first request, which then uses the fallback.
+        """
+        try:
+            self._sync_scripts()
+        except Exception as error:  # reserve() meets it again and falls back, with its warning
+            log.debug(
+                "Cliniko rate budget: Redis %r not read yet (%s)", self.redis_conn_id, type(error).__name__
+            )
+
     def _sync_client(self) -> redis.Redis:
         self._sync_scripts()
         assert self._client is not None
