@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,7 +127,7 @@ def test_each_file_is_uploaded_and_its_result_says_it_is_waiting(
     assert fake.paths().count("POST /v1/patient_attachments") == 2
     assert "GET /v1/patients/42/patient_attachments" not in fake.paths()  # a first try looks for nothing
     out = capsys.readouterr().out
-    assert "Uploading 2 file(s), 1 at a time" in out
+    assert "Uploading 2 file(s), 1 at a time [" in out
     assert f"Upload #1: {files[1]} to patient 42: attachment 1001 [" in out
     assert "Cliniko batch: 0 of 2 file(s) processed, 2 waiting for Cliniko's processing, 0 failed" in out
 
@@ -144,7 +146,7 @@ def test_waiting_in_the_worker_marks_each_file_processed(
     assert clock.sleeps == [7]  # the first round saw them processing, the second processed
     assert op.cliniko_attachment_ids == ["1000", "1001"]
     out = capsys.readouterr().out
-    assert "Waiting for Cliniko to process 2 attachment(s)" in out
+    assert "Waiting for Cliniko to process 2 attachment(s) [" in out
     assert f"Upload #0: {files[0]} processed for patient 42 (attachment 1000)" in out
     assert "Cliniko batch: 2 of 2 file(s) processed, 0 waiting for Cliniko's processing, 0 failed" in out
 
@@ -171,12 +173,15 @@ def test_deferring_leaves_the_results_in_xcom_and_one_trigger_for_the_batch(
     op = batch(
         hook, uploads_of(files), wait_for_completion=True, deferrable=True, poll_interval=5, timeout=60
     )
+    started = time.time()
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(ctx)
     trigger = deferred.value.trigger
     assert isinstance(trigger, ProcessingCompletedBatchTrigger)
     _, kwargs = trigger.serialize()
     assert kwargs["attachment_ids"] == ["1000", "1001"] and kwargs["poll_interval"] == 5.0
+    assert kwargs["cliniko_conn_id"] == "cliniko_default"
+    assert started + 60 <= kwargs["deadline"] <= time.time() + 60
     assert kwargs["expect"] == {
         "1000": {"size": 100, "filename": "a.pdf"},
         "1001": {"size": 200, "filename": "b.pdf"},
@@ -509,3 +514,36 @@ def test_the_keys_user_is_learned_on_the_tasks_thread_before_the_uploads_threads
     op.execute(fake_context())
     assert threads == [threading.main_thread().name]
     assert fake.paths().count("GET /v1/user") == 1
+
+
+def test_deferring_with_an_audit_path_keeps_the_manifests_facts_in_xcom(
+    hook: ClinikoHook, fake: BatchFake, files: list[Path], tmp_path: Path
+) -> None:
+    from cliniko_provider.utils.audit import AUDIT_FACTS_KEY
+
+    ctx = fake_context()
+    op = batch(
+        hook, uploads_of(files[:1]), wait_for_completion=True, deferrable=True, audit_path=str(tmp_path / "a")
+    )
+    with pytest.raises(TaskDeferred):
+        op.execute(ctx)
+    assert ctx["ti"].pushed[AUDIT_FACTS_KEY] == {
+        "0": {"size": 100, "filename": "a.pdf", "created_at": "2026-01-01T00:00:00Z"}
+    }
+
+
+def test_the_batch_keeps_each_files_progress_in_the_task_state_store(
+    hook: ClinikoHook, fake: BatchFake, files: list[Path]
+) -> None:
+    from tests.helpers import FakeTaskStateStore
+
+    store = FakeTaskStateStore()
+    ctx = fake_context()
+    ctx["task_state_store"] = store
+    batch(hook, uploads_of(files)).execute(ctx)
+    assert sorted(facts["attachment_id"] for facts in store.values.values()) == ["1000", "1001"]
+
+
+def test_an_empty_batch_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ClinikoBatchUploadOperator(task_id="b", uploads=[]).execute(fake_context()) == []
+    assert re.search(r"\] No files to upload +\[", capsys.readouterr().out)  # the whole message
