@@ -179,6 +179,9 @@ def test_a_remembered_user_expires_and_damage_is_ignored(tmp_path: Path) -> None
     ):
         assert read_owner_record(damaged, 1000.0) is None, damaged
     assert read_owner_record(owner_record(owner, 1000.0), 1000.0) == owner
+    exact = owner_record(owner, 1000.0)[:-1] + b" " * (256 - len(owner_record(owner, 1000.0))) + b"}"
+    assert len(exact) == 256 and read_owner_record(exact, 1000.0) == owner  # at most 256 bytes are read
+    assert read_owner_record(exact[:-1] + b" }", 1000.0) is None
 
 
 def test_redis_remembers_the_user_for_the_cluster_by_the_keys_hash(redis_conn: RedisServer) -> None:  # noqa: F811
@@ -245,7 +248,7 @@ def test_redis_that_fails_to_remember_warns_once_and_rests(
 
 
 def test_redis_down_recalls_from_a_machine_budget_and_not_from_a_process_budget(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv(
         f"AIRFLOW_CONN_{REDIS_CONN.upper()}", '{"conn_type": "redis", "host": "127.0.0.1", "port": 1}'
@@ -254,6 +257,8 @@ def test_redis_down_recalls_from_a_machine_budget_and_not_from_a_process_budget(
     machine = MachineBudget(key_id("down-key-au1"), 3, 65.0)
     machine.remember_owner(owner, now)
     assert RedisBudget(key_id("down-key-au1"), 3, 65.0, REDIS_CONN, machine).recall_owner(now) == owner
+    (warning,) = warnings(caplog)
+    assert "cannot be used (ConnectionError: " in warning  # the reason Redis could not be asked
     alone = RedisBudget(key_id("down-key-au1"), 3, 65.0, REDIS_CONN, ProcessBudget(3, 65.0))
     assert alone.recall_owner(now) is None
     alone.remember_owner(owner, now)  # nowhere to keep it: nothing happens

@@ -243,8 +243,7 @@ def user_id_of(user: Mapping[str, object]) -> str | None:
 
     :param user: the decoded answer.
     """
-    user_id = user.get("id")
-    text = str(user_id) if isinstance(user_id, int | str) and not isinstance(user_id, bool) else ""
+    text = str(user.get("id"))  # None, True, 7.0, [7]... are not digits
     return text if text.isdigit() and text.isascii() and len(text) <= 32 else None
 
 
