@@ -55,7 +55,13 @@ def sandbox_control(sandbox: Any, what: str, **changes: Any) -> dict[str, Any]:
 
 @contextmanager
 def sandbox_faults(sandbox: Any, **faults: Any) -> Iterator[dict[str, Any]]:
-    """Set sandbox faults (``fail_rate``, ``presign_ttl``...) for a block, restoring them after it."""
+    """Set sandbox faults (``fail_rate``, ``presign_ttl``...) for a block, restoring them after it.
+
+    A fault that corrupts "the next processed files" must hit this block's files: the session's sandbox may
+    still hold earlier tests' attachments that fall due meanwhile, so they are put off for a day first.
+    """
+    if any(name.startswith("corrupt_processed_") for name in faults):
+        sandbox_control(sandbox, "processing/finish", after=86_400)
     before = sandbox_control(sandbox, "faults")
     try:
         yield sandbox_control(sandbox, "faults", **faults)

@@ -398,3 +398,10 @@ def test_a_watch_fires_cleanly_with_no_connection_and_with_a_socket_already_clos
     watch.watch(urllib3.connection.HTTPConnection("127.0.0.1", 9), closed)  # its shutdown raises OSError
     with pytest.raises(DeadlineExceeded):
         fire(watch)
+
+
+def test_a_connection_error_names_urllib3s_connection_not_the_watching_wrapper() -> None:
+    from cliniko_provider.hooks.cliniko import _WatchedHTTPConnection, _WatchedHTTPSConnection
+
+    assert str(_WatchedHTTPConnection("127.0.0.1", 8765)) == "HTTPConnection(host='127.0.0.1', port=8765)"
+    assert str(_WatchedHTTPSConnection("api.example", 443)) == "HTTPSConnection(host='api.example', port=443)"

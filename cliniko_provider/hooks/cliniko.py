@@ -258,6 +258,13 @@ class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
         _watched(self)  # a kept-alive connection makes no new socket
         super().request(*args, **kwargs)
 
+    def __str__(self) -> str:
+        # error messages name the connection: urllib3's own class, not this wrapper
+        plain = (
+            "HTTPSConnection" if isinstance(self, urllib3.connection.HTTPSConnection) else "HTTPConnection"
+        )
+        return f"{plain}(host={self.host!r}, port={self.port!r})"
+
 
 class _WatchedHTTPSConnection(_WatchedHTTPConnection, urllib3.connection.HTTPSConnection):
     """The HTTPS twin of :class:`_WatchedHTTPConnection`."""
