@@ -342,3 +342,21 @@ def test_a_key_whose_user_cannot_be_learned_leaves_nothing_remembered() -> None:
     assert user_budget(settings, LookUp({"id": None}), Budgets(), FakeClock()) is not None
     rate = Path(os.environ["CLINIKO_STATE_DIR"]) / "rate"
     assert not (rate / f"cliniko-owner-{key_id('sync-fails-au1')}.json").exists()
+
+
+def test_a_process_warns_once_about_its_redis_however_many_keys_and_users_it_paces(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLINIKO_STATE_DIR", str(tmp_path))
+    budgets = Budgets()
+    missing = Settings("key-au1", redis_conn_id="no_such_redis_conn")
+    other = Settings("key-au1", redis_conn_id="another_missing_redis")
+    the_key = budget_for(missing, budgets)
+    the_user = budget_for(missing, budgets, owner=user_budget_id(BASE, "7"))
+    elsewhere = budget_for(other, budgets)
+    for budget in (the_key, the_user, the_key):
+        budget.reserve(1000.0)
+    assert [m for m in warnings(caplog) if "no_such_redis_conn" in m] == [warnings(caplog)[0]]
+    elsewhere.reserve(1000.0)  # another Redis connection: its own warning
+    assert len(warnings(caplog)) == 2 and "another_missing_redis" in warnings(caplog)[1]
+    assert the_user.problem is not None and "no_such_redis_conn" in the_user.problem  # type: ignore[attr-defined]

@@ -176,9 +176,9 @@ class Budgets:
             event.set()
 
     def first_warning(self, kid: str) -> bool:
-        """Return True the first time it is asked for a key (one warning per key and process).
+        """Return True the first time it is asked for a name (one warning per key, or Redis, and process).
 
-        :param kid: the key's id.
+        :param kid: the key's id, or what else is warned about (``redis:<connection id>``).
         """
         with self._lock:
             first = kid not in self._warned
@@ -234,7 +234,14 @@ def budget_for(
 
     return budgets.get(
         ("redis", redis_conn_id, kid, per_minute, max_block),
-        lambda: RedisBudget(kid, per_minute, max_block, redis_conn_id, machine),
+        lambda: RedisBudget(
+            kid,
+            per_minute,
+            max_block,
+            redis_conn_id,
+            machine,
+            first_warning=lambda: budgets.first_warning(f"redis:{redis_conn_id}"),
+        ),
     )
 
 

@@ -225,6 +225,9 @@ class RedisBudget:
     :param clock: the current UNIX time (for holds, and for when to try Redis again).
     :param redis_time: take the time from Redis (the default); False hands the scripts this process's
         times instead (tests pin the clock with it).
+    :param first_warning: returns True only the first time a budget of this process asks, so a process
+        warns once about its Redis connection whatever number of keys and users it paces (None: this
+        budget's first fall-back warns).
     """
 
     def __init__(
@@ -236,6 +239,7 @@ class RedisBudget:
         fallback: RateBudget,
         clock: Callable[[], float] | None = None,
         redis_time: bool = True,
+        first_warning: Callable[[], bool] | None = None,
     ) -> None:
         self.redis_conn_id = redis_conn_id
         self.fallback = fallback
@@ -252,6 +256,7 @@ class RedisBudget:
         self._async: tuple[asyncio.AbstractEventLoop, AsyncScript, AsyncScript, AsyncScript] | None = None
         self._try_again_at = -math.inf
         self._warned = False
+        self._first_warning = first_warning or (lambda: True)
         self.shared = True
         self.problem: str | None = None  # why Redis could not be used last, with the fix (None: it could)
 
@@ -495,7 +500,7 @@ class RedisBudget:
         with self._lock:
             self.shared = False
             self._try_again_at = now + RETRY_REDIS_AFTER
-            warn, self._warned = not self._warned, True
+            warn, self._warned = not self._warned and self._first_warning(), True
         reason = f"{type(error).__name__}: {error}"[:300]
         if isinstance(error, ImportError):
             fix = "install the provider's redis extra: pip install 'airflow-provider-cliniko[redis]'"
