@@ -335,7 +335,7 @@ SECOND_PROCESS = """
 import sys, time
 from cliniko_provider.hooks.cliniko import ClinikoHook
 hook = ClinikoHook()
-hook.settings
+hook.prepare()  # the key's user, as remembered on this machine: its budget holds the 429
 print(hook.budget.reserve(time.time()))
 """
 
