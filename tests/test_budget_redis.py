@@ -409,3 +409,16 @@ def test_connect_leaves_a_missing_connection_to_the_first_request(
     assert budget.reserve(1000.0) == 0.0
     assert budget.fallback.calls == 1  # type: ignore[attr-defined]
     assert "no_such_redis_conn" in warnings(caplog)[0]
+
+
+def test_a_hold_while_redis_cannot_be_used_goes_to_the_fallback(
+    caplog: pytest.LogCaptureFixture, kid: str
+) -> None:
+    budget = RedisBudget(kid, 3, 65, "no_such_redis_conn", CountingBudget(), clock=lambda: 1000.0)
+    budget.block_until(1030.0)
+    assert budget.fallback.calls == 1  # type: ignore[attr-defined]
+    assert budget.fallback.reserve(1000.0) == pytest.approx(30.0)
+    assert len(warnings(caplog)) == 1 and "no_such_redis_conn" in warnings(caplog)[0]
+    budget.block_until(1040.0)  # resting from Redis: straight to the fallback, no second warning
+    assert budget.fallback.reserve(1000.0) == pytest.approx(40.0)
+    assert len(warnings(caplog)) == 1
